@@ -1,0 +1,75 @@
+"""What the three trainers share: the policy/reward source, LoRA flags, optimizer, export."""
+
+from pathlib import Path
+from typing import Union
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_rlhf.models import export_pretrained
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM-135M-Instruct"
+
+
+class AlignmentModule(L.LightningModule):
+    """Base class: subclasses set `algorithm`, build `self.model` and `self.tokenizer`."""
+
+    algorithm: str
+    #: submodules reloaded from their source on resume instead of being written into checkpoints
+    frozen_modules: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_MODEL,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lora_r: int = 0,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        lora_target_modules: Union[str, list[str]] = "all-linear",
+        trust_remote_code: bool = False,
+    ):
+        """
+        Args:
+            model_name_or_path: Hub id, local Hugging Face folder, or .gguf file of the model to
+                train; also the tokenizer the DataModule uses.
+            learning_rate: Peak AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: Optimizer steps of linear warmup; the rate then decays linearly to 0.
+            lora_r: LoRA rank; 0 trains all weights.
+            lora_alpha: LoRA scaling numerator (scale = alpha / r).
+            lora_dropout: Dropout on the LoRA input.
+            lora_target_modules: Module names that get adapters, or "all-linear".
+            trust_remote_code: Run model code shipped with the checkpoint (off unless you trust it).
+        """
+        super().__init__()
+        self.strict_loading = False  # checkpoints leave out `frozen_modules`
+
+    def lora_args(self) -> dict:
+        hp = self.hparams
+        return dict(r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout, target_modules=hp.lora_target_modules)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        total, warmup = max(1, int(self.trainer.estimated_stepping_batches)), self.hparams.warmup_steps
+
+        def schedule(step: int) -> float:
+            return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        prefixes = tuple(f"{name}." for name in self.frozen_modules)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(f"logs and checkpoints: {Path(self.trainer.log_dir).resolve()}")
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = export_pretrained(self.model, self.tokenizer, Path(self.trainer.log_dir) / "hf")
+            rank_zero_info(f"exported {self.algorithm} model: {path.resolve()}")

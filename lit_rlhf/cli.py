@@ -1,0 +1,72 @@
+"""`lit-rlhf`: LightningCLI for training (fit/validate/test) plus the offline helpers."""
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_rlhf.base import AlignmentModule
+from lit_rlhf.data import PreferenceDataModule
+from lit_rlhf.errors import UserError
+from lit_rlhf.smollm2 import main as fetch_smollm2_main
+
+COMMANDS = {"fetch-smollm2": fetch_smollm2_main}
+
+
+class LitRLHFCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name_or_path")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+
+    def instantiate_trainer(self, **kwargs):
+        """Log to `logs/<algorithm>/version_N` unless a logger is configured."""
+        if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
+            kwargs["logger"] = TensorBoardLogger("logs", name=self.model.algorithm)
+        return super().instantiate_trainer(**kwargs)
+
+
+def cli(args=None, run: bool = True) -> LitRLHFCLI:
+    return LitRLHFCLI(
+        AlignmentModule,
+        PreferenceDataModule,
+        subclass_mode_model=True,
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def configured_model_class(args: list[str]):
+    """The `model.class_path` of the last `-c/--config` file in `args` that names one."""
+    found = None
+    for flag, value in zip(args, args[1:]):
+        if flag in ("-c", "--config") and Path(value).is_file():
+            model = (yaml.safe_load(Path(value).read_text()) or {}).get("model")
+            found = model.get("class_path", found) if isinstance(model, dict) else found
+    return found
+
+
+def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    try:
+        if {"-h", "--help"} & set(argv) and (model_class := configured_model_class(argv)):
+            try:  # subclass mode hides --model.* flags from --help; print them after the rest
+                cli(args)
+            except SystemExit:
+                pass
+            args = [a for a in argv if a not in ("-h", "--help")] + ["--model.help", model_class]
+        cli(args)
+    except UserError as err:
+        sys.exit(f"lit-rlhf: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""PreferenceDataModule: load preference rows, render them with the chat template, tokenize, collate.
+
+One DataModule for every algorithm:
+- `mode="pairs"` (reward model, DPO): batches of chosen and rejected sequences, right-padded,
+  stacked as `[chosen; rejected]` so one forward scores both;
+- `mode="prompts"` (PPO): left-padded prompts ready for `generate`.
+
+Attention masks come from sequence lengths, never from `input_ids != pad_id`: SmolLM's pad
+token is its EOS (`<|im_end|>`), and a mask built from the pad id would drop the real
+end-of-turn token of every completion.
+"""
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from lit_rlhf.errors import UserError
+from lit_rlhf.models import load_tokenizer
+
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
+
+
+def _read_file(path: Path) -> list[dict]:
+    """Rows of one local file; JSON is parsed here so that errors can name the line."""
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}: line {n}: invalid JSON ({err.msg})") from None
+        return rows
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from None
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+        return rows
+    import datasets
+
+    try:
+        return datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train").to_list()
+    except Exception as err:  # datasets wraps the parser's error; show the parser's message
+        cause = err.__cause__ or err
+        raise UserError(f"{path}: cannot read it ({type(cause).__name__}: {cause})") from None
+
+
+def load_rows(dataset: str, split: str = "train") -> list[tuple[str, dict]]:
+    """`(where, row)` pairs from a hub id or a local file or folder; `where` names file and row."""
+    path = Path(dataset).expanduser()
+    if path.is_file() or path.is_dir():
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in FILE_FORMATS)
+        if not files or any(p.suffix not in FILE_FORMATS for p in files):
+            raise UserError(f"{dataset}: expected a .json, .jsonl, .parquet or .csv file, or a folder of them")
+        return [(f"{p}: row {n}", row) for p in files for n, row in enumerate(_read_file(p), start=1)]
+    if dataset.startswith((".", "/", "~")) or path.suffix in FILE_FORMATS:
+        raise UserError(
+            f"{dataset}: no such file or folder; pass a local .json/.jsonl/.parquet/.csv file or folder, or a"
+            " hub id such as HumanLLMs/Human-Like-DPO-Dataset"
+        )
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(dataset, split=split).to_list()
+    except Exception as err:
+        raise UserError(
+            f"could not load dataset '{dataset}' from the Hugging Face hub ({type(err).__name__}:"
+            f" {str(err).splitlines()[0] if str(err) else ''}). Offline, pass a local file instead, e.g."
+            " --data.dataset lit_rlhf/assets/human_like_dpo_1k.jsonl"
+        ) from None
+    return [(f"{dataset}: row {n}", row) for n, row in enumerate(rows, start=1)]
+
+
+def as_messages(row, field: str, where: str, role: str) -> list[dict]:
+    """`row[field]` as chat messages: a string becomes one `role` message; a message list is checked."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object with keys prompt/chosen/rejected, got {type(row).__name__}")
+    value = row.get(field)
+    if isinstance(value, str):
+        if not value.strip():
+            raise UserError(f"{where}: field '{field}' is empty")
+        return [{"role": role, "content": value}]
+    if value is None:
+        raise UserError(f"{where}: field '{field}' is missing")
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: field '{field}' must be a non-empty string or list of chat messages")
+    for i, message in enumerate(value):
+        if not (
+            isinstance(message, dict)
+            and message.get("role") in ROLES
+            and isinstance(message.get("content"), str)
+            and message["content"].strip()
+        ):
+            raise UserError(
+                f"{where}: field '{field}' message {i} must be {{'role': one of {ROLES}, 'content': non-empty"
+                f" string}}, got {str(message)[:80]}"
+            )
+    if value[-1]["role"] != role:
+        raise UserError(f"{where}: field '{field}' must end with a '{role}' message, ends with '{value[-1]['role']}'")
+    return value
+
+
+def render_prompt(tokenizer, prompt: list[dict]) -> str:
+    """The prompt in the tokenizer's chat template, ending with the assistant's generation prompt."""
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def render_completion(tokenizer, prompt: list[dict], completion: list[dict]) -> str:
+    """What the template adds after `render_prompt(prompt)` for `completion`, ending in the end-of-turn token."""
+    prompt_text = render_prompt(tokenizer, prompt)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise UserError("the tokenizer's chat template does not render the prompt as a prefix of the conversation")
+    return full_text[len(prompt_text) :].rstrip()
+
+
+def tokenize(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `[chosen; rejected]` batch.
+
+    Returns `input_ids`, `attention_mask`, `labels`, each (2B, T) with T the longest row;
+    rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones. `labels` holds the
+    completion tokens and IGNORE_INDEX on prompt and padding.
+    """
+    rows = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
+    T = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        input_ids[i, :n] = torch.tensor(prompt + completion)
+        attention_mask[i, :n] = 1
+        labels[i, len(prompt) : n] = torch.tensor(completion)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts: `input_ids`, `attention_mask`, each (B, P) with P the longest prompt."""
+    P = max(len(e["prompt"]) for e in examples)
+    input_ids = torch.full((len(examples), P), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), P), dtype=torch.long)
+    for i, e in enumerate(examples):
+        input_ids[i, P - len(e["prompt"]) :] = torch.tensor(e["prompt"])
+        attention_mask[i, P - len(e["prompt"]) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        dataset: str = "HumanLLMs/Human-Like-DPO-Dataset",
+        tokenizer_name_or_path: Optional[str] = None,
+        mode: Literal["pairs", "prompts"] = "pairs",
+        max_length: int = 512,
+        max_prompt_length: int = 128,
+        truncation: Literal["truncate", "drop"] = "truncate",
+        batch_size: int = 8,
+        val_size: int = 200,
+        limit: Optional[int] = None,
+        seed: int = 42,
+        num_workers: int = 0,
+    ):
+        """Preference data for every algorithm.
+
+        Args:
+            dataset: Hub id or local .json/.jsonl/.parquet/.csv file or folder. Rows hold `prompt`,
+                `chosen`, `rejected`, each a string or a list of chat messages (`prompt` only in
+                prompts mode).
+            tokenizer_name_or_path: Tokenizer source; the CLI sets it from `--model.model_name_or_path`.
+            mode: `pairs` (chosen/rejected, for reward model and DPO) or `prompts` (left-padded
+                prompts, for PPO).
+            max_length: Longest prompt + completion in tokens.
+            max_prompt_length: Longest prompt in tokens.
+            truncation: `truncate`: prompts keep their last `max_prompt_length` tokens and completions
+                their first tokens up to `max_length`; `drop`: rows over a limit are dropped. Both
+                counts are logged.
+            batch_size: Rows (pairs or prompts) per batch.
+            val_size: Rows held out for validation (a seeded random split).
+            limit: Use only the first N rows of the dataset (before the split).
+            seed: Seed of the train/validation split.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_rows: list[dict] = []
+        self.val_rows: list[dict] = []
+
+    def encode(self, tokenizer, row: dict, where: str) -> Optional[dict]:
+        """Token ids of one row (`prompt`, and `chosen`/`rejected` in pairs mode); None if dropped."""
+        hp = self.hparams
+        prompt = as_messages(row, "prompt", where, "user")
+        completions = [] if hp.mode == "prompts" else ["chosen", "rejected"]
+        ids = {"prompt": tokenize(tokenizer, render_prompt(tokenizer, prompt))}
+        for k in completions:
+            completion = as_messages(row, k, where, "assistant")
+            ids[k] = tokenize(tokenizer, render_completion(tokenizer, prompt, completion))
+        too_long = len(ids["prompt"]) > hp.max_prompt_length or any(
+            len(ids["prompt"]) + len(ids[k]) > hp.max_length for k in completions
+        )
+        if too_long and hp.truncation == "drop":
+            return None
+        ids["prompt"] = ids["prompt"][-hp.max_prompt_length :]
+        for k in completions:
+            ids[k] = ids[k][: hp.max_length - len(ids["prompt"])]
+        ids["truncated"] = too_long
+        return ids
+
+    def setup(self, stage: str) -> None:
+        if self.train_rows:
+            return
+        hp = self.hparams
+        if hp.tokenizer_name_or_path is None:
+            raise UserError("PreferenceDataModule needs tokenizer_name_or_path (the CLI sets it from --model.model_name_or_path)")
+        if hp.max_prompt_length >= hp.max_length:
+            raise UserError(f"--data.max_prompt_length ({hp.max_prompt_length}) must be below --data.max_length ({hp.max_length})")
+        self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
+        rows = load_rows(hp.dataset)[: hp.limit]
+        encoded = [self.encode(self.tokenizer, row, where) for where, row in rows]
+        kept = [e for e in encoded if e is not None]
+        rank_zero_info(
+            f"{hp.dataset}: {len(rows)} rows, {sum(e['truncated'] for e in kept)} truncated,"
+            f" {len(rows) - len(kept)} dropped (truncation={hp.truncation}, max_length={hp.max_length},"
+            f" max_prompt_length={hp.max_prompt_length})"
+        )
+        if len(kept) <= hp.val_size:
+            raise UserError(f"{hp.dataset}: {len(kept)} usable rows leave none for training with --data.val_size {hp.val_size}")
+        order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(hp.seed)).tolist()
+        self.val_rows = [kept[i] for i in order[: hp.val_size]]
+        self.train_rows = [kept[i] for i in order[hp.val_size :]]
+
+    def _loader(self, rows: list[dict], shuffle: bool) -> DataLoader:
+        collate = collate_prompts if self.hparams.mode == "prompts" else collate_pairs
+        return DataLoader(
+            rows,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_rows, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_rows, shuffle=False)

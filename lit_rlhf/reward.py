@@ -1,0 +1,61 @@
+"""Reward model: a sequence classifier with one scalar head, trained on (chosen, rejected) pairs."""
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
+from lit_rlhf.losses import reward_loss
+from lit_rlhf.models import add_lora, load_scalar_model, load_tokenizer, sequence_scores
+
+
+class RewardModule(AlignmentModule):
+    algorithm = "reward"
+
+    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, learning_rate: float = 3e-4, margin: float = 0.0, **kwargs):
+        """Bradley-Terry reward model; the score is the head's output at the last real token.
+
+        Args:
+            model_name_or_path: Hub id, local folder or .gguf file: a causal LM (the scalar head is
+                new) or an existing reward model.
+            learning_rate: Peak AdamW learning rate.
+            margin: Loss margin: `-log sigmoid(r_chosen - r_rejected - margin)`.
+        """
+        super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate, **kwargs)
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(model_name_or_path, self.hparams.trust_remote_code)
+        model = load_scalar_model(model_name_or_path, self.tokenizer.pad_token_id, self.hparams.trust_remote_code)
+        self.model = add_lora(model, **self.lora_args(), task_type="SEQ_CLS")
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "accuracy", "margin", "chosen", "rejected")})
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of the chosen and of the rejected rows of a pairs batch: two (B,) tensors."""
+        scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        return scores.chunk(2)
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        chosen, rejected = self(batch)
+        return {
+            "loss": reward_loss(chosen, rejected, self.hparams.margin),
+            "accuracy": (chosen > rejected).float().mean(),
+            "margin": (chosen - rejected).mean(),
+            "chosen": chosen.mean(),
+            "rejected": rejected.mean(),
+        }
+
+    @staticmethod
+    def _metric_name(name: str, prefix: str = "") -> str:
+        return prefix + (f"rewards/{name}" if name in ("chosen", "rejected") else name)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        stats = self._step(batch)
+        for name, value in stats.items():
+            self.log(self._metric_name(name), value, prog_bar=name in ("loss", "accuracy"))
+        return stats["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        stats = self._step(batch)
+        batch_size = batch["input_ids"].shape[0] // 2
+        for name, metric in self.val_metrics.items():
+            metric.update(stats[name], weight=batch_size)
+            self.log(self._metric_name(name, "val_"), metric, prog_bar=name == "accuracy")

@@ -1,0 +1,71 @@
+"""Tiny models and a byte-level ChatML tokenizer built in code: no test touches the network."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# the shape of SmolLM's template: ChatML, pad == eos == <|im_end|>
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SHIPPED_ROWS = Path(__file__).parents[1] / "lit_rlhf" / "assets" / "human_like_dpo_1k.jsonl"
+SHARED_ROWS = Path(__file__).parents[2] / "shared" / "data" / "human_like_dpo" / "human_like_dpo_7162.jsonl"
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte plus the three ChatML specials (ids 256, 257, 258)."""
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def make_causal_lm(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A saved tiny random-init causal LM with the ChatML tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_causal_lm(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def real_rows() -> Path:
+    """Real preference rows: the shared copy when it is beside the repo, else the shipped slice."""
+    return SHARED_ROWS if SHARED_ROWS.is_file() else SHIPPED_ROWS

@@ -1,0 +1,179 @@
+"""Collator tensors, chat rendering, truncation, splits and every bad-input error."""
+
+import json
+
+import pytest
+import torch
+
+from lit_rlhf.cli import main
+from lit_rlhf.data import IGNORE_INDEX, PreferenceDataModule, collate_pairs, collate_prompts, render_completion, render_prompt
+from lit_rlhf.errors import UserError
+
+EOS = PAD = 9  # pad == eos, as in SmolLM
+X = IGNORE_INDEX
+
+
+def test_collate_pairs_exact_and_keeps_eos_when_pad_is_eos():
+    examples = [
+        {"prompt": [1, 2], "chosen": [3, 4, EOS], "rejected": [5, EOS]},
+        {"prompt": [6], "chosen": [7, EOS], "rejected": [8, 8, 8, EOS]},
+    ]
+    batch = collate_pairs(examples, pad_id=PAD)
+    # rows: chosen 0, chosen 1, rejected 0, rejected 1; right padding to the longest row (5)
+    assert batch["input_ids"].tolist() == [
+        [1, 2, 3, 4, EOS],
+        [6, 7, EOS, PAD, PAD],
+        [1, 2, 5, EOS, PAD],
+        [6, 8, 8, 8, EOS],
+    ]
+    assert batch["attention_mask"].tolist() == [
+        [1, 1, 1, 1, 1],
+        [1, 1, 1, 0, 0],  # the real EOS at position 2 is attended; the pads after it are not
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1],
+    ]
+    assert batch["labels"].tolist() == [
+        [X, X, 3, 4, EOS],
+        [X, 7, EOS, X, X],
+        [X, X, 5, EOS, X],
+        [X, 8, 8, 8, EOS],
+    ]
+
+
+def test_collate_prompts_left_pads():
+    batch = collate_prompts([{"prompt": [1, 2, 3]}, {"prompt": [4]}], pad_id=PAD)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [PAD, PAD, 4]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_render_uses_the_chat_template(tokenizer):
+    prompt = [{"role": "user", "content": "hi"}]
+    assert render_prompt(tokenizer, prompt) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert render_completion(tokenizer, prompt, [{"role": "assistant", "content": "yo"}]) == "yo<|im_end|>"  # the end-of-turn token closes the completion
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def make_dm(tiny_model_dir, dataset, **kwargs):
+    return PreferenceDataModule(dataset=str(dataset), tokenizer_name_or_path=tiny_model_dir, **kwargs)
+
+
+ROW = {"prompt": "hello there", "chosen": "hi! :)", "rejected": "As an AI, I cannot."}
+
+
+def test_datamodule_tokenizes_completion_only_labels(tiny_model_dir, tokenizer, tmp_path):
+    dm = make_dm(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", [ROW] * 3), val_size=1, batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    chosen = batch["labels"][0][batch["labels"][0] != X].tolist()
+    assert tokenizer.decode(chosen) == "hi! :)<|im_end|>"
+    assert batch["input_ids"][0, : len(prompt_ids)].tolist() == list(prompt_ids)
+    assert batch["input_ids"].shape[0] == 4  # 2 pairs -> [chosen; rejected]
+
+
+def test_truncation_keeps_prompt_end_and_completion_start(tiny_model_dir, tokenizer, tmp_path):
+    row = {"prompt": "p" * 50, "chosen": "c" * 50, "rejected": "r" * 50}
+    dm = make_dm(tiny_model_dir, tmp_path / "x.jsonl", max_prompt_length=20, max_length=30)
+    encoded = dm.encode(tokenizer, row, "here")
+    assert encoded["truncated"]
+    assert tokenizer.decode(encoded["prompt"]) == "p" * 7 + "<|im_end|>\n<|im_start|>assistant\n"  # last 20 = 7 + 13 template tokens
+    assert tokenizer.decode(encoded["chosen"]) == "c" * 10
+    dm_drop = make_dm(tiny_model_dir, tmp_path / "x.jsonl", max_prompt_length=20, max_length=30, truncation="drop")
+    assert dm_drop.encode(tokenizer, row, "here") is None
+
+
+def test_drop_policy_counts_dropped_rows(tiny_model_dir, tmp_path, caplog):
+    rows = [ROW] * 4 + [{"prompt": "x" * 300, "chosen": "a", "rejected": "b"}]
+    dm = make_dm(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), val_size=1, truncation="drop", max_prompt_length=100)
+    with caplog.at_level("INFO"):
+        dm.setup("fit")
+    assert len(dm.train_rows) + len(dm.val_rows) == 4
+    assert "5 rows, 0 truncated, 1 dropped" in caplog.text
+
+
+def test_split_is_deterministic_and_disjoint(tiny_model_dir, real_rows):
+    splits = []
+    for _ in range(2):
+        dm = make_dm(tiny_model_dir, real_rows, limit=60, val_size=20, max_length=64, max_prompt_length=32)
+        dm.setup("fit")
+        splits.append(dm)
+    assert len(splits[0].train_rows) == 40 and len(splits[0].val_rows) == 20
+    assert [r["prompt"] for r in splits[0].val_rows] == [r["prompt"] for r in splits[1].val_rows]
+    val_ids = {tuple(r["prompt"] + r["chosen"]) for r in splits[0].val_rows}
+    assert not val_ids & {tuple(r["prompt"] + r["chosen"]) for r in splits[0].train_rows}
+
+
+def test_prompts_mode_needs_only_prompt(tiny_model_dir, tmp_path):
+    dm = make_dm(tiny_model_dir, write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "bb"}]), mode="prompts", val_size=1, batch_size=1)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask"}
+
+
+def test_chat_message_rows(tiny_model_dir, tokenizer, tmp_path):
+    row = {
+        "prompt": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "hello"}],
+        "rejected": "go away",
+    }
+    dm = make_dm(tiny_model_dir, tmp_path / "x.jsonl")
+    encoded = dm.encode(tokenizer, row, "here")
+    assert tokenizer.decode(encoded["prompt"]).startswith("<|im_start|>system\nbe nice<|im_end|>")
+    assert tokenizer.decode(encoded["rejected"]) == "go away<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "a", "chosen": "b"}, "row 2: field 'rejected' is missing"),
+        ({"prompt": "a", "chosen": "  ", "rejected": "c"}, "row 2: field 'chosen' is empty"),
+        ({"prompt": "a", "chosen": 5, "rejected": "c"}, "row 2: field 'chosen' must be a non-empty string or list"),
+        ({"prompt": [{"role": "user"}], "chosen": "b", "rejected": "c"}, "row 2: field 'prompt' message 0 must be"),
+        ({"prompt": [{"role": "robot", "content": "x"}], "chosen": "b", "rejected": "c"}, "row 2: field 'prompt' message 0"),
+        ({"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"}, "row 2: field 'chosen' must end with a 'assistant' message"),
+        (["a", "b", "c"], "row 2: expected an object"),
+    ],
+)
+def test_bad_rows_name_file_row_and_field(tiny_model_dir, tmp_path, row, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [ROW, row, ROW])
+    with pytest.raises(UserError, match=f"bad.jsonl: {message}"):
+        make_dm(tiny_model_dir, path, val_size=1).setup("fit")
+
+
+def test_invalid_json_names_the_line(tiny_model_dir, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(ROW) + "\n{not json\n")
+    with pytest.raises(UserError, match="broken.jsonl: line 2: invalid JSON"):
+        make_dm(tiny_model_dir, path, val_size=1).setup("fit")
+
+
+def test_unreadable_parquet(tiny_model_dir, tmp_path):
+    path = tmp_path / "junk.parquet"
+    path.write_bytes(b"not parquet")
+    with pytest.raises(UserError, match="junk.parquet: cannot read it"):
+        make_dm(tiny_model_dir, path, val_size=1).setup("fit")
+
+
+def test_wrong_path_and_unreachable_hub(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="no such file or folder; pass a local"):
+        make_dm(tiny_model_dir, tmp_path / "missing.jsonl").setup("fit")
+    with pytest.raises(UserError, match="could not load dataset 'nobody/no-such-dataset'.*pass a local file"):
+        make_dm(tiny_model_dir, "nobody/no-such-dataset").setup("fit")
+
+
+def test_too_few_rows_for_validation(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="2 usable rows leave none for training with --data.val_size 5"):
+        make_dm(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", [ROW] * 2), val_size=5).setup("fit")
+
+
+def test_cli_prints_one_line_error_without_traceback(tiny_model_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "bad.jsonl", [ROW, {"prompt": "a", "chosen": "", "rejected": "c"}])
+    args = ["fit", "--model", "lit_rlhf.reward.RewardModule", "--model.model_name_or_path", tiny_model_dir,
+            "--data.dataset", path, "--data.val_size", "1", "--trainer.logger", "false"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert str(exit_info.value) == f"lit-rlhf: error: {path}: row 2: field 'chosen' is empty"
