@@ -5,6 +5,8 @@ from typing import Union
 
 import lightning as L
 import torch
+from torch import nn
+from torchmetrics import MeanMetric
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.models import export_pretrained
@@ -16,6 +18,8 @@ class AlignmentModule(L.LightningModule):
     """Base class: subclasses set `algorithm`, build `self.model` and `self.tokenizer`."""
 
     algorithm: str
+    #: metrics shown in the progress bar
+    progress_bar_metrics: tuple[str, ...] = ("loss",)
     #: submodules reloaded from their source on resume instead of being written into checkpoints
     frozen_modules: tuple[str, ...] = ()
 
@@ -46,6 +50,27 @@ class AlignmentModule(L.LightningModule):
         """
         super().__init__()
         self.strict_loading = False  # checkpoints leave out `frozen_modules`
+        self.val_metrics = nn.ModuleDict()  # filled by log_stats
+
+    def log_stats(self, stats: dict[str, torch.Tensor], stage: str, batch_size: int) -> None:
+        """Log `stats` under their own names in training; in validation as `val_<name>`, averaged
+        over the epoch by torchmetrics."""
+        if stage == "train":
+            for name, value in stats.items():
+                self.log(name, value, batch_size=batch_size, prog_bar=name in self.progress_bar_metrics)
+            return
+        for name, value in stats.items():
+            key = f"val_{name}"
+            if key not in self.val_metrics:
+                self.val_metrics[key] = MeanMetric().to(self.device)
+            self.val_metrics[key].update(value, weight=batch_size)
+            self.log(
+                key,
+                self.val_metrics[key],
+                batch_size=batch_size,
+                prog_bar=name in self.progress_bar_metrics,
+                metric_attribute=f"val_metrics.{key}",
+            )
 
     def lora_args(self) -> dict:
         hp = self.hparams

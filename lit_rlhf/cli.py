@@ -22,6 +22,9 @@ class LitRLHFCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name_or_path")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        # no_grad rather than inference_mode in evaluation: validation metrics can then also be
+        # updated by a later `fit` in the same process (inference tensors refuse in-place updates)
+        parser.set_defaults({"trainer.inference_mode": False})
 
     def instantiate_trainer(self, **kwargs):
         """Log to `logs/<algorithm>/version_N` unless a logger is configured."""

@@ -1,8 +1,6 @@
 """Reward model: a sequence classifier with one scalar head, trained on (chosen, rejected) pairs."""
 
 import torch
-from torch import nn
-from torchmetrics import MeanMetric
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.losses import reward_loss
@@ -11,6 +9,7 @@ from lit_rlhf.models import add_lora, load_scalar_model, load_tokenizer, sequenc
 
 class RewardModule(AlignmentModule):
     algorithm = "reward"
+    progress_bar_metrics = ("loss", "accuracy")
 
     def __init__(self, model_name_or_path: str = DEFAULT_MODEL, learning_rate: float = 3e-4, margin: float = 0.0, **kwargs):
         """Bradley-Terry reward model; the score is the head's output at the last real token.
@@ -26,36 +25,27 @@ class RewardModule(AlignmentModule):
         self.tokenizer = load_tokenizer(model_name_or_path, self.hparams.trust_remote_code)
         model = load_scalar_model(model_name_or_path, self.tokenizer.pad_token_id, self.hparams.trust_remote_code)
         self.model = add_lora(model, **self.lora_args(), task_type="SEQ_CLS")
-        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "accuracy", "margin", "chosen", "rejected")})
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of the chosen and of the rejected rows of a pairs batch: two (B,) tensors."""
         scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])  # (2B,)
         return scores.chunk(2)
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         chosen, rejected = self(batch)
-        return {
-            "loss": reward_loss(chosen, rejected, self.hparams.margin),
+        loss = reward_loss(chosen, rejected, self.hparams.margin)
+        stats = {
+            "loss": loss,
             "accuracy": (chosen > rejected).float().mean(),
             "margin": (chosen - rejected).mean(),
-            "chosen": chosen.mean(),
-            "rejected": rejected.mean(),
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
         }
-
-    @staticmethod
-    def _metric_name(name: str, prefix: str = "") -> str:
-        return prefix + (f"rewards/{name}" if name in ("chosen", "rejected") else name)
+        self.log_stats(stats, stage, batch_size=len(chosen))
+        return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        stats = self._step(batch)
-        for name, value in stats.items():
-            self.log(self._metric_name(name), value, prog_bar=name in ("loss", "accuracy"))
-        return stats["loss"]
+        return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        stats = self._step(batch)
-        batch_size = batch["input_ids"].shape[0] // 2
-        for name, metric in self.val_metrics.items():
-            metric.update(stats[name], weight=batch_size)
-            self.log(self._metric_name(name, "val_"), metric, prog_bar=name == "accuracy")
+        self._step(batch, "val")
