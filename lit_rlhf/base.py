@@ -49,8 +49,19 @@ class AlignmentModule(L.LightningModule):
             trust_remote_code: Run model code shipped with the checkpoint (off unless you trust it).
         """
         super().__init__()
+        self.save_hyperparameters()  # collects the subclass's arguments too
         self.strict_loading = False  # checkpoints leave out `frozen_modules`
         self.val_metrics = nn.ModuleDict()  # filled by log_stats
+
+    def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """Loss of a batch; logs its statistics with `log_stats`."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.shared_step(batch, "val")
 
     def log_stats(self, stats: dict[str, torch.Tensor], stage: str, batch_size: int) -> None:
         """Log `stats` under their own names in training; in validation as `val_<name>`, averaged

@@ -1,6 +1,7 @@
 """`lit-rlhf`: LightningCLI for training (fit/validate/test) plus the offline helpers."""
 
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -12,9 +13,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lit_rlhf.base import AlignmentModule
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.errors import UserError
-from lit_rlhf.smollm2 import main as fetch_smollm2_main
+from lit_rlhf import demo, smollm2
 
-COMMANDS = {"fetch-smollm2": fetch_smollm2_main}
+COMMANDS = {"fetch-smollm2": smollm2.main, "demo": demo.main}
 
 
 class LitRLHFCLI(LightningCLI):
@@ -66,6 +67,7 @@ def main(args=None) -> None:
             except SystemExit:
                 pass
             args = [a for a in argv if a not in ("-h", "--help")] + ["--model.help", model_class]
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli(args)
     except UserError as err:
         sys.exit(f"lit-rlhf: error: {err}")

@@ -134,7 +134,8 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
     Returns `input_ids`, `attention_mask`, `labels`, each (2B, T) with T the longest row;
     rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones. `labels` holds the
-    completion tokens and IGNORE_INDEX on prompt and padding.
+    completion tokens and IGNORE_INDEX on prompt and padding. Rows carrying precomputed
+    reference log-probs add `ref_logps` (2B,).
     """
     rows = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
     T = max(len(p) + len(c) for p, c in rows)
@@ -146,7 +147,10 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :n] = torch.tensor(prompt + completion)
         attention_mask[i, :n] = 1
         labels[i, len(prompt) : n] = torch.tensor(completion)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if "ref_logps" in examples[0]:  # precomputed by DPO: (2B,) in the same [chosen; rejected] order
+        batch["ref_logps"] = torch.tensor([e["ref_logps"][0] for e in examples] + [e["ref_logps"][1] for e in examples])
+    return batch
 
 
 def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -21,7 +21,6 @@ class RewardModule(AlignmentModule):
             margin: Loss margin: `-log sigmoid(r_chosen - r_rejected - margin)`.
         """
         super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate, **kwargs)
-        self.save_hyperparameters()
         self.tokenizer = load_tokenizer(model_name_or_path, self.hparams.trust_remote_code)
         model = load_scalar_model(model_name_or_path, self.tokenizer.pad_token_id, self.hparams.trust_remote_code)
         self.model = add_lora(model, **self.lora_args(), task_type="SEQ_CLS")
@@ -31,7 +30,7 @@ class RewardModule(AlignmentModule):
         scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])  # (2B,)
         return scores.chunk(2)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         chosen, rejected = self(batch)
         loss = reward_loss(chosen, rejected, self.hparams.margin)
         stats = {
@@ -43,9 +42,3 @@ class RewardModule(AlignmentModule):
         }
         self.log_stats(stats, stage, batch_size=len(chosen))
         return loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")

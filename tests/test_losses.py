@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from lit_rlhf.losses import reward_loss
+from lit_rlhf.losses import dpo_loss, reward_loss
 
 
 def softplus(x: float) -> float:  # -log sigmoid(-x) = log(1 + e^x)
@@ -25,3 +25,41 @@ def test_reward_loss_gradient_pushes_chosen_up():
     # d/dr_c of -log sigmoid(r_c - r_r) at 0 is -0.5, averaged over 3 rows
     assert torch.allclose(chosen.grad, torch.full((3,), -0.5 / 3))
     assert torch.allclose(rejected.grad, torch.full((3,), 0.5 / 3))
+
+
+# DPO: policy chosen -1, rejected -3; reference -2, -2 -> log-ratios +1 and -1, h = 2
+POLICY = (torch.tensor([-1.0]), torch.tensor([-3.0]))
+REF = (torch.tensor([-2.0]), torch.tensor([-2.0]))
+
+
+def dpo(beta, loss_type, label_smoothing=0.0):
+    losses, chosen, rejected = dpo_loss(*POLICY, *REF, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    return losses.item(), chosen.item(), rejected.item()
+
+
+def test_dpo_sigmoid_by_hand():
+    # beta h = 1: -log sigmoid(1) = log(1 + e^-1) = 0.313262
+    assert math.isclose(dpo(0.5, "sigmoid")[0], 0.313262, abs_tol=1e-6)
+    # label smoothing 0.1: 0.9 * 0.313262 + 0.1 * 1.313262
+    assert math.isclose(dpo(0.5, "sigmoid", 0.1)[0], 0.413262, abs_tol=1e-6)
+    assert dpo(0.5, "sigmoid")[1:] == (0.5, -0.5)  # implicit rewards beta * log-ratio
+
+
+def test_dpo_robust_by_hand():
+    # (0.9 * 0.313262 - 0.1 * 1.313262) / 0.8
+    assert math.isclose(dpo(0.5, "robust", 0.1)[0], 0.188262, abs_tol=1e-6)
+    assert math.isclose(dpo(0.5, "robust", 0.0)[0], dpo(0.5, "sigmoid")[0], abs_tol=1e-7)
+
+
+def test_dpo_hinge_and_ipo_by_hand():
+    assert math.isclose(dpo(0.25, "hinge")[0], 0.5)  # relu(1 - 0.25 * 2)
+    assert dpo(0.5, "hinge")[0] == 0.0  # relu(1 - 1)
+    assert math.isclose(dpo(0.5, "ipo")[0], 1.0)  # (2 - 1 / (2 * 0.5))^2
+    assert math.isclose(dpo(0.25, "ipo")[0], 0.0)  # (2 - 2)^2
+
+
+def test_dpo_at_policy_equal_reference_is_log_2():
+    logps = torch.tensor([-5.0, -7.0])
+    losses, chosen, rejected = dpo_loss(logps, logps + 1, logps, logps + 1)
+    assert torch.equal(losses, torch.full((2,), math.log(2)))
+    assert torch.equal(chosen, torch.zeros(2)) and torch.equal(rejected, torch.zeros(2))

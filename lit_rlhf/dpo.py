@@ -1,0 +1,107 @@
+"""DPO (Rafailov et al. 2023): the policy learns from preference pairs against a frozen reference."""
+
+from functools import partial
+from typing import Literal, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
+from lit_rlhf.data import collate_pairs
+from lit_rlhf.losses import dpo_loss
+from lit_rlhf.models import add_lora, load_causal_lm, load_tokenizer
+from lit_rlhf.ops import completion_logps
+
+
+class DPOModule(AlignmentModule):
+    algorithm = "dpo"
+    progress_bar_metrics = ("loss", "rewards/accuracies")
+    frozen_modules = ("ref_model",)
+
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_MODEL,
+        learning_rate: float = 1e-6,
+        beta: float = 0.1,
+        loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid",
+        label_smoothing: float = 0.0,
+        ref_model_name_or_path: Optional[str] = None,
+        precompute_ref_logps: bool = False,
+        **kwargs,
+    ):
+        """Direct Preference Optimization.
+
+        Args:
+            model_name_or_path: Hub id, local folder or .gguf file of the policy to train.
+            learning_rate: Peak AdamW learning rate (DPO work uses 5e-7 to 5e-6; TRL's default is 1e-6).
+            beta: Strength of the implicit KL penalty to the reference.
+            loss_type: `sigmoid` (DPO), `ipo`, `hinge` (SLiC) or `robust` (Chowdhury et al. 2024).
+            label_smoothing: Assumed share of flipped preference labels (sigmoid and robust losses).
+            ref_model_name_or_path: Reference model (e.g. an SFT checkpoint). Default: a frozen copy of
+                the starting policy; with LoRA, the policy with its adapter disabled (no second copy).
+            precompute_ref_logps: Compute the reference log-probs of every row once before training,
+                then free the reference model.
+        """
+        super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate, **kwargs)
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
+        self.model = add_lora(load_causal_lm(model_name_or_path, hp.trust_remote_code), **self.lora_args(), task_type="CAUSAL_LM")
+        self.ref_model = None
+        if hp.ref_model_name_or_path or not hp.lora_r:
+            self.ref_model = load_causal_lm(hp.ref_model_name_or_path or model_name_or_path, hp.trust_remote_code)
+            self.ref_model.eval().requires_grad_(False)
+
+    def sequence_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed completion log-probs of every row of a pairs batch, one forward. -> (2B,)"""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
+        return completion_logps(logits, batch["labels"])
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B,) log-probs under the reference: precomputed, the frozen copy, or the adapter disabled."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        if self.ref_model is not None:
+            return self.sequence_logps(self.ref_model, batch)
+        with self.model.disable_adapter():
+            return self.sequence_logps(self.model, batch)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.hparams.precompute_ref_logps:
+            dm = self.trainer.datamodule
+            self.precompute_reference(dm.train_rows + dm.val_rows, dm.hparams.batch_size)
+
+    def precompute_reference(self, rows: list[dict], batch_size: int = 8) -> None:
+        """Store each row's reference log-probs in the row (`ref_logps`: chosen, rejected), then free the reference."""
+        collate = partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)
+        loader = DataLoader(rows, batch_size=batch_size, collate_fn=collate)
+        done = 0
+        for batch in loader:
+            logps = self.reference_logps({k: v.to(self.device) for k, v in batch.items()}).cpu()  # (2B,)
+            chosen, rejected = logps.chunk(2)
+            for row, c, r in zip(rows[done:], chosen.tolist(), rejected.tolist()):
+                row["ref_logps"] = (c, r)
+            done += len(chosen)
+        self.ref_model = None
+        rank_zero_info(f"precomputed reference log-probs of {done} rows; reference model freed")
+
+    def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        policy_chosen, policy_rejected = self.sequence_logps(self.model, batch).chunk(2)
+        ref_chosen, ref_rejected = self.reference_logps(batch).chunk(2)
+        hp = self.hparams
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, hp.beta, hp.loss_type, hp.label_smoothing
+        )
+        stats = {
+            "loss": losses.mean(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": policy_chosen.detach().mean(),
+            "logps/rejected": policy_rejected.detach().mean(),
+        }
+        self.log_stats(stats, stage, batch_size=len(losses))
+        return stats["loss"]

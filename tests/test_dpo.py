@@ -1,0 +1,113 @@
+"""DPO module: the loss at the start, reference modes, padding, LoRA, and fit -> export -> reload."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_causal_lm
+from lit_rlhf.cli import cli
+from lit_rlhf.data import PreferenceDataModule
+from lit_rlhf.dpo import DPOModule
+
+
+@pytest.fixture(scope="module")
+def datamodule(tiny_model_dir, real_rows):
+    dm = PreferenceDataModule(
+        dataset=str(real_rows), tokenizer_name_or_path=tiny_model_dir, limit=10, val_size=2, batch_size=4,
+        max_length=64, max_prompt_length=32,
+    )  # fmt: skip
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A second tiny model with other weights, to act as a reference that differs from the policy."""
+    path = tmp_path_factory.mktemp("other-llama")
+    make_causal_lm(tokenizer, seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def step0_loss(module, batch):
+    with torch.no_grad():
+        return module.shared_step(batch, "val").item()
+
+
+@pytest.mark.parametrize("mode", [{}, {"lora_r": 4}, {"precompute_ref_logps": True}])
+def test_step0_loss_is_log_2_in_every_reference_mode(tiny_model_dir, datamodule, mode):
+    module = DPOModule(model_name_or_path=tiny_model_dir, **mode)
+    rows = [dict(r) for r in datamodule.train_rows[:4]]
+    if mode.get("precompute_ref_logps"):
+        module.precompute_reference(rows)
+        assert module.ref_model is None
+    batch = datamodule.train_dataloader().collate_fn(rows)
+    assert math.isclose(step0_loss(module, batch), math.log(2), abs_tol=1e-6)
+    assert module.val_metrics["val_rewards/chosen"].compute().item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_precomputed_reference_matches_live_reference(tiny_model_dir, other_model_dir, datamodule):
+    rows = [dict(r) for r in datamodule.train_rows[:4]]
+    live = DPOModule(model_name_or_path=tiny_model_dir, ref_model_name_or_path=other_model_dir)
+    pre = DPOModule(model_name_or_path=tiny_model_dir, ref_model_name_or_path=other_model_dir, precompute_ref_logps=True)
+    pre.precompute_reference(rows)
+    collate = datamodule.train_dataloader().collate_fn
+    live_loss, pre_loss = step0_loss(live, collate(rows)), step0_loss(pre, collate(rows))
+    assert live_loss == pytest.approx(pre_loss, abs=1e-5)
+    assert abs(live_loss - math.log(2)) > 1e-3  # a different reference really changes the loss
+
+
+def test_sequence_logps_do_not_depend_on_right_padding(tiny_model_dir, datamodule):
+    module = DPOModule(model_name_or_path=tiny_model_dir)
+    batch = datamodule.train_dataloader().collate_fn(datamodule.train_rows[:4])
+    pad = torch.full((batch["input_ids"].shape[0], 7), module.tokenizer.pad_token_id)
+    padded = {
+        "input_ids": torch.cat([batch["input_ids"], pad], 1),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.zeros_like(pad)], 1),
+        "labels": torch.cat([batch["labels"], torch.full_like(pad, -100)], 1),
+    }
+    with torch.no_grad():
+        assert torch.allclose(module.sequence_logps(module.model, batch), module.sequence_logps(module.model, padded), atol=1e-4)
+
+
+def dpo_args(model_dir, dataset, *extra):
+    return [
+        "fit", "--model", "lit_rlhf.dpo.DPOModule", "--model.model_name_or_path", model_dir,
+        "--model.learning_rate", "1e-3", "--data.dataset", str(dataset), "--data.max_length", "64",
+        "--data.max_prompt_length", "32", "--data.limit", "16", "--data.val_size", "4", "--data.batch_size", "4",
+        "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false", *extra,
+    ]  # fmt: skip
+
+
+def test_fit_export_reload_same_logits(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = cli(dpo_args(tiny_model_dir, real_rows))
+    ckpt = torch.load(tmp_path / "logs/dpo/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert not any(k.startswith("ref_model.") for k in ckpt["state_dict"])  # reloaded from source, not stored
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "logs/dpo/version_0/hf")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, run.model.model(ids).logits, atol=1e-5)
+        start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        assert not torch.allclose(reloaded(ids).logits, start(ids).logits, atol=1e-4)  # it trained
+
+
+def test_lora_trains_adapter_leaves_base_identical_and_exports_merged(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    start = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()}
+    run = cli(dpo_args(tiny_model_dir, real_rows, "--model.lora_r", "4"))
+    assert run.model.ref_model is None  # the reference is the policy with the adapter disabled
+    state = run.model.model.state_dict()
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    assert base.keys() == start.keys()
+    assert all(torch.equal(base[k], start[k]) for k in start)
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # B starts at 0: it moved
+    out = Path("logs/dpo/version_0/hf")
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, run.model.model(ids).logits, atol=1e-5)
