@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from lit_rlhf.ops import masked_mean
+
 
 def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """Bradley-Terry loss of a reward model, `-log sigmoid(r_chosen - r_rejected - margin)`.
@@ -62,3 +64,55 @@ def dpo_loss(
     else:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; use sigmoid, robust, hinge or ipo")
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate policy loss of PPO (Schulman et al. 2017).
+
+    Args:
+        logprobs: (B, T) log-probs of the response tokens under the current policy.
+        old_logprobs: (B, T) the same under the policy that generated them.
+        advantages: (B, T) whitened advantages.
+        mask: (B, T) 1 on response tokens.
+        cliprange: the ratio is clipped to [1 - cliprange, 1 + cliprange].
+
+    Returns:
+        pg_loss (): `mean(max(-A r, -A clip(r)))` over response tokens, and stats: `clipfrac`
+        (share of tokens where the clipped term is used), `approxkl` (`0.5 mean(log r ^ 2)`),
+        `ratio` (mean r).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    stats = {
+        "clipfrac": masked_mean((pg_losses_clipped > pg_losses).float(), mask),
+        "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+        "ratio": masked_mean(ratio, mask),
+    }
+    return pg_loss, {k: v.detach() for k, v in stats.items()}
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss of PPO.
+
+    Args:
+        values: (B, T) current value predictions.
+        old_values: (B, T) predictions at rollout time.
+        returns: (B, T) GAE returns (targets).
+        mask: (B, T) 1 on response tokens.
+        cliprange_value: the new prediction may move at most this far from the old one.
+
+    Returns:
+        vf_loss (): `0.5 mean(max((v - R)^2, (v_clipped - R)^2))`, and vf_clipfrac ().
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    losses = (values - returns) ** 2
+    losses_clipped = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask)
+    return vf_loss, masked_mean((losses_clipped > losses).float(), mask).detach()

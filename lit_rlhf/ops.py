@@ -34,3 +34,85 @@ def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     mask = labels != IGNORE_INDEX
     token_logps = selective_log_softmax(logits[:, :-1], labels.clamp(min=0))  # (B, T-1)
     return (token_logps * mask).sum(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over positions where `mask` is 1. (B, T), (B, T) -> ()"""
+    return (x * mask).sum() / mask.sum()
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of `x` over positions where `mask` is 1. (B, T), (B, T) -> ()"""
+    n = mask.sum()
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask) * n / (n - 1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """`(x - mean) / std` over the masked positions (the mean is kept when `shift_mean` is False). (B, T) -> (B, T)"""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman 2020, "Approximating KL").
+
+    Args:
+        logprobs: (B, T) log-probs of the sampled tokens under the policy.
+        ref_logprobs: (B, T) their log-probs under the reference.
+        estimator: `k1` = `log p - log q` (unbiased, can be negative);
+            `k3` = `(r - 1) - log r` with `r = q / p` (unbiased, never negative).
+
+    Returns:
+        (B, T) per-token KL estimate.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1 or k3")
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016) over response tokens.
+
+    Args:
+        rewards: (B, T) per-token rewards (0 on padding).
+        values: (B, T) value estimates V(s_t) of the state before each response token.
+        mask: (B, T) 1 on response tokens, 0 on padding after the end.
+        gamma: discount; lam: GAE lambda.
+
+    Returns:
+        advantages (B, T) and returns = advantages + values (B, T), both 0 on padding.
+        `delta_t = r_t + gamma V_{t+1} - V_t`, `A_t = delta_t + gamma lam A_{t+1}`, with V and A
+        taken as 0 past the last real token.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_values = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_advantage)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_advantage = (delta + gamma * lam * last_advantage) * mask[:, t]
+        advantages[:, t] = last_advantage
+    return advantages, (advantages + values) * mask
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each response after its first EOS.
+
+    Args:
+        responses: (B, T) generated token ids.
+
+    Returns:
+        responses (B, T) with every token after the first EOS set to `pad_id`; mask (B, T), 1 up
+        to and including the first EOS (everywhere when there is none); contains_eos (B,) bool.
+    """
+    is_eos = responses == eos_id
+    contains_eos = is_eos.any(-1)
+    last = torch.where(contains_eos, is_eos.int().argmax(-1), responses.shape[1] - 1)  # (B,)
+    mask = (torch.arange(responses.shape[1], device=responses.device) <= last[:, None]).long()
+    return responses.masked_fill(mask == 0, pad_id), mask, contains_eos

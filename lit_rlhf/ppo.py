@@ -1,0 +1,246 @@
+"""PPO for language models, after Huang et al. 2024, "The N+ implementation details of RLHF with PPO".
+
+One training step reads top to bottom:
+    rollout()            generate responses, score them, old log-probs, reference log-probs, values
+    compute_advantages() per-token reward = -kl_coef * KL_t (+ score on the last token), GAE, whitening
+    update()             ppo_epochs passes over minibatches: clipped policy and value losses
+"""
+
+from contextlib import nullcontext
+from typing import Literal, Optional
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ParallelStrategy
+from transformers import GenerationConfig
+
+from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
+from lit_rlhf.errors import UserError
+from lit_rlhf.losses import ppo_policy_loss, ppo_value_loss
+from lit_rlhf.models import (
+    add_lora,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    position_ids,
+    scalar_head_outputs,
+    sequence_scores,
+)
+from lit_rlhf.ops import gae, kl_penalty, masked_whiten, selective_log_softmax, truncate_after_eos
+
+Rollout = dict[str, torch.Tensor]
+
+
+class PPOModule(AlignmentModule):
+    algorithm = "ppo"
+    progress_bar_metrics = ("objective/scores", "objective/kl")
+    frozen_modules = ("ref_model", "reward_model")
+
+    def __init__(
+        self,
+        reward_model_path: str,
+        model_name_or_path: str = DEFAULT_MODEL,
+        learning_rate: float = 1e-5,
+        response_length: int = 128,
+        temperature: float = 0.7,
+        missing_eos_penalty: Optional[float] = None,
+        kl_coef: float = 0.05,
+        kl_estimator: Literal["k1", "k3"] = "k1",
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        ppo_epochs: int = 4,
+        num_minibatches: int = 1,
+        gradient_accumulation_steps: int = 4,
+        cliprange: float = 0.2,
+        cliprange_value: float = 0.2,
+        vf_coef: float = 0.1,
+        max_grad_norm: float = 1.0,
+        sample_every_n_steps: int = 10,
+        **kwargs,
+    ):
+        """PPO with a policy, a frozen reference, a frozen reward model and a value model.
+
+        One PPO step takes one batch of `--data.batch_size` prompts (prompts mode).
+
+        Args:
+            reward_model_path: Reward model folder (e.g. `logs/reward/version_0/hf`); also the
+                initial value model.
+            model_name_or_path: Hub id, local folder or .gguf file of the policy to train.
+            learning_rate: Peak AdamW learning rate (policy and value model).
+            response_length: Tokens generated per prompt.
+            temperature: Sampling temperature of the rollouts (log-probs use the same one).
+            missing_eos_penalty: Subtracted from the score of responses with no EOS (off if null).
+            kl_coef: Weight of the per-token KL penalty to the reference.
+            kl_estimator: `k1` (log p - log q) or `k3` ((r - 1) - log r, r = q / p).
+            gamma: GAE discount.
+            lam: GAE lambda.
+            ppo_epochs: Passes over each rollout batch.
+            num_minibatches: Optimizer steps per pass (the batch is split into this many minibatches).
+            gradient_accumulation_steps: Micro-batches per minibatch, gradients accumulated by hand.
+            cliprange: Clip range of the policy ratio.
+            cliprange_value: Clip range of the value prediction.
+            vf_coef: Weight of the value loss.
+            max_grad_norm: Gradient norm clip of each optimizer step.
+            sample_every_n_steps: Log a table of prompt / response / score to TensorBoard every N PPO steps.
+        """
+        super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate, **kwargs)
+        self.automatic_optimization = False
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
+        pad_id = self.tokenizer.pad_token_id
+        self.model = add_lora(load_causal_lm(model_name_or_path, hp.trust_remote_code), **self.lora_args(), task_type="CAUSAL_LM")
+        self.ref_model = None if hp.lora_r else load_causal_lm(model_name_or_path, hp.trust_remote_code).requires_grad_(False)
+        self.reward_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code).requires_grad_(False)
+        value_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code)
+        self.value_model = add_lora(value_model, **self.lora_args(), task_type="SEQ_CLS")
+        stop = dict(max_new_tokens=hp.response_length, min_new_tokens=1, pad_token_id=pad_id, eos_token_id=self.tokenizer.eos_token_id)
+        # top_k=0, top_p=1: sample from the full distribution, the one the log-probs are computed from
+        self.generation_config = GenerationConfig(do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0, **stop)
+        self.greedy_config = GenerationConfig(do_sample=False, **stop)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None and dm.hparams.mode != "prompts":
+            raise UserError("PPO reads prompts only: set --data.mode prompts")
+
+    # ---- the three phases -------------------------------------------------------------------
+
+    def micro_batch_size(self, batch_size: int) -> int:
+        """Rows per forward/backward: batch / (num_minibatches * gradient_accumulation_steps)."""
+        return max(1, batch_size // (self.hparams.num_minibatches * self.hparams.gradient_accumulation_steps))
+
+    def response_logprobs(self, model, sequences: torch.Tensor, mask: torch.Tensor, context_length: int) -> torch.Tensor:
+        """Log-probs of the response tokens under `model`, at the sampling temperature. -> (B, R)"""
+        logits = model(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask)).logits
+        logits = logits[:, context_length - 1 : -1] / self.hparams.temperature  # (B, R, V)
+        return selective_log_softmax(logits, sequences[:, context_length:])
+
+    def values(self, sequences: torch.Tensor, mask: torch.Tensor, context_length: int) -> torch.Tensor:
+        """V(s_t) for the state before each response token. -> (B, R)"""
+        return scalar_head_outputs(self.value_model, sequences, mask)[:, context_length - 1 : -1]
+
+    def score(self, sequences: torch.Tensor, mask: torch.Tensor, context_length: int) -> torch.Tensor:
+        """Reward-model score of each prompt + response, read at its last real token. -> (B,)
+
+        `context_length` (where responses start) is there for rewards that read the response only.
+        """
+        return sequence_scores(self.reward_model, sequences, mask)
+
+    def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool = False) -> tuple[torch.Tensor, ...]:
+        """Sample (or greedy-decode) responses, cut after the first EOS: responses, response_mask (B, R), contains_eos (B,)."""
+        config = self.greedy_config if greedy else self.generation_config
+        out = self.model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=config)
+        return truncate_after_eos(out[:, prompts.shape[1] :], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
+        """Generate with the policy, then score, old log-probs, reference log-probs and values."""
+        prompts, prompt_mask = batch["input_ids"], batch["attention_mask"]  # (B, P) left-padded
+        P = prompts.shape[1]
+        responses, response_mask, contains_eos = self.generate(prompts, prompt_mask)  # (B, R)
+        sequences = torch.cat([prompts, responses], 1)  # (B, P + R)
+        mask = torch.cat([prompt_mask, response_mask], 1)
+        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
+        size = self.micro_batch_size(len(prompts))
+        for start in range(0, len(prompts), size):
+            seq, m = sequences[start : start + size], mask[start : start + size]
+            parts["logprobs"].append(self.response_logprobs(self.model, seq, m, P))
+            if self.ref_model is None:  # LoRA: the reference is the policy without its adapter
+                with self.model.disable_adapter():
+                    parts["ref_logprobs"].append(self.response_logprobs(self.model, seq, m, P))
+            else:
+                parts["ref_logprobs"].append(self.response_logprobs(self.ref_model, seq, m, P))
+            parts["values"].append(self.values(seq, m, P))
+            parts["scores"].append(self.score(seq, m, P))
+        rollout = {k: torch.cat(v) for k, v in parts.items()}
+        if self.hparams.missing_eos_penalty is not None:
+            rollout["scores"] = rollout["scores"] - self.hparams.missing_eos_penalty * (~contains_eos).float()
+        return dict(rollout, sequences=sequences, mask=mask, response_mask=response_mask.float(), contains_eos=contains_eos)
+
+    @torch.no_grad()
+    def compute_advantages(self, rollout: Rollout) -> Rollout:
+        """Per-token rewards (KL penalty + score at the last token), GAE, whitened advantages."""
+        hp = self.hparams
+        response_mask = rollout["response_mask"]  # (B, R)
+        kl = kl_penalty(rollout["logprobs"], rollout["ref_logprobs"], hp.kl_estimator) * response_mask
+        non_score_reward = -hp.kl_coef * kl  # (B, R)
+        last = response_mask.sum(-1).long() - 1  # (B,) index of the last response token
+        rewards = non_score_reward.clone()
+        rewards[torch.arange(len(last)), last] += rollout["scores"]
+        advantages, returns = gae(rewards, rollout["values"], response_mask, hp.gamma, hp.lam)
+        advantages = masked_whiten(advantages, response_mask) * response_mask
+        return dict(rollout, kl=kl, non_score_reward=non_score_reward, advantages=advantages, returns=returns)
+
+    def no_backward_sync(self, enabled: bool):
+        """Skip the DDP gradient all-reduce on accumulation micro-steps."""
+        strategy = self.trainer.strategy
+        return strategy.block_backward_sync() if enabled and isinstance(strategy, ParallelStrategy) else nullcontext()
+
+    def update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """`ppo_epochs` passes over shuffled minibatches, gradients accumulated over micro-batches."""
+        hp = self.hparams
+        optimizer = self.optimizers()
+        P = rollout["sequences"].shape[1] - rollout["response_mask"].shape[1]
+        B = len(rollout["sequences"])
+        mb_size, micro_size = max(1, B // hp.num_minibatches), self.micro_batch_size(B)
+        stats: dict[str, list[torch.Tensor]] = {}
+        for _ in range(hp.ppo_epochs):
+            order = torch.randperm(B, device=self.device)
+            for start in range(0, B, mb_size):
+                minibatch = order[start : start + mb_size]
+                micro = minibatch.split(micro_size)
+                for i, idx in enumerate(micro):
+                    with self.no_backward_sync(enabled=i < len(micro) - 1):
+                        seq, m, rm = rollout["sequences"][idx], rollout["mask"][idx], rollout["response_mask"][idx]
+                        logprobs = self.response_logprobs(self.model, seq, m, P)
+                        pg_loss, pg_stats = ppo_policy_loss(logprobs, rollout["logprobs"][idx], rollout["advantages"][idx], rm, hp.cliprange)
+                        vf_loss, vf_clipfrac = ppo_value_loss(self.values(seq, m, P), rollout["values"][idx], rollout["returns"][idx], rm, hp.cliprange_value)
+                        self.manual_backward((pg_loss + hp.vf_coef * vf_loss) / len(micro))
+                    for name, value in {"loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
+                                        "policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
+                                        "val/clipfrac_avg": vf_clipfrac, "val/ratio": pg_stats["ratio"]}.items():  # fmt: skip
+                        stats.setdefault(name, []).append(value)
+                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                optimizer.zero_grad()
+        self.lr_schedulers().step()
+        return {name: torch.stack(values).mean() for name, values in stats.items()}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        rollout = self.compute_advantages(self.rollout(batch))
+        stats = self.update(rollout)
+        scores = rollout["scores"]
+        non_score = rollout["non_score_reward"].sum(1)  # (B,)
+        stats |= {
+            "objective/kl": rollout["kl"].sum(1).mean(),
+            "objective/entropy": -(rollout["logprobs"] * rollout["response_mask"]).sum(1).mean(),
+            "objective/non_score_reward": non_score.mean(),
+            "objective/rlhf_reward": (scores + non_score).mean(),
+            "objective/scores": scores.mean(),
+            "val/num_eos_tokens": rollout["contains_eos"].sum().float(),
+            "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0]),
+        }
+        self.log_stats(stats, "train", batch_size=len(scores))
+        if batch_idx % self.hparams.sample_every_n_steps == 0:
+            self.log_samples(rollout)
+
+    def log_samples(self, rollout: Rollout) -> None:
+        """A markdown table of prompt / response / score in TensorBoard's Text tab."""
+        if not isinstance(self.logger, TensorBoardLogger):
+            return
+        P = rollout["sequences"].shape[1] - rollout["response_mask"].shape[1]
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).replace("\n", " ").replace("|", "\\|")  # noqa: E731
+        rows = [
+            f"| {decode(seq[:P])} | {decode(seq[P:])} | {score:.3f} |"
+            for seq, score in zip(rollout["sequences"][:8].tolist(), rollout["scores"][:8].tolist())
+        ]
+        table = "\n".join(["| prompt | response | score |", "| --- | --- | --- |", *rows])
+        self.logger.experiment.add_text("samples", table, self.global_step)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Greedy responses to held-out prompts, scored by the reward model: `val_objective/scores`."""
+        prompts, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        responses, response_mask, _ = self.generate(prompts, prompt_mask, greedy=True)
+        sequences, mask = torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1)
+        self.log_stats({"objective/scores": self.score(sequences, mask, prompts.shape[1]).mean()}, "val", len(prompts))
