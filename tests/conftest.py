@@ -69,3 +69,15 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
 def real_rows() -> Path:
     """Real preference rows: the shared copy when it is beside the repo, else the shipped slice."""
     return SHARED_ROWS if SHARED_ROWS.is_file() else SHIPPED_ROWS
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory, tiny_model_dir, tokenizer) -> str:
+    """A tiny reward model: the tiny LM with a random scalar head."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-reward")
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

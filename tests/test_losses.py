@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from lit_rlhf.losses import dpo_loss, reward_loss
+from lit_rlhf.losses import dpo_loss, ppo_policy_loss, ppo_value_loss, reward_loss
 
 
 def softplus(x: float) -> float:  # -log sigmoid(-x) = log(1 + e^x)
@@ -63,3 +63,34 @@ def test_dpo_at_policy_equal_reference_is_log_2():
     losses, chosen, rejected = dpo_loss(logps, logps + 1, logps, logps + 1)
     assert torch.equal(losses, torch.full((2,), math.log(2)))
     assert torch.equal(chosen, torch.zeros(2)) and torch.equal(rejected, torch.zeros(2))
+
+
+def test_ppo_policy_loss_at_ratio_one():
+    logprobs = torch.tensor([[-1.0, -2.0]])
+    loss, stats = ppo_policy_loss(logprobs, logprobs, torch.tensor([[2.0, -1.0]]), torch.ones(1, 2))
+    assert torch.isclose(loss, torch.tensor(-0.5))  # mean(-A)
+    assert stats["ratio"] == 1.0 and stats["clipfrac"] == 0.0 and stats["approxkl"] == 0.0
+
+
+def test_ppo_policy_loss_at_the_clip_edges():
+    # ratios 1.5, 1.5, 0.5, 0.5 with advantages +1, -1, +1, -1 and cliprange 0.2:
+    # max(-A r, -A clip(r)) = max(-1.5, -1.2), max(1.5, 1.2), max(-0.5, -0.8), max(0.5, 0.8)
+    #                       = -1.2 (clipped), 1.5, -0.5, 0.8 (clipped)
+    old = torch.zeros(1, 4)
+    logprobs = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]])).requires_grad_()
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    loss, stats = ppo_policy_loss(logprobs, old, advantages, torch.ones(1, 4), cliprange=0.2)
+    assert torch.isclose(loss, torch.tensor((-1.2 + 1.5 - 0.5 + 0.8) / 4))
+    assert stats["clipfrac"] == 0.5
+    loss.backward()
+    assert logprobs.grad[0, 0] == 0 and logprobs.grad[0, 3] == 0  # clipped terms pass no gradient
+    assert torch.isclose(logprobs.grad[0, 1], torch.tensor(1.5 / 4))  # d(-A r)/d log r = -A r, A = -1
+
+
+def test_ppo_value_loss_by_hand():
+    # inside the clip range: 0.5 * mean((1 - 0.5)^2, (0 - 0.5)^2) = 0.125
+    loss, clipfrac = ppo_value_loss(torch.tensor([[0.1, 0.0]]), torch.zeros(1, 2), torch.tensor([[0.5, 0.5]]), torch.ones(1, 2))
+    assert torch.isclose(loss, torch.tensor(0.5 * ((0.1 - 0.5) ** 2 + 0.25) / 2)) and clipfrac == 0
+    # 0.6 from 0 clips to 0.2: max((0.6 - 1)^2, (0.2 - 1)^2) = 0.64 -> 0.32
+    loss, clipfrac = ppo_value_loss(torch.tensor([[0.6]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), cliprange_value=0.2)
+    assert torch.isclose(loss, torch.tensor(0.32)) and clipfrac == 1.0

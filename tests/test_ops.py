@@ -3,7 +3,7 @@
 import torch
 
 from lit_rlhf.data import IGNORE_INDEX
-from lit_rlhf.ops import completion_logps, selective_log_softmax
+from lit_rlhf.ops import completion_logps, gae, kl_penalty, masked_whiten, selective_log_softmax, truncate_after_eos
 
 
 def test_selective_log_softmax_matches_log_softmax_gather():
@@ -29,3 +29,42 @@ def test_prompt_and_padding_positions_get_no_gradient():
     predicts_completion[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # logits at t score the token at t + 1
     assert (logits.grad[~predicts_completion] == 0).all()
     assert (logits.grad[predicts_completion].abs().sum(-1) > 0).all()
+
+
+def test_gae_by_hand():
+    # gamma 0.9, lam 0.95: A1 = 2 - 1 = 1; A0 = (1 + 0.9 * 1 - 0.5) + 0.9 * 0.95 * 1 = 2.255
+    advantages, returns = gae(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 1.0]]), torch.ones(1, 2), gamma=0.9, lam=0.95)
+    assert torch.allclose(advantages, torch.tensor([[2.255, 1.0]]))
+    assert torch.allclose(returns, torch.tensor([[2.755, 2.0]]))
+
+
+def test_gae_stops_at_the_last_real_token():
+    # mask cuts position 2 (its value 9 must not leak back); gamma 1, lam 0.5:
+    # A1 = 1 + 0 - 0.5 = 0.5; A0 = (0 + 0.5 - 0.5) + 0.5 * 0.5 = 0.25
+    advantages, returns = gae(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.5, 0.5, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]]), gamma=1.0, lam=0.5)
+    assert torch.allclose(advantages, torch.tensor([[0.25, 0.5, 0.0]]))
+    assert torch.allclose(returns, torch.tensor([[0.75, 1.0, 0.0]]))
+
+
+def test_masked_whiten_by_hand():
+    # masked values 1, 2, 3: mean 2, unbiased variance (1 + 0 + 1) / 2 = 1
+    x, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert torch.allclose(masked_whiten(x, mask)[:, :3], torch.tensor([[-1.0, 0.0, 1.0]]), atol=1e-6)
+    assert torch.allclose(masked_whiten(x, mask, shift_mean=False)[:, :3], torch.tensor([[1.0, 2.0, 3.0]]), atol=1e-6)
+
+
+def test_kl_estimators_by_hand():
+    logprobs, ref_logprobs = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-2.0, -1.0]])
+    assert torch.allclose(kl_penalty(logprobs, ref_logprobs, "k1"), torch.tensor([[1.0, -1.0]]))
+    # k3 = r - 1 - log r with r = q / p: e^-1 - 1 + 1 = 0.367879; e - 1 - 1 = 0.718282
+    assert torch.allclose(kl_penalty(logprobs, ref_logprobs, "k3"), torch.tensor([[0.367879, 0.718282]]), atol=1e-6)
+    assert torch.equal(kl_penalty(logprobs, logprobs, "k3"), torch.zeros(1, 2))
+
+
+def test_truncate_after_first_eos():
+    EOS = PAD = 9
+    responses = torch.tensor([[5, EOS, 7, EOS], [5, 6, 7, 8], [EOS, 1, 2, 3]])
+    cut, mask, contains_eos = truncate_after_eos(responses, eos_id=EOS, pad_id=PAD)
+    assert cut.tolist() == [[5, EOS, PAD, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert contains_eos.tolist() == [True, False, True]

@@ -1,0 +1,95 @@
+"""PPO module: the first update is on-policy, EOS handling, a toy task it must learn, resume."""
+
+import types
+
+import pytest
+import torch
+
+import lit_rlhf.ppo
+from lit_rlhf.cli import cli
+from lit_rlhf.data import PreferenceDataModule
+from lit_rlhf.ppo import PPOModule
+
+
+def ppo_args(model_dir, reward_dir, dataset, *extra):
+    return [
+        "--model", "lit_rlhf.ppo.PPOModule", "--model.model_name_or_path", model_dir,
+        "--model.reward_model_path", reward_dir, "--model.response_length", "8",
+        "--data.dataset", str(dataset), "--data.mode", "prompts", "--data.max_length", "64",
+        "--data.max_prompt_length", "32", "--data.val_size", "4", "--data.batch_size", "8",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prompt_batch(tiny_model_dir, real_rows):
+    dm = PreferenceDataModule(dataset=str(real_rows), tokenizer_name_or_path=tiny_model_dir, mode="prompts",
+                              limit=12, val_size=4, batch_size=8, max_length=64, max_prompt_length=32)  # fmt: skip
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_rollout_starts_with_zero_kl_and_penalises_missing_eos(tiny_model_dir, tiny_reward_dir, prompt_batch, lora_r):
+    module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, response_length=8,
+                       missing_eos_penalty=2.0, lora_r=lora_r)  # fmt: skip
+    module.score = types.MethodType(lambda self, seq, mask, P: torch.zeros(len(seq)), module)
+    torch.manual_seed(0)
+    rollout = module.compute_advantages(module.rollout(prompt_batch))
+    assert (module.ref_model is None) == bool(lora_r)
+    assert torch.equal(rollout["kl"], torch.zeros_like(rollout["kl"]))  # policy == reference
+    assert torch.equal(rollout["scores"], -2.0 * (~rollout["contains_eos"]).float())
+    assert (~rollout["contains_eos"]).any()  # 8 random tokens rarely end in EOS: the penalty is exercised
+    responses = rollout["sequences"][:, prompt_batch["input_ids"].shape[1] :]
+    assert ((responses == module.tokenizer.pad_token_id) | rollout["response_mask"].bool()).all()
+
+
+def test_first_minibatch_of_first_update_is_on_policy(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    original = lit_rlhf.ppo.ppo_policy_loss
+    monkeypatch.setattr(lit_rlhf.ppo, "ppo_policy_loss", lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
+    run = cli(["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "12", "--model.ppo_epochs", "2",
+               "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-2", "--trainer.limit_train_batches", "1")])  # fmt: skip
+    assert run.trainer.callback_metrics["objective/kl"] == 0.0
+    _, first = calls[0]
+    assert first["ratio"].item() == pytest.approx(1.0, abs=1e-6) and first["approxkl"].item() < 1e-10
+    assert first["clipfrac"] == 0.0
+    _, later = calls[-1]  # second epoch, after an optimizer step with a large learning rate
+    assert abs(later["ratio"].item() - 1.0) > 1e-4
+    assert run.trainer.global_step == 2  # ppo_epochs x num_minibatches optimizer steps
+
+
+def test_toy_reward_is_learned(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    """Reward = share of response tokens that are ASCII bytes (ids < 128): about 0.5 at random init."""
+    monkeypatch.chdir(tmp_path)
+    run = cli(ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "164", "--data.batch_size", "16",
+                       "--model.learning_rate", "1e-2", "--model.kl_coef", "0.01", "--model.temperature", "1.0",
+                       "--model.gradient_accumulation_steps", "1", "--model.ppo_epochs", "4", "--seed_everything", "0"), run=False)  # fmt: skip
+    scores = []
+
+    def toy_score(self, sequences, mask, context_length):
+        response, response_mask = sequences[:, context_length:], mask[:, context_length:]
+        score = ((response < 128) * response_mask).sum(1) / response_mask.sum(1)
+        scores.append(score.mean().item())
+        return score
+
+    run.model.score = types.MethodType(toy_score, run.model)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert len(scores) == 10
+    assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.15, scores
+
+
+def test_resume_from_a_mid_run_checkpoint(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "36", "--model.ppo_epochs", "1",
+            "--model.gradient_accumulation_steps", "1", "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1")]  # fmt: skip
+    cli([*args, "--trainer.max_steps", "2"])  # interrupted after 2 of 4 PPO steps
+    ckpt = tmp_path / "logs/ppo/version_0/checkpoints/epoch=0-step=1.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    assert not any(k.startswith(("ref_model.", "reward_model.")) for k in state["state_dict"])
+    assert any(k.startswith("value_model.") for k in state["state_dict"])
+    resumed = cli([*args, "--ckpt_path", str(ckpt)])
+    assert resumed.trainer.global_step == 4
+    assert resumed.model.lr_schedulers().last_epoch == 4  # the scheduler was restored, then stepped 3 more times
