@@ -13,9 +13,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lit_rlhf.base import AlignmentModule
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.errors import UserError
-from lit_rlhf import demo, smollm2
+from lit_rlhf import demo, evaluate, smollm2
 
-COMMANDS = {"fetch-smollm2": smollm2.main, "demo": demo.main}
+COMMANDS = {"evaluate": evaluate.main, "fetch-smollm2": smollm2.main, "demo": demo.main}
 
 
 class LitRLHFCLI(LightningCLI):

@@ -1,0 +1,248 @@
+"""`lit-rlhf evaluate`: compare causal LMs side by side with a reward model and held-out data.
+
+Report sections (report.md, report.json, and TensorBoard under `output_dir`):
+1. mean answer log-prob per model on the preference data's chosen answers and on an unseen
+   instruction set (default databricks/databricks-dolly-15k);
+2. greedy generations of every model on the same prompts;
+3. reward-model accuracy (chosen > rejected) and mean margin;
+4. per model: mean reward of its generations, win-rate against the first model, KL to the
+   first model on its own responses, share of responses with assistant boilerplate.
+"""
+
+import json
+import re
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from torch.utils.data import DataLoader
+
+from lit_rlhf.data import PreferenceDataModule, collate_pairs, collate_prompts, load_rows, tokenize
+from lit_rlhf.errors import UserError
+from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer, position_ids, sequence_scores
+from lit_rlhf.ops import completion_logps, selective_log_softmax, truncate_after_eos
+
+DEFAULT_PROMPTS = [
+    "What's your morning routine like?",
+    "Can you tell me about a memorable birthday or celebration you've had?",
+    "Do you have a favorite type of vacation or getaway?",
+]
+BOILERPLATE = re.compile(
+    r"as a digital ai assistant|as an ai\b|i don'?t have personal|i do not have personal|"
+    r"i'?m an artificial intelligence|i am an artificial intelligence|as a language model|as an artificial intelligence",
+    re.IGNORECASE,
+)
+
+
+def boilerplate_share(texts: list[str]) -> float:
+    """Share of `texts` with assistant boilerplate ("As an AI", "I don't have personal ...")."""
+    return sum(bool(BOILERPLATE.search(t)) for t in texts) / max(1, len(texts))
+
+
+def win_rate(scores: torch.Tensor, baseline_scores: torch.Tensor) -> float:
+    """Share of prompts where `scores` beats `baseline_scores` (ties count one half). (N,), (N,) -> float"""
+    return ((scores > baseline_scores).float() + 0.5 * (scores == baseline_scores).float()).mean().item()
+
+
+@torch.no_grad()
+def mean_answer_logprob(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
+    """Mean over rows of the mean log-prob of the answer tokens given the chat-formatted prompt.
+
+    `rows` hold token ids: `prompt` and `chosen` (the answer).
+    """
+    per_row = []
+    pairs = [dict(r, rejected=r["chosen"]) for r in rows]  # collate_pairs wants both; keep the chosen half
+    for batch in DataLoader(pairs, batch_size=batch_size, collate_fn=partial(collate_pairs, pad_id=pad_id)):
+        n = len(batch["input_ids"]) // 2
+        ids, mask, labels = batch["input_ids"][:n], batch["attention_mask"][:n], batch["labels"][:n]
+        logps = completion_logps(model(input_ids=ids, attention_mask=mask).logits, labels)  # (n,)
+        per_row.append(logps / (labels[:, 1:] != -100).sum(-1))
+    return torch.cat(per_row).mean().item()
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int) -> list[dict]:
+    """Greedy responses: for each prompt its `response` ids (cut after EOS) and text."""
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = collate_prompts([{"prompt": p} for p in prompt_ids[start : start + batch_size]], tokenizer.pad_token_id)
+        seqs = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        responses, mask, _ = truncate_after_eos(seqs[:, batch["input_ids"].shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
+        for r, m in zip(responses, mask):
+            ids = r[m.bool()].tolist()
+            out.append({"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip()})
+    return out
+
+
+@torch.no_grad()
+def response_logprob_sum(model, prompt: list[int], response: list[int]) -> float:
+    """log p(response | prompt) under `model`."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids, position_ids=position_ids(torch.ones_like(ids))).logits[:, len(prompt) - 1 : -1]
+    return selective_log_softmax(logits, ids[:, len(prompt) :]).sum().item()
+
+
+@torch.no_grad()
+def score(reward_model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """Reward-model scores of prompt + response pairs. -> (N,)"""
+    rows = [{"prompt": p, "chosen": r, "rejected": r} for p, r in zip(prompts, responses)]
+    scores = []
+    for batch in DataLoader(rows, batch_size=batch_size, collate_fn=partial(collate_pairs, pad_id=pad_id)):
+        n = len(batch["input_ids"]) // 2
+        scores.append(sequence_scores(reward_model, batch["input_ids"][:n], batch["attention_mask"][:n]))
+    return torch.cat(scores)
+
+
+def unseen_rows(dataset: str, tokenizer, limit: int, max_length: int) -> list[dict]:
+    """Instruction rows (`instruction`, optional `context`, `response`) as prompt/chosen token ids."""
+    dm = PreferenceDataModule(dataset=dataset, max_length=max_length, max_prompt_length=max_length // 2)
+    rows = []
+    for where, row in load_rows(dataset)[:limit]:
+        if not isinstance(row, dict) or not row.get("instruction") or not row.get("response"):
+            raise UserError(f"{where}: an unseen-set row needs non-empty 'instruction' and 'response'")
+        prompt = row["instruction"] + (f"\n\n{row['context']}" if row.get("context") else "")
+        rows.append(dm.encode(tokenizer, {"prompt": prompt, "chosen": row["response"], "rejected": row["response"]}, where))
+    return rows
+
+
+def evaluate(
+    models: dict[str, str],
+    reward_model: str,
+    data: dict,
+    unseen_dataset: str = "databricks/databricks-dolly-15k",
+    output_dir: str = "logs/evaluate",
+    prompts: list[str] = DEFAULT_PROMPTS,
+    num_generation_prompts: int = 32,
+    max_new_tokens: int = 128,
+    num_rows: int = 400,
+    num_logprob_rows: int = 200,
+    batch_size: int = 8,
+) -> dict:
+    """Evaluate causal LMs side by side and write report.md / report.json / TensorBoard to `output_dir`.
+
+    Args:
+        models: Name -> hub id, local folder or run folder (`logs/dpo/version_0/hf`); the first
+            is the baseline for win-rate and KL. YAML mapping, or on the command line
+            `--models '{base: PATH, dpo: PATH}'`.
+        reward_model: Reward model folder that scores generations and preference pairs.
+        data: The preference data (`--data.*`, as for training: the same flags give the same held-out split).
+        unseen_dataset: Instruction set not trained on (`instruction`, optional `context`, `response`):
+            hub id or local file.
+        output_dir: Where the report goes.
+        prompts: Prompts every model answers, listed first in the report.
+        num_generation_prompts: Prompts for reward, win-rate, KL and boilerplate: the listed ones,
+            then held-out preference prompts.
+        max_new_tokens: Greedy generation length.
+        num_rows: Held-out preference pairs for reward-model accuracy and margin.
+        num_logprob_rows: Rows of each set for the mean answer log-prob.
+        batch_size: Rows per forward pass.
+    """
+    if not models:
+        raise UserError("pass at least one model: --models '{base: HuggingFaceTB/SmolLM-135M-Instruct}'")
+    start = time.time()
+    names, baseline = list(models), next(iter(models))
+    tokenizer = load_tokenizer(models[baseline])
+    pad_id = tokenizer.pad_token_id
+    dm = PreferenceDataModule(**{**data, "tokenizer_name_or_path": models[baseline], "mode": "pairs"})
+    dm.setup("validate")
+    held_out = dm.val_rows  # rows a run with the same --data.* flags did not train on
+    listed = [tokenize(tokenizer, tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)) for p in prompts]
+    gen_prompts = listed + [r["prompt"] for r in held_out[: max(0, num_generation_prompts - len(listed))]]
+    unseen = unseen_rows(unseen_dataset, tokenizer, num_logprob_rows, dm.hparams.max_length)
+
+    rm = load_scalar_model(reward_model, pad_id).eval()
+    pairs = held_out[:num_rows]
+    chosen = score(rm, [r["prompt"] for r in pairs], [r["chosen"] for r in pairs], pad_id, batch_size)
+    rejected = score(rm, [r["prompt"] for r in pairs], [r["rejected"] for r in pairs], pad_id, batch_size)
+    report = {
+        "reward_model": {"path": reward_model, "rows": len(pairs), "accuracy": (chosen > rejected).float().mean().item(),
+                         "margin": (chosen - rejected).mean().item()},
+        "prompts": [tokenizer.decode(p) for p in gen_prompts],
+        "models": {},
+    }  # fmt: skip
+    base_model = load_causal_lm(models[baseline]).eval()
+    base_scores = None
+    for name in names:
+        model = base_model if name == baseline else load_causal_lm(models[name]).eval()
+        gens = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size)
+        scores = score(rm, gen_prompts, [g["response"] for g in gens], pad_id, batch_size)
+        base_scores = scores if base_scores is None else base_scores
+        kl = [response_logprob_sum(model, p, g["response"]) - response_logprob_sum(base_model, p, g["response"]) for p, g in zip(gen_prompts, gens)]
+        report["models"][name] = {
+            "path": models[name],
+            "logprob_preference": mean_answer_logprob(model, held_out[:num_logprob_rows], pad_id, batch_size),
+            "logprob_unseen": mean_answer_logprob(model, unseen, pad_id, batch_size),
+            "reward": scores.mean().item(),
+            "win_rate": win_rate(scores, base_scores),
+            "kl_to_baseline": sum(kl) / len(kl),
+            "boilerplate": boilerplate_share([g["text"] for g in gens]),
+            "generations": [g["text"] for g in gens],
+        }
+        print(f"evaluated {name}: reward {report['models'][name]['reward']:.3f}", file=sys.stderr)
+    report["seconds"] = round(time.time() - start, 1)
+    write_report(report, Path(output_dir), baseline, unseen_dataset, data["dataset"])
+    return report
+
+
+def markdown(report: dict, baseline: str, unseen: str, dataset: str) -> str:
+    rm = report["reward_model"]
+    lines = [
+        "# lit-rlhf evaluation", "",
+        f"Preference data: `{dataset}` (held-out split); unseen set: `{unseen}`; reward model: `{rm['path']}`.", "",
+        "## Models", "",
+        f"| model | mean answer log-prob (preference) | mean answer log-prob (unseen) | reward | win-rate vs {baseline} | KL to {baseline} | boilerplate |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for name, m in report["models"].items():
+        lines.append(
+            f"| {name} | {m['logprob_preference']:.4f} | {m['logprob_unseen']:.4f} | {m['reward']:.3f} |"
+            f" {m['win_rate']:.2f} | {m['kl_to_baseline']:.3f} | {m['boilerplate']:.0%} |"
+        )
+    lines += [
+        "", "Reward, win-rate, KL (sequence log-ratio to the baseline on each model's own greedy responses) and",
+        f"boilerplate share are over the {len(report['prompts'])} prompts below.", "",
+        "## Reward model", "",
+        f"Accuracy (chosen > rejected) {rm['accuracy']:.1%}, mean margin {rm['margin']:.3f}, over {rm['rows']} held-out rows.", "",
+        "## Generations (greedy)", "",
+    ]  # fmt: skip
+    for i, prompt in enumerate(report["prompts"]):
+        lines += [f"### {i + 1}. {prompt.strip()}", ""]
+        lines += [f"- **{name}**: {m['generations'][i]}" for name, m in report["models"].items()] + [""]
+    lines.append(f"Evaluation took {report['seconds']:.0f} s.")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, output_dir: Path, baseline: str, unseen: str, dataset: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(report, baseline, unseen, dataset)
+    (output_dir / "report.md").write_text(text)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    with SummaryWriter(str(output_dir)) as writer:
+        writer.add_text("report", text)
+        writer.add_scalar("reward_model/accuracy", report["reward_model"]["accuracy"])
+        for name, m in report["models"].items():
+            for key in ("logprob_preference", "logprob_unseen", "reward", "win_rate", "kl_to_baseline", "boilerplate"):
+                writer.add_scalar(f"{name}/{key}", m[key])
+    print(f"report: {(output_dir / 'report.md').resolve()}")
+
+
+def main(args: Optional[list[str]] = None) -> dict:
+    parser = ArgumentParser(prog="lit-rlhf evaluate", description=__doc__.split("\n\n")[0], default_meta=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config; every key is also a flag")
+    parser.add_class_arguments(PreferenceDataModule, "data", skip={"tokenizer_name_or_path", "mode"})
+    parser.add_function_arguments(evaluate, skip={"data"})
+    cfg = parser.parse_args(args)
+    kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "data")}
+    try:
+        return evaluate(data=cfg.data.as_dict(), **kwargs)
+    except UserError as err:
+        sys.exit(f"lit-rlhf: error: {err}")

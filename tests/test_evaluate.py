@@ -1,0 +1,68 @@
+"""The evaluation report: log-prob by hand, self-comparison, boilerplate, files written."""
+
+import json
+import math
+
+import torch
+
+from lit_rlhf.cli import main
+from lit_rlhf.data import IGNORE_INDEX
+from lit_rlhf.evaluate import boilerplate_share, mean_answer_logprob, win_rate
+
+
+class UniformLM(torch.nn.Module):
+    """Logits that put 3/4 of the mass on token 1 and 1/4 on token 0 (vocab 2), everywhere."""
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        logits = torch.zeros(*input_ids.shape, 2)
+        logits[..., 1] = math.log(3.0)
+        return type("Out", (), {"logits": logits})()
+
+
+def test_mean_answer_logprob_by_hand():
+    rows = [{"prompt": [0, 0], "chosen": [1, 1]}, {"prompt": [0], "chosen": [0, 1, 1, 1]}]
+    # row 1: mean(log 3/4, log 3/4) = log 0.75; row 2: (log 1/4 + 3 log 3/4) / 4
+    expected = (math.log(0.75) + (math.log(0.25) + 3 * math.log(0.75)) / 4) / 2
+    assert math.isclose(mean_answer_logprob(UniformLM(), rows, pad_id=0, batch_size=2), expected, rel_tol=1e-5)
+    assert IGNORE_INDEX == -100
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0])) == 0.625
+
+
+def test_boilerplate_share_on_hand_made_strings():
+    texts = [
+        "As a digital AI assistant, I don't have a morning.",
+        "Oh I love pancakes! 🥞",
+        "As an AI, I cannot eat.",
+        "I don't have personal experiences, but...",
+        "Mornings are for coffee and a run.",
+    ]
+    assert boilerplate_share(texts) == 3 / 5
+    assert boilerplate_share(["Haha, said no AI ever", "Gotta stay as an aide"]) == 0.0
+
+
+def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path):
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"instruction": "Name a fish.", "context": "", "response": "Tope."},
+        {"instruction": "Summarise.", "context": "The sky is blue.", "response": "Blue sky."},
+    ]))  # fmt: skip
+    out = tmp_path / "eval"
+    report = main(["evaluate",
+        "--models", json.dumps({"base": tiny_model_dir, "same": tiny_model_dir}), "--reward_model", tiny_reward_dir,
+        "--data.dataset", str(real_rows), "--data.limit", "30", "--data.val_size", "10", "--data.max_length", "64",
+        "--data.max_prompt_length", "32", "--unseen_dataset", str(unseen), "--output_dir", str(out),
+        "--num_generation_prompts", "5", "--max_new_tokens", "6", "--num_rows", "10", "--num_logprob_rows", "4",
+    ])  # fmt: skip
+    same = report["models"]["same"]
+    assert same["win_rate"] == 0.5 and same["kl_to_baseline"] == 0.0
+    assert same["logprob_unseen"] == report["models"]["base"]["logprob_unseen"] < 0
+    assert report["reward_model"]["rows"] == 10 and 0 <= report["reward_model"]["accuracy"] <= 1
+    assert len(same["generations"]) == 5
+    text = (out / "report.md").read_text()
+    for section in ("## Models", "## Reward model", "## Generations", "What's your morning routine like?"):
+        assert section in text
+    assert json.loads((out / "report.json").read_text())["models"].keys() == {"base", "same"}
+    assert list(out.glob("events.out.tfevents.*"))
