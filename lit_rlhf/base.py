@@ -5,6 +5,7 @@ from typing import Union
 
 import lightning as L
 import torch
+import yaml
 from torch import nn
 from torchmetrics import MeanMetric
 from lightning.pytorch.utilities import rank_zero_info
@@ -108,4 +109,25 @@ class AlignmentModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
             path = export_pretrained(self.model, self.tokenizer, Path(self.trainer.log_dir) / "hf")
+            (path / "README.md").write_text(self.model_card())
             rank_zero_info(f"exported {self.algorithm} model: {path.resolve()}")
+
+    def model_card(self) -> str:
+        """README.md of the exported folder: source, data, hyperparameters, final metrics, loading snippet."""
+        dm = self.trainer.datamodule
+        data = dict(dm.hparams) if dm is not None else {}
+        metrics = {k: round(v.item(), 4) for k, v in sorted(self.trainer.callback_metrics.items()) if v.numel() == 1}
+        hparams = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        loader = "AutoModelForSequenceClassification" if self.algorithm == "reward" else "AutoModelForCausalLM"
+        return "\n".join([
+            f"# {self.algorithm} model trained with lit-rlhf", "",
+            f"- base model: `{self.hparams.model_name_or_path}`",
+            f"- data: `{data.get('dataset')}` ({len(dm.train_rows) if dm else '?'} training rows)",
+            f"- algorithm: `{type(self).__name__}`, {self.trainer.global_step} optimizer steps", "",
+            "## Hyperparameters", "", "```yaml", yaml.safe_dump({"model": hparams, "data": data}, sort_keys=False).strip(), "```", "",
+            "## Metrics at the end of training", "", *[f"- `{k}`: {v}" for k, v in metrics.items()], "",
+            "## Load", "", "```python", f"from transformers import AutoTokenizer, {loader}", "",
+            f'model = {loader}.from_pretrained("{Path(self.trainer.log_dir, "hf").resolve()}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{Path(self.trainer.log_dir, "hf").resolve()}")', "```", "",
+        ])  # fmt: skip

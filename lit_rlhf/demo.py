@@ -1,14 +1,18 @@
 """`lit-rlhf demo`: the whole pipeline offline on the real SmolLM2-135M-Instruct and the shipped rows."""
 
 import argparse
+import json
 import time
 from pathlib import Path
 
+from lit_rlhf import evaluate
 from lit_rlhf.smollm2 import DEFAULT_DIR, fetch_smollm2
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIGS = REPO / "configs" / "demo"
-SHIPPED_ROWS = Path(__file__).resolve().parent / "assets" / "human_like_dpo_1k.jsonl"
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED_ROWS = ASSETS / "human_like_dpo_1k.jsonl"
+UNSEEN_ROWS = ASSETS / "dolly_sample.jsonl"
 
 
 def fit(config: str, *flags: str) -> Path:
@@ -23,7 +27,8 @@ def main(args=None) -> None:
     parser = argparse.ArgumentParser(
         prog="lit-rlhf demo",
         description="Offline pipeline on 2 CPU cores: fetch SmolLM2-135M-Instruct, train a reward model,"
-        " then PPO and DPO policies, on the rows shipped in lit_rlhf/assets. Logs go to ./logs.",
+        " then PPO and DPO policies on the rows shipped in lit_rlhf/assets, and evaluate base / DPO / PPO"
+        " side by side. Logs and the report go to ./logs.",
     )
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_DIR, help="where the offline model is kept")
     opts = parser.parse_args(args)
@@ -31,6 +36,11 @@ def main(args=None) -> None:
     base = str(fetch_smollm2(opts.model_dir))
     data = ("--model.model_name_or_path", base, "--data.dataset", str(SHIPPED_ROWS))
     reward_model = fit("reward.yaml", *data)
+    ppo_policy = fit("ppo.yaml", *data, "--model.reward_model_path", str(reward_model))
     dpo_policy = fit("dpo.yaml", *data)
-    print(f"\nbase model: {base}\nreward model: {reward_model}\nDPO policy: {dpo_policy}")
-    print(f"demo finished in {(time.time() - start) / 60:.1f} min")
+    models = json.dumps({"base": base, "dpo": str(dpo_policy), "ppo": str(ppo_policy)})
+    evaluate.main([
+        "-c", str(DEMO_CONFIGS / "evaluate.yaml"), "--models", models, "--reward_model", str(reward_model),
+        "--data.dataset", str(SHIPPED_ROWS), "--unseen_dataset", str(UNSEEN_ROWS), "--output_dir", "logs/evaluate",
+    ])  # fmt: skip
+    print(f"demo finished in {(time.time() - start) / 60:.1f} min; report: {Path('logs/evaluate/report.md').resolve()}")

@@ -87,6 +87,8 @@ def test_fit_export_reload_same_logits(tiny_model_dir, real_rows, tmp_path, monk
     run = cli(dpo_args(tiny_model_dir, real_rows))
     ckpt = torch.load(tmp_path / "logs/dpo/version_0/checkpoints/last.ckpt", weights_only=False)
     assert not any(k.startswith("ref_model.") for k in ckpt["state_dict"])  # reloaded from source, not stored
+    card = (tmp_path / "logs/dpo/version_0/hf/README.md").read_text()
+    assert f"base model: `{tiny_model_dir}`" in card and "beta: 0.1" in card and "rewards/accuracies" in card
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "logs/dpo/version_0/hf")
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
