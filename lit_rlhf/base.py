@@ -102,6 +102,11 @@ class AlignmentModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         prefixes = tuple(f"{name}." for name in self.frozen_modules)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+        checkpoint["torch_rng_state"] = torch.get_rng_state()  # PPO sampling and shuffling continue where they stopped
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"logs and checkpoints: {Path(self.trainer.log_dir).resolve()}")

@@ -60,6 +60,11 @@ def main(args=None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "lit-rlhf commands: fit, validate, test (LightningCLI, below); evaluate (compare models);"
+            " fetch-smollm2 (offline model); demo (offline pipeline). `lit-rlhf COMMAND --help` explains each.\n"
+        )
     try:
         if {"-h", "--help"} & set(argv) and (model_class := configured_model_class(argv)):
             try:  # subclass mode hides --model.* flags from --help; print them after the rest

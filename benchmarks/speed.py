@@ -1,0 +1,74 @@
+"""Seconds per optimizer step (PPO: per PPO step), tokens/s and peak memory of one trainer on this machine.
+
+    python benchmarks/speed.py dpo --model $(lit-rlhf fetch-smollm2)
+    python benchmarks/speed.py ppo --model $(lit-rlhf fetch-smollm2) --reward-model logs/reward/version_0/hf
+    python benchmarks/speed.py reward --model $(lit-rlhf fetch-smollm2)
+
+Runs `--steps` training batches through the real Trainer (the first is a warm-up and is not
+counted) and prints one markdown table row for the README. Peak memory is the process's peak
+resident set size, models and optimizer state included. Run one benchmark at a time: two
+processes on 2 cores slow each other down many times over.
+"""
+
+import argparse
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lit_rlhf.cli import cli
+
+ROWS = Path(__file__).resolve().parents[1] / "lit_rlhf" / "assets" / "human_like_dpo_1k.jsonl"
+SETTINGS = {  # the sizes the README reports
+    "reward": ["--model", "lit_rlhf.reward.RewardModule", "--data.batch_size", "8", "--data.max_length", "512"],
+    "dpo": ["--model", "lit_rlhf.dpo.DPOModule", "--data.batch_size", "4", "--data.max_length", "512"],
+    "ppo": ["--model", "lit_rlhf.ppo.PPOModule", "--data.mode", "prompts", "--data.batch_size", "4",
+            "--model.response_length", "128", "--model.ppo_epochs", "4", "--model.gradient_accumulation_steps", "1"],
+}  # fmt: skip
+
+
+class StepTimer(L.Callback):
+    """Wall time and real (unpadded) tokens of each training batch."""
+
+    def __init__(self):
+        self.seconds, self.tokens = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seconds.append(time.perf_counter() - self.start)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("algorithm", choices=SETTINGS)
+    parser.add_argument("--model", required=True, help="causal LM folder, hub id or .gguf")
+    parser.add_argument("--reward-model", help="reward model folder (PPO)")
+    parser.add_argument("--steps", type=int, default=4, help="training batches, the first one a warm-up")
+    args = parser.parse_args()
+    flags = [*SETTINGS[args.algorithm], "--model.model_name_or_path", args.model, "--data.dataset", str(ROWS),
+             "--data.limit", "200", "--data.val_size", "8", "--trainer.limit_train_batches", str(args.steps),
+             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+             "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false", "--seed_everything", "0"]  # fmt: skip
+    if args.reward_model:
+        flags += ["--model.reward_model_path", args.reward_model]
+    run = cli(flags, run=False)
+    run.model.on_fit_end = lambda: None  # no export: only the steps are measured
+    timer = StepTimer()
+    run.trainer.callbacks.append(timer)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    seconds = statistics.median(timer.seconds[1:])
+    # PPO's batch holds prompts only; its step time is reported without a token rate
+    rate = "—" if args.algorithm == "ppo" else f"{statistics.median(timer.tokens[1:]) / seconds:.0f}"
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    setting = " ".join(SETTINGS[args.algorithm][2:])
+    print(f"| {args.algorithm} | `{setting}` | {seconds:.1f} s | {rate} | {peak_gib:.1f} GiB | torch {torch.__version__}, {torch.get_num_threads()} threads |")
+
+
+if __name__ == "__main__":
+    main()
