@@ -222,6 +222,7 @@ class PreferenceDataModule(L.LightningDataModule):
         for k in completions:
             ids[k] = ids[k][: hp.max_length - len(ids["prompt"])]
         ids["truncated"] = too_long
+        ids["prompt_text"] = prompt[-1]["content"]  # the last user turn, for reports and sample tables
         return ids
 
     def setup(self, stage: str) -> None:

@@ -21,7 +21,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data import PreferenceDataModule, collate_pairs, collate_prompts, load_rows, tokenize
+from lit_rlhf.data import PreferenceDataModule, collate_pairs, collate_prompts, load_rows, render_prompt, tokenize
 from lit_rlhf.errors import UserError
 from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer, position_ids, sequence_scores
 from lit_rlhf.ops import completion_logps, selective_log_softmax, truncate_after_eos
@@ -153,8 +153,10 @@ def evaluate(
     dm = PreferenceDataModule(**{**data, "tokenizer_name_or_path": models[baseline], "mode": "pairs"})
     dm.setup("validate")
     held_out = dm.val_rows  # rows a run with the same --data.* flags did not train on
-    listed = [tokenize(tokenizer, tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)) for p in prompts]
-    gen_prompts = listed + [r["prompt"] for r in held_out[: max(0, num_generation_prompts - len(listed))]]
+    extra = held_out[: max(0, num_generation_prompts - len(prompts))]
+    prompt_texts = prompts + [r["prompt_text"] for r in extra]
+    gen_prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": p}])) for p in prompts]
+    gen_prompts += [r["prompt"] for r in extra]
     unseen = unseen_rows(unseen_dataset, tokenizer, num_logprob_rows, dm.hparams.max_length)
 
     rm = load_scalar_model(reward_model, pad_id).eval()
@@ -164,7 +166,7 @@ def evaluate(
     report = {
         "reward_model": {"path": reward_model, "rows": len(pairs), "accuracy": (chosen > rejected).float().mean().item(),
                          "margin": (chosen - rejected).mean().item()},
-        "prompts": [tokenizer.decode(p) for p in gen_prompts],
+        "prompts": prompt_texts,
         "models": {},
     }  # fmt: skip
     base_model = load_causal_lm(models[baseline]).eval()
