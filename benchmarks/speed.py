@@ -54,7 +54,7 @@ def main() -> None:
     flags = [*SETTINGS[args.algorithm], "--model.model_name_or_path", args.model, "--data.dataset", str(ROWS),
              "--data.limit", "200", "--data.val_size", "8", "--trainer.limit_train_batches", str(args.steps),
              "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
-             "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false", "--seed_everything", "0"]  # fmt: skip
+             "--trainer.enable_progress_bar", "false", "--seed_everything", "0"]  # fmt: skip
     if args.reward_model:
         flags += ["--model.reward_model_path", args.reward_model]
     run = cli(flags, run=False)

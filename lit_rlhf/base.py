@@ -6,9 +6,9 @@ from typing import Union
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
-from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.models import export_pretrained
 
@@ -42,7 +42,8 @@ class AlignmentModule(L.LightningModule):
                 train; also the tokenizer the DataModule uses.
             learning_rate: Peak AdamW learning rate.
             weight_decay: AdamW weight decay.
-            warmup_steps: Optimizer steps of linear warmup; the rate then decays linearly to 0.
+            warmup_steps: Scheduler steps of linear warmup (optimizer steps; PPO: PPO steps); the rate
+                then decays linearly to 0.
             lora_r: LoRA rank; 0 trains all weights.
             lora_alpha: LoRA scaling numerator (scale = alpha / r).
             lora_dropout: Dropout on the LoRA input.

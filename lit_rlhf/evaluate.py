@@ -33,7 +33,7 @@ DEFAULT_PROMPTS = [
 ]
 BOILERPLATE = re.compile(
     r"as a digital ai assistant|as an ai\b|i don'?t have personal|i do not have personal|"
-    r"i'?m an artificial intelligence|i am an artificial intelligence|as a language model|as an artificial intelligence",
+    r"i'?m an artificial intelligence|i am an artificial intelligence|as a language model|as an artificial intelligence|as a chatbot",
     re.IGNORECASE,
 )
 

@@ -38,8 +38,9 @@ def test_boilerplate_share_on_hand_made_strings():
         "As an AI, I cannot eat.",
         "I don't have personal experiences, but...",
         "Mornings are for coffee and a run.",
+        "I'm sorry, but as a chatbot I can't celebrate birthdays.",
     ]
-    assert boilerplate_share(texts) == 3 / 5
+    assert boilerplate_share(texts) == 4 / 6
     assert boilerplate_share(["Haha, said no AI ever", "Gotta stay as an aide"]) == 0.0
 
 
