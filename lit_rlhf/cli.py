@@ -34,6 +34,10 @@ class LitRLHFCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+# `demo`, the tests and `--help` pass their own args on purpose
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+
+
 def cli(args=None, run: bool = True) -> LitRLHFCLI:
     return LitRLHFCLI(
         AlignmentModule,
@@ -72,7 +76,6 @@ def main(args=None) -> None:
             except SystemExit:
                 pass
             args = [a for a in argv if a not in ("-h", "--help")] + ["--model.help", model_class]
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli(args)
     except UserError as err:
         sys.exit(f"lit-rlhf: error: {err}")
