@@ -21,7 +21,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data import PreferenceDataModule, collate_pairs, collate_prompts, load_rows, render_prompt, tokenize
+from lit_rlhf.data import IGNORE_INDEX, PreferenceDataModule, collate_pairs, collate_prompts, load_rows, render_prompt, tokenize
 from lit_rlhf.errors import UserError
 from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer, position_ids, sequence_scores
 from lit_rlhf.ops import completion_logps, selective_log_softmax, truncate_after_eos
@@ -60,7 +60,7 @@ def mean_answer_logprob(model, rows: list[dict], pad_id: int, batch_size: int) -
         n = len(batch["input_ids"]) // 2
         ids, mask, labels = batch["input_ids"][:n], batch["attention_mask"][:n], batch["labels"][:n]
         logps = completion_logps(model(input_ids=ids, attention_mask=mask).logits, labels)  # (n,)
-        per_row.append(logps / (labels[:, 1:] != -100).sum(-1))
+        per_row.append(logps / (labels[:, 1:] != IGNORE_INDEX).sum(-1))
     return torch.cat(per_row).mean().item()
 
 
