@@ -129,15 +129,12 @@ def tokenize(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `[chosen; rejected]` batch.
+def collate_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + completion sequences.
 
-    Returns `input_ids`, `attention_mask`, `labels`, each (2B, T) with T the longest row;
-    rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones. `labels` holds the
-    completion tokens and IGNORE_INDEX on prompt and padding. Rows carrying precomputed
-    reference log-probs add `ref_logps` (2B,).
+    Returns `input_ids`, `attention_mask`, `labels`, each (N, T) with T the longest row; `labels`
+    holds the completion tokens and IGNORE_INDEX on prompt and padding.
     """
-    rows = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
     T = max(len(p) + len(c) for p, c in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -147,7 +144,17 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :n] = torch.tensor(prompt + completion)
         attention_mask[i, :n] = 1
         labels[i, len(prompt) : n] = torch.tensor(completion)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `[chosen; rejected]` batch (`collate_sequences` of 2B rows).
+
+    Rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones. Rows carrying
+    precomputed reference log-probs add `ref_logps` (2B,).
+    """
+    rows = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
+    batch = collate_sequences(rows, pad_id)
     if "ref_logps" in examples[0]:  # precomputed by DPO: (2B,) in the same [chosen; rejected] order
         batch["ref_logps"] = torch.tensor([e["ref_logps"][0] for e in examples] + [e["ref_logps"][1] for e in examples])
     return batch
@@ -222,7 +229,7 @@ class PreferenceDataModule(L.LightningDataModule):
         for k in completions:
             ids[k] = ids[k][: hp.max_length - len(ids["prompt"])]
         ids["truncated"] = too_long
-        ids["prompt_text"] = prompt[-1]["content"]  # the last user turn, for reports and sample tables
+        ids["prompt_text"] = prompt[-1]["content"]  # the last user turn, for the evaluation report
         return ids
 
     def setup(self, stage: str) -> None:

@@ -21,7 +21,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data import IGNORE_INDEX, PreferenceDataModule, collate_pairs, collate_prompts, load_rows, render_prompt, tokenize
+from lit_rlhf.data import IGNORE_INDEX, PreferenceDataModule, collate_prompts, collate_sequences, load_rows, render_prompt, tokenize
 from lit_rlhf.errors import UserError
 from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer, position_ids, sequence_scores
 from lit_rlhf.ops import completion_logps, selective_log_softmax, truncate_after_eos
@@ -55,10 +55,9 @@ def mean_answer_logprob(model, rows: list[dict], pad_id: int, batch_size: int) -
     `rows` hold token ids: `prompt` and `chosen` (the answer).
     """
     per_row = []
-    pairs = [dict(r, rejected=r["chosen"]) for r in rows]  # collate_pairs wants both; keep the chosen half
-    for batch in DataLoader(pairs, batch_size=batch_size, collate_fn=partial(collate_pairs, pad_id=pad_id)):
-        n = len(batch["input_ids"]) // 2
-        ids, mask, labels = batch["input_ids"][:n], batch["attention_mask"][:n], batch["labels"][:n]
+    sequences = [(r["prompt"], r["chosen"]) for r in rows]
+    for batch in DataLoader(sequences, batch_size=batch_size, collate_fn=partial(collate_sequences, pad_id=pad_id)):
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         logps = completion_logps(model(input_ids=ids, attention_mask=mask).logits, labels)  # (n,)
         per_row.append(logps / (labels[:, 1:] != IGNORE_INDEX).sum(-1))
     return torch.cat(per_row).mean().item()
@@ -92,11 +91,10 @@ def response_logprob_sum(model, prompt: list[int], response: list[int]) -> float
 @torch.no_grad()
 def score(reward_model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
     """Reward-model scores of prompt + response pairs. -> (N,)"""
-    rows = [{"prompt": p, "chosen": r, "rejected": r} for p, r in zip(prompts, responses)]
     scores = []
-    for batch in DataLoader(rows, batch_size=batch_size, collate_fn=partial(collate_pairs, pad_id=pad_id)):
-        n = len(batch["input_ids"]) // 2
-        scores.append(sequence_scores(reward_model, batch["input_ids"][:n], batch["attention_mask"][:n]))
+    sequences = list(zip(prompts, responses))
+    for batch in DataLoader(sequences, batch_size=batch_size, collate_fn=partial(collate_sequences, pad_id=pad_id)):
+        scores.append(sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"]))
     return torch.cat(scores)
 
 
