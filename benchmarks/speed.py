@@ -3,6 +3,7 @@
     python benchmarks/speed.py dpo --model $(lit-rlhf fetch-smollm2)
     python benchmarks/speed.py ppo --model $(lit-rlhf fetch-smollm2) --reward-model logs/reward/version_0/hf
     python benchmarks/speed.py reward --model $(lit-rlhf fetch-smollm2)
+    python benchmarks/speed.py dpo --model $(lit-rlhf fetch-smollm2) --model.lora_r 16   # any further flags
 
 Runs `--steps` training batches through the real Trainer (the first is a warm-up and is not
 counted) and prints one markdown table row for the README. Peak memory is the process's peak
@@ -13,6 +14,7 @@ processes on 2 cores slow each other down many times over.
 import argparse
 import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +36,7 @@ class StepTimer(L.Callback):
     """Wall time and real (unpadded) tokens of each training batch."""
 
     def __init__(self):
-        self.seconds, self.tokens = [], []
+        self.seconds, self.tokens, self.shapes = [], [], []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.start = time.perf_counter()
@@ -42,21 +44,24 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.seconds.append(time.perf_counter() - self.start)
         self.tokens.append(int(batch["attention_mask"].sum()))
+        self.shapes.append(tuple(batch["input_ids"].shape))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("algorithm", choices=SETTINGS)
     parser.add_argument("--model", required=True, help="causal LM folder, hub id or .gguf")
     parser.add_argument("--reward-model", help="reward model folder (PPO)")
     parser.add_argument("--steps", type=int, default=4, help="training batches, the first one a warm-up")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # any further lit-rlhf flags, e.g. --model.lora_r 16
     flags = [*SETTINGS[args.algorithm], "--model.model_name_or_path", args.model, "--data.dataset", str(ROWS),
              "--data.limit", "200", "--data.val_size", "8", "--trainer.limit_train_batches", str(args.steps),
+             "--trainer.max_epochs", "1", "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0",
              "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
-             "--trainer.enable_progress_bar", "false", "--seed_everything", "0"]  # fmt: skip
+             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tempfile.mkdtemp(), "--seed_everything", "0"]  # fmt: skip
     if args.reward_model:
         flags += ["--model.reward_model_path", args.reward_model]
+    flags += extra
     run = cli(flags, run=False)
     run.model.on_fit_end = lambda: None  # no export: only the steps are measured
     timer = StepTimer()
@@ -66,8 +71,10 @@ def main() -> None:
     # PPO's batch holds prompts only; its step time is reported without a token rate
     rate = "—" if args.algorithm == "ppo" else f"{statistics.median(timer.tokens[1:]) / seconds:.0f}"
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    setting = " ".join(SETTINGS[args.algorithm][2:])
-    print(f"| {args.algorithm} | `{setting}` | {seconds:.1f} s | {rate} | {peak_gib:.1f} GiB | torch {torch.__version__}, {torch.get_num_threads()} threads |")
+    setting = " ".join(SETTINGS[args.algorithm][2:] + extra)
+    lengths = [t for _, t in timer.shapes[1:]]
+    batch = f"{timer.shapes[0][0]} × {min(lengths)}–{max(lengths)}"  # rows × padded length of the timed batches
+    print(f"| {args.algorithm} | `{setting}` | {batch} | {seconds:.1f} s | {rate} | {peak_gib:.1f} GiB | torch {torch.__version__}, {torch.get_num_threads()} threads |")
 
 
 if __name__ == "__main__":

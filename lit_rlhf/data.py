@@ -129,6 +129,37 @@ def tokenize(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_row(
+    tokenizer,
+    row: dict,
+    where: str,
+    completions: tuple[str, ...],
+    max_length: int,
+    max_prompt_length: int,
+    truncation: Literal["truncate", "drop"] = "truncate",
+) -> Optional[dict]:
+    """Token ids of one row: `prompt` and each field named in `completions`; None if dropped.
+
+    Over a limit, `truncate` keeps the prompt's last `max_prompt_length` tokens and each
+    completion's first tokens up to `max_length`; `drop` returns None. The result also holds
+    `truncated` and `prompt_text` (the last user turn, for reports).
+    """
+    prompt = as_messages(row, "prompt", where, "user")
+    ids = {"prompt": tokenize(tokenizer, render_prompt(tokenizer, prompt))}
+    for k in completions:
+        completion = as_messages(row, k, where, "assistant")
+        ids[k] = tokenize(tokenizer, render_completion(tokenizer, prompt, completion))
+    too_long = len(ids["prompt"]) > max_prompt_length or any(len(ids["prompt"]) + len(ids[k]) > max_length for k in completions)
+    if too_long and truncation == "drop":
+        return None
+    ids["prompt"] = ids["prompt"][-max_prompt_length:]
+    for k in completions:
+        ids[k] = ids[k][: max_length - len(ids["prompt"])]
+    ids["truncated"] = too_long
+    ids["prompt_text"] = prompt[-1]["content"]
+    return ids
+
+
 def collate_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt + completion sequences.
 
@@ -161,14 +192,20 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompts: `input_ids`, `attention_mask`, each (B, P) with P the longest prompt."""
+    """Left-padded prompts: `input_ids`, `attention_mask`, each (B, P) with P the longest prompt.
+
+    Rows encoded by the DataModule also pass their `prompt_text` (B strings) through, for sample tables.
+    """
     P = max(len(e["prompt"]) for e in examples)
     input_ids = torch.full((len(examples), P), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), P), dtype=torch.long)
     for i, e in enumerate(examples):
         input_ids[i, P - len(e["prompt"]) :] = torch.tensor(e["prompt"])
         attention_mask[i, P - len(e["prompt"]) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "prompt_text" in examples[0]:
+        batch["prompt_text"] = [e["prompt_text"] for e in examples]
+    return batch
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -212,25 +249,10 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_rows: list[dict] = []
 
     def encode(self, tokenizer, row: dict, where: str) -> Optional[dict]:
-        """Token ids of one row (`prompt`, and `chosen`/`rejected` in pairs mode); None if dropped."""
+        """Token ids of one row under this DataModule's mode and length limits; None if dropped."""
         hp = self.hparams
-        prompt = as_messages(row, "prompt", where, "user")
-        completions = [] if hp.mode == "prompts" else ["chosen", "rejected"]
-        ids = {"prompt": tokenize(tokenizer, render_prompt(tokenizer, prompt))}
-        for k in completions:
-            completion = as_messages(row, k, where, "assistant")
-            ids[k] = tokenize(tokenizer, render_completion(tokenizer, prompt, completion))
-        too_long = len(ids["prompt"]) > hp.max_prompt_length or any(
-            len(ids["prompt"]) + len(ids[k]) > hp.max_length for k in completions
-        )
-        if too_long and hp.truncation == "drop":
-            return None
-        ids["prompt"] = ids["prompt"][-hp.max_prompt_length :]
-        for k in completions:
-            ids[k] = ids[k][: hp.max_length - len(ids["prompt"])]
-        ids["truncated"] = too_long
-        ids["prompt_text"] = prompt[-1]["content"]  # the last user turn, for the evaluation report
-        return ids
+        completions = () if hp.mode == "prompts" else ("chosen", "rejected")
+        return encode_row(tokenizer, row, where, completions, hp.max_length, hp.max_prompt_length, hp.truncation)
 
     def setup(self, stage: str) -> None:
         if self.train_rows:

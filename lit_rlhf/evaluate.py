@@ -21,7 +21,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data import IGNORE_INDEX, PreferenceDataModule, collate_prompts, collate_sequences, load_rows, render_prompt, tokenize
+from lit_rlhf.data import IGNORE_INDEX, PreferenceDataModule, collate_prompts, collate_sequences, encode_row, load_rows, render_prompt, tokenize
 from lit_rlhf.errors import UserError
 from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer, position_ids, sequence_scores
 from lit_rlhf.ops import completion_logps, selective_log_softmax, truncate_after_eos
@@ -100,13 +100,12 @@ def score(reward_model, prompts: list[list[int]], responses: list[list[int]], pa
 
 def unseen_rows(dataset: str, tokenizer, limit: int, max_length: int) -> list[dict]:
     """Instruction rows (`instruction`, optional `context`, `response`) as prompt/chosen token ids."""
-    dm = PreferenceDataModule(dataset=dataset, max_length=max_length, max_prompt_length=max_length // 2)
     rows = []
     for where, row in load_rows(dataset)[:limit]:
         if not isinstance(row, dict) or not row.get("instruction") or not row.get("response"):
             raise UserError(f"{where}: an unseen-set row needs non-empty 'instruction' and 'response'")
         prompt = row["instruction"] + (f"\n\n{row['context']}" if row.get("context") else "")
-        rows.append(dm.encode(tokenizer, {"prompt": prompt, "chosen": row["response"], "rejected": row["response"]}, where))
+        rows.append(encode_row(tokenizer, {"prompt": prompt, "chosen": row["response"]}, where, ("chosen",), max_length, max_length // 2))
     return rows
 
 

@@ -222,17 +222,17 @@ class PPOModule(AlignmentModule):
         }
         self.log_stats(stats, "train", batch_size=len(scores))
         if batch_idx % self.hparams.sample_every_n_steps == 0:
-            self.log_samples(rollout)
+            self.log_samples(batch["prompt_text"], rollout)
 
-    def log_samples(self, rollout: Rollout) -> None:
-        """A markdown table of prompt / response / score in TensorBoard's Text tab."""
+    def log_samples(self, prompt_texts: list[str], rollout: Rollout) -> None:
+        """A markdown table of the user's prompt / response / score in TensorBoard's Text tab."""
         if not isinstance(self.logger, TensorBoardLogger):
             return
         P = rollout["sequences"].shape[1] - rollout["response_mask"].shape[1]
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).replace("\n", " ").replace("|", "\\|")  # noqa: E731
+        cell = lambda text: text.replace("\n", " ").replace("|", "\\|")  # noqa: E731
         rows = [
-            f"| {decode(seq[:P])} | {decode(seq[P:])} | {score:.3f} |"
-            for seq, score in zip(rollout["sequences"][:8].tolist(), rollout["scores"][:8].tolist())
+            f"| {cell(prompt)} | {cell(self.tokenizer.decode(seq[P:], skip_special_tokens=True))} | {score:.3f} |"
+            for prompt, seq, score in zip(prompt_texts[:8], rollout["sequences"][:8].tolist(), rollout["scores"][:8].tolist())
         ]
         table = "\n".join(["| prompt | response | score |", "| --- | --- | --- |", *rows])
         self.logger.experiment.add_text("samples", table, self.global_step)

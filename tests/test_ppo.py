@@ -7,7 +7,7 @@ import torch
 
 import lit_rlhf.ppo
 from lit_rlhf.cli import cli
-from lit_rlhf.data import PreferenceDataModule
+from lit_rlhf.data import PreferenceDataModule, load_rows
 from lit_rlhf.ppo import PPOModule
 
 
@@ -93,3 +93,16 @@ def test_resume_from_a_mid_run_checkpoint(tiny_model_dir, tiny_reward_dir, real_
     resumed = cli([*args, "--ckpt_path", str(ckpt)])
     assert resumed.trainer.global_step == 4
     assert resumed.model.lr_schedulers().last_epoch == 4  # the scheduler was restored, then stepped 3 more times
+
+
+def test_sample_table_shows_the_users_prompt(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "12", "--model.ppo_epochs", "1",
+         "--trainer.limit_train_batches", "1")])  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "logs/ppo/version_0"), size_guidance={"tensors": 0}).Reload()
+    table = events.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    user_prompts = {row["prompt"].replace("\n", " ").replace("|", "\\|") for _, row in load_rows(str(real_rows))[:12]}
+    first_cells = [line.split(" | ")[0].removeprefix("| ") for line in table.split("\n")[2:]]
+    assert len(first_cells) == 8 and set(first_cells) <= user_prompts  # no chat template, no system turn
