@@ -23,6 +23,8 @@ class AlignmentModule(L.LightningModule):
     progress_bar_metrics: tuple[str, ...] = ("loss",)
     #: submodules reloaded from their source on resume instead of being written into checkpoints
     frozen_modules: tuple[str, ...] = ()
+    #: submodules the optimizer trains (gradient checkpointing applies to these)
+    trained_modules: tuple[str, ...] = ("model",)
 
     def __init__(
         self,
@@ -34,6 +36,7 @@ class AlignmentModule(L.LightningModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         lora_target_modules: Union[str, list[str]] = "all-linear",
+        gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
     ):
         """
@@ -48,6 +51,8 @@ class AlignmentModule(L.LightningModule):
             lora_alpha: LoRA scaling numerator (scale = alpha / r).
             lora_dropout: Dropout on the LoRA input.
             lora_target_modules: Module names that get adapters, or "all-linear".
+            gradient_checkpointing: Recompute each layer's activations in the backward pass instead of
+                keeping them: less memory for about one more forward pass of compute.
             trust_remote_code: Run model code shipped with the checkpoint (off unless you trust it).
         """
         super().__init__()
@@ -111,6 +116,11 @@ class AlignmentModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"logs and checkpoints: {Path(self.trainer.log_dir).resolve()}")
+        if self.hparams.gradient_checkpointing:
+            for name in self.trained_modules:
+                module = getattr(self, name)
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                module.train()  # transformers checkpoints in train mode only; dropout is 0, outputs are unchanged
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:

@@ -23,6 +23,8 @@ class LitRLHFCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name_or_path")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        # one pass over the data, as the published recipes train (Lightning's own default is 1000 epochs)
+        parser.set_defaults({"trainer.max_epochs": 1})
         # no_grad rather than inference_mode in evaluation: validation metrics can then also be
         # updated by a later `fit` in the same process (inference tensors refuse in-place updates)
         parser.set_defaults({"trainer.inference_mode": False})

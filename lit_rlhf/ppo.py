@@ -35,6 +35,7 @@ class PPOModule(AlignmentModule):
     algorithm = "ppo"
     progress_bar_metrics = ("objective/scores", "objective/kl")
     frozen_modules = ("ref_model", "reward_model")
+    trained_modules = ("model", "value_model")
 
     def __init__(
         self,

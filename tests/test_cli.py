@@ -56,3 +56,9 @@ def test_help_documents_every_flag(config, capsys):
         assert f"--data.{name}" in out, name
     assert "Peak AdamW learning rate" in out and "LoRA rank; 0 trains all weights" in out
     assert "--trainer.max_epochs" in out
+
+
+def test_without_a_config_fit_runs_one_epoch(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "lit_rlhf.dpo.DPOModule", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_epochs"] == 1

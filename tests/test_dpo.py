@@ -113,3 +113,21 @@ def test_lora_trains_adapter_leaves_base_identical_and_exports_merged(tiny_model
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, run.model.model(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [[], ["--model.lora_r", "4"]])
+def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tiny_model_dir, real_rows, tmp_path, monkeypatch, lora):
+    monkeypatch.chdir(tmp_path)
+    mlp_calls, weights = [], []
+    for checkpointing in ("false", "true"):
+        run = cli(dpo_args(tiny_model_dir, real_rows, *lora, "--model.gradient_checkpointing", checkpointing, "--trainer.max_steps", "1",
+                           "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0", "--seed_everything", "0")[1:], run=False)  # fmt: skip
+        calls = []
+        mlp = next(m for name, m in run.model.model.named_modules() if name.endswith("layers.0.mlp"))
+        mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # a post-hook can miss the recompute: it stops early
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+        mlp_calls.append(len(calls))
+        weights.append({k: v.clone() for k, v in run.model.model.state_dict().items()})
+    assert mlp_calls[1] == mlp_calls[0] + 1  # the policy's layer ran again in the backward pass
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
