@@ -84,6 +84,7 @@ def load_scalar_model(source: str, pad_token_id: int, trust_remote_code: bool = 
         AutoModelForSequenceClassification, source, trust_remote_code, dtype=torch.float32, num_labels=1
     )
     model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False  # a scalar head never generates: no KV cache to build
     return disable_dropout(model)
 
 
