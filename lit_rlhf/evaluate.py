@@ -21,10 +21,10 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data import IGNORE_INDEX, PreferenceDataModule, collate_prompts, collate_sequences, encode_row, load_rows, render_prompt, tokenize
+from lit_rlhf.data import PreferenceDataModule, collate_prompts, collate_sequences, encode_row, load_rows, render_prompt, tokenize
 from lit_rlhf.errors import UserError
-from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer, position_ids, sequence_scores
-from lit_rlhf.ops import completion_logps, selective_log_softmax, truncate_after_eos
+from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
+from lit_rlhf.ops import completion_logps, truncate_after_eos
 
 DEFAULT_PROMPTS = [
     "What's your morning routine like?",
@@ -48,19 +48,29 @@ def win_rate(scores: torch.Tensor, baseline_scores: torch.Tensor) -> float:
     return ((scores > baseline_scores).float() + 0.5 * (scores == baseline_scores).float()).mean().item()
 
 
+def sequence_batches(pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> DataLoader:
+    """(prompt, completion) token-id pairs as right-padded batches (`collate_sequences`)."""
+    return DataLoader(pairs, batch_size=batch_size, collate_fn=partial(collate_sequences, pad_id=pad_id))
+
+
 @torch.no_grad()
+def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """log p(completion | prompt) of each (prompt, completion) pair, summed over completion tokens. -> (N,)"""
+    sums = []
+    for batch in sequence_batches(pairs, pad_id, batch_size):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sums.append(completion_logps(logits, batch["labels"]))
+    return torch.cat(sums)
+
+
 def mean_answer_logprob(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
     """Mean over rows of the mean log-prob of the answer tokens given the chat-formatted prompt.
 
     `rows` hold token ids: `prompt` and `chosen` (the answer).
     """
-    per_row = []
-    sequences = [(r["prompt"], r["chosen"]) for r in rows]
-    for batch in DataLoader(sequences, batch_size=batch_size, collate_fn=partial(collate_sequences, pad_id=pad_id)):
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        logps = completion_logps(model(input_ids=ids, attention_mask=mask).logits, labels)  # (n,)
-        per_row.append(logps / (labels[:, 1:] != IGNORE_INDEX).sum(-1))
-    return torch.cat(per_row).mean().item()
+    pairs = [(r["prompt"], r["chosen"]) for r in rows]
+    lengths = torch.tensor([len(answer) for _, answer in pairs])
+    return (completion_logprobs(model, pairs, pad_id, batch_size) / lengths).mean().item()
 
 
 @torch.no_grad()
@@ -81,19 +91,10 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
 
 
 @torch.no_grad()
-def response_logprob_sum(model, prompt: list[int], response: list[int]) -> float:
-    """log p(response | prompt) under `model`."""
-    ids = torch.tensor([prompt + response])
-    logits = model(input_ids=ids, position_ids=position_ids(torch.ones_like(ids))).logits[:, len(prompt) - 1 : -1]
-    return selective_log_softmax(logits, ids[:, len(prompt) :]).sum().item()
-
-
-@torch.no_grad()
 def score(reward_model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
     """Reward-model scores of prompt + response pairs. -> (N,)"""
     scores = []
-    sequences = list(zip(prompts, responses))
-    for batch in DataLoader(sequences, batch_size=batch_size, collate_fn=partial(collate_sequences, pad_id=pad_id)):
+    for batch in sequence_batches(list(zip(prompts, responses)), pad_id, batch_size):
         scores.append(sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"]))
     return torch.cat(scores)
 
@@ -173,14 +174,15 @@ def evaluate(
         gens = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size)
         scores = score(rm, gen_prompts, [g["response"] for g in gens], pad_id, batch_size)
         base_scores = scores if base_scores is None else base_scores
-        kl = [response_logprob_sum(model, p, g["response"]) - response_logprob_sum(base_model, p, g["response"]) for p, g in zip(gen_prompts, gens)]
+        answered = [(p, g["response"]) for p, g in zip(gen_prompts, gens)]
+        kl = completion_logprobs(model, answered, pad_id, batch_size) - completion_logprobs(base_model, answered, pad_id, batch_size)
         report["models"][name] = {
             "path": models[name],
             "logprob_preference": mean_answer_logprob(model, held_out[:num_logprob_rows], pad_id, batch_size),
             "logprob_unseen": mean_answer_logprob(model, unseen, pad_id, batch_size),
             "reward": scores.mean().item(),
             "win_rate": win_rate(scores, base_scores),
-            "kl_to_baseline": sum(kl) / len(kl),
+            "kl_to_baseline": kl.mean().item(),
             "boilerplate": boilerplate_share([g["text"] for g in gens]),
             "generations": [g["text"] for g in gens],
         }
