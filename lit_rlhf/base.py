@@ -124,17 +124,16 @@ class AlignmentModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
-            path = export_pretrained(self.model, self.tokenizer, Path(self.trainer.log_dir) / "hf")
-            (path / "README.md").write_text(self.model_card())
+            path = export_pretrained(self.model, self.tokenizer, Path(self.trainer.log_dir) / "hf").resolve()
+            (path / "README.md").write_text(self.model_card(path))
             rank_zero_info(f"exported {self.algorithm} model: {path.resolve()}")
 
-    def model_card(self) -> str:
-        """README.md of the exported folder: source, data, hyperparameters, final metrics, loading snippet."""
+    def model_card(self, path: Path) -> str:
+        """README.md of the exported folder `path`: source, data, hyperparameters, final metrics, loading snippet."""
         dm = self.trainer.datamodule
-        data = dict(dm.hparams) if dm is not None else {}
+        data = {k: v for k, v in (dm.hparams if dm is not None else {}).items() if not k.startswith("_")}
         metrics = {k: round(v.item(), 4) for k, v in sorted(self.trainer.callback_metrics.items()) if v.numel() == 1}
         hparams = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
-        data = {k: v for k, v in data.items() if not k.startswith("_")}
         loader = "AutoModelForSequenceClassification" if self.algorithm == "reward" else "AutoModelForCausalLM"
         return "\n".join([
             f"# {self.algorithm} model trained with lit-rlhf", "",
@@ -144,6 +143,6 @@ class AlignmentModule(L.LightningModule):
             "## Hyperparameters", "", "```yaml", yaml.safe_dump({"model": hparams, "data": data}, sort_keys=False).strip(), "```", "",
             "## Metrics at the end of training", "", *[f"- `{k}`: {v}" for k, v in metrics.items()], "",
             "## Load", "", "```python", f"from transformers import AutoTokenizer, {loader}", "",
-            f'model = {loader}.from_pretrained("{Path(self.trainer.log_dir, "hf").resolve()}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{Path(self.trainer.log_dir, "hf").resolve()}")', "```", "",
+            f'model = {loader}.from_pretrained("{path}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", "",
         ])  # fmt: skip
