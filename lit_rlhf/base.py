@@ -1,5 +1,6 @@
 """What the three trainers share: the policy/reward source, LoRA flags, optimizer, export."""
 
+from functools import partial
 from pathlib import Path
 from typing import Union
 
@@ -11,6 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_rlhf.models import export_pretrained
+from lit_rlhf.ops import linear_warmup_decay
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM-135M-Instruct"
 
@@ -97,11 +99,8 @@ class AlignmentModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        total, warmup = max(1, int(self.trainer.estimated_stepping_batches)), self.hparams.warmup_steps
-
-        def schedule(step: int) -> float:
-            return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
-
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = partial(linear_warmup_decay, warmup_steps=self.hparams.warmup_steps, total_steps=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,10 +1,6 @@
-"""`lit-rlhf`: LightningCLI for training (fit/validate/test) plus the offline helpers."""
+"""The trainer entry: LightningCLI over the alignment modules and the preference DataModule."""
 
-import sys
 import warnings
-from pathlib import Path
-
-import yaml
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -12,10 +8,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_rlhf.base import AlignmentModule
 from lit_rlhf.data import PreferenceDataModule
-from lit_rlhf.errors import UserError
-from lit_rlhf import demo, evaluate, smollm2
-
-COMMANDS = {"evaluate": evaluate.main, "fetch-smollm2": smollm2.main, "demo": demo.main}
 
 
 class LitRLHFCLI(LightningCLI):
@@ -41,6 +33,7 @@ warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 
 
 def cli(args=None, run: bool = True) -> LitRLHFCLI:
+    """`lit-rlhf fit|validate|test ...` in-process; `run=False` builds the trainer, model and data only."""
     return LitRLHFCLI(
         AlignmentModule,
         PreferenceDataModule,
@@ -50,38 +43,3 @@ def cli(args=None, run: bool = True) -> LitRLHFCLI:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
     )
-
-
-def configured_model_class(args: list[str]):
-    """The `model.class_path` of the last `-c/--config` file in `args` that names one."""
-    found = None
-    for flag, value in zip(args, args[1:]):
-        if flag in ("-c", "--config") and Path(value).is_file():
-            model = (yaml.safe_load(Path(value).read_text()) or {}).get("model")
-            found = model.get("class_path", found) if isinstance(model, dict) else found
-    return found
-
-
-def main(args=None) -> None:
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] in COMMANDS:
-        return COMMANDS[argv[0]](argv[1:])
-    if not argv or argv[0] in ("-h", "--help"):
-        print(
-            "lit-rlhf commands: fit, validate, test (LightningCLI, below); evaluate (compare models);"
-            " fetch-smollm2 (offline model); demo (offline pipeline). `lit-rlhf COMMAND --help` explains each.\n"
-        )
-    try:
-        if {"-h", "--help"} & set(argv) and (model_class := configured_model_class(argv)):
-            try:  # subclass mode hides --model.* flags from --help; print them after the rest
-                cli(args)
-            except SystemExit:
-                pass
-            args = [a for a in argv if a not in ("-h", "--help")] + ["--model.help", model_class]
-        cli(args)
-    except UserError as err:
-        sys.exit(f"lit-rlhf: error: {err}")
-
-
-if __name__ == "__main__":
-    main()

@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 
 from lit_rlhf.errors import UserError
 from lit_rlhf.models import load_tokenizer
+from lit_rlhf.ops import IGNORE_INDEX
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
 
 
 def _read_file(path: Path) -> list[dict]:
@@ -181,13 +181,14 @@ def collate_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int) -> d
 def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `[chosen; rejected]` batch (`collate_sequences` of 2B rows).
 
-    Rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones. Rows carrying
-    precomputed reference log-probs add `ref_logps` (2B,).
+    Rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones. Rows encoded by the
+    DataModule also pass their `index` (B,) through: their position in the dataset, which lets a
+    module keep per-row state (DPO's precomputed reference log-probs).
     """
     rows = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
     batch = collate_sequences(rows, pad_id)
-    if "ref_logps" in examples[0]:  # precomputed by DPO: (2B,) in the same [chosen; rejected] order
-        batch["ref_logps"] = torch.tensor([e["ref_logps"][0] for e in examples] + [e["ref_logps"][1] for e in examples])
+    if "index" in examples[0]:
+        batch["index"] = torch.tensor([e["index"] for e in examples])
     return batch
 
 
@@ -247,6 +248,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
+        self.num_rows = 0  # rows kept before the split: every row's `index` is below it
 
     def encode(self, tokenizer, row: dict, where: str) -> Optional[dict]:
         """Token ids of one row under this DataModule's mode and length limits; None if dropped."""
@@ -265,7 +267,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
         rows = load_rows(hp.dataset)[: hp.limit]
         encoded = [self.encode(self.tokenizer, row, where) for where, row in rows]
-        kept = [e for e in encoded if e is not None]
+        kept = [dict(e, index=i) for i, e in enumerate(e for e in encoded if e is not None)]
         rank_zero_info(
             f"{hp.dataset}: {len(rows)} rows, {sum(e['truncated'] for e in kept)} truncated,"
             f" {len(rows) - len(kept)} dropped (truncation={hp.truncation}, max_length={hp.max_length},"
@@ -273,6 +275,7 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         if len(kept) <= hp.val_size:
             raise UserError(f"{hp.dataset}: {len(kept)} usable rows leave none for training with --data.val_size {hp.val_size}")
+        self.num_rows = len(kept)
         order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(hp.seed)).tolist()
         self.val_rows = [kept[i] for i in order[: hp.val_size]]
         self.train_rows = [kept[i] for i in order[hp.val_size :]]
@@ -292,3 +295,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_rows, shuffle=False)
+
+    def every_row_dataloader(self) -> DataLoader:
+        """Training then validation rows, unshuffled: for work done once per row (DPO's reference log-probs)."""
+        return self._loader(self.train_rows + self.val_rows, shuffle=False)

@@ -6,19 +6,17 @@ import time
 from pathlib import Path
 
 from lit_rlhf import evaluate
+from lit_rlhf.cli import cli
 from lit_rlhf.smollm2 import DEFAULT_DIR, fetch_smollm2
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIGS = REPO / "configs" / "demo"
+DEMO_CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"  # package data: a plain `pip install .` has them
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_ROWS = ASSETS / "human_like_dpo_1k.jsonl"
 UNSEEN_ROWS = ASSETS / "dolly_sample.jsonl"
 
 
 def fit(config: str, *flags: str) -> Path:
-    """`lit-rlhf fit -c configs/demo/<config> <flags>`; returns the exported model folder."""
-    from lit_rlhf.cli import cli
-
+    """`lit-rlhf fit -c lit_rlhf/configs/demo/<config> <flags>`; returns the exported model folder."""
     run = cli(["fit", "-c", str(DEMO_CONFIGS / config), *flags])
     return Path(run.trainer.log_dir).resolve() / "hf"
 
@@ -28,7 +26,7 @@ def main(args=None) -> None:
         prog="lit-rlhf demo",
         description="Offline pipeline on 2 CPU cores: fetch SmolLM2-135M-Instruct, train a reward model,"
         " then PPO and DPO policies on the rows shipped in lit_rlhf/assets, and evaluate base / DPO / PPO"
-        " side by side. Logs and the report go to ./logs.",
+        f" side by side. Configs: {DEMO_CONFIGS}. Logs and the report go to ./logs.",
     )
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_DIR, help="where the offline model is kept")
     opts = parser.parse_args(args)

@@ -1,17 +1,14 @@
 """DPO (Rafailov et al. 2023): the policy learns from preference pairs against a frozen reference."""
 
-from functools import partial
 from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
-from lit_rlhf.data import collate_pairs
+from lit_rlhf.forward import sequence_logps
 from lit_rlhf.losses import dpo_loss
 from lit_rlhf.models import add_lora, load_causal_lm, load_tokenizer
-from lit_rlhf.ops import completion_logps
 
 
 class DPOModule(AlignmentModule):
@@ -52,43 +49,47 @@ class DPOModule(AlignmentModule):
             self.ref_model = load_causal_lm(hp.ref_model_name_or_path or model_name_or_path, hp.trust_remote_code)
             self.ref_model.eval().requires_grad_(False)
 
-    def sequence_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed completion log-probs of every row of a pairs batch, one forward. -> (2B,)"""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
-        return completion_logps(logits, batch["labels"])
+    def setup(self, stage: str) -> None:
+        """With `precompute_ref_logps`, make room for each row's reference log-probs: an (N, 2) buffer
+        (chosen, rejected) indexed by the rows' `index`, NaN until computed, saved in checkpoints."""
+        dm = self.trainer.datamodule
+        if self.hparams.precompute_ref_logps and dm is not None and not hasattr(self, "ref_logps_cache"):
+            self.register_buffer("ref_logps_cache", torch.full((dm.num_rows, 2), float("nan"), device=self.device))
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B,) log-probs under the reference: precomputed (by row `index`) or computed now."""
+        if hasattr(self, "ref_logps_cache"):
+            return self.ref_logps_cache[batch["index"]].T.flatten()  # (B, 2) -> [chosen; rejected]
+        return self.live_reference_logps(batch)
 
     @torch.no_grad()
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(2B,) log-probs under the reference: precomputed, the frozen copy, or the adapter disabled."""
-        if "ref_logps" in batch:
-            return batch["ref_logps"]
+    def live_reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B,) log-probs under the frozen reference copy, or under the policy with its adapter disabled."""
         if self.ref_model is not None:
-            return self.sequence_logps(self.ref_model, batch)
+            return sequence_logps(self.ref_model, batch)
         with self.model.disable_adapter():
-            return self.sequence_logps(self.model, batch)
+            return sequence_logps(self.model, batch)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self.hparams.precompute_ref_logps:
-            dm = self.trainer.datamodule
-            self.precompute_reference(dm.train_rows + dm.val_rows, dm.hparams.batch_size)
+        self.on_validation_start()
 
-    def precompute_reference(self, rows: list[dict], batch_size: int = 8) -> None:
-        """Store each row's reference log-probs in the row (`ref_logps`: chosen, rejected), then free the reference."""
-        collate = partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)
-        loader = DataLoader(rows, batch_size=batch_size, collate_fn=collate)
-        done = 0
-        for batch in loader:
-            logps = self.reference_logps({k: v.to(self.device) for k, v in batch.items()}).cpu()  # (2B,)
-            chosen, rejected = logps.chunk(2)
-            for row, c, r in zip(rows[done:], chosen.tolist(), rejected.tolist()):
-                row["ref_logps"] = (c, r)
-            done += len(chosen)
+    def on_validation_start(self) -> None:
+        if hasattr(self, "ref_logps_cache"):
+            self.precompute_reference(self.trainer.datamodule.every_row_dataloader())
+
+    def precompute_reference(self, loader) -> None:
+        """Fill `ref_logps_cache` for every row of `loader` (pairs batches with `index`), then free the
+        reference model. A cache restored from a checkpoint is already complete: nothing is recomputed."""
+        if self.ref_logps_cache.isnan().any():
+            for batch in loader:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                self.ref_logps_cache[batch["index"]] = self.live_reference_logps(batch).view(2, -1).T  # (B, 2)
+            rank_zero_info(f"precomputed reference log-probs of {len(self.ref_logps_cache)} rows; reference model freed")
         self.ref_model = None
-        rank_zero_info(f"precomputed reference log-probs of {done} rows; reference model freed")
 
     def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        policy_chosen, policy_rejected = self.sequence_logps(self.model, batch).chunk(2)
+        policy_chosen, policy_rejected = sequence_logps(self.model, batch).chunk(2)
         ref_chosen, ref_rejected = self.reference_logps(batch).chunk(2)
         hp = self.hparams
         losses, chosen_rewards, rejected_rewards = dpo_loss(

@@ -5,8 +5,8 @@ Report sections (report.md, report.json, and TensorBoard under `output_dir`):
    instruction set (default databricks/databricks-dolly-15k);
 2. greedy generations of every model on the same prompts;
 3. reward-model accuracy (chosen > rejected) and mean margin;
-4. per model: mean reward of its generations, win-rate against the first model, KL to the
-   first model on its own responses, share of responses with assistant boilerplate.
+4. per model: mean reward of its generations, win-rate against the first model, greedy
+   log-ratio to the first model on its own responses, share of responses with assistant boilerplate.
 """
 
 import json
@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 
 from lit_rlhf.data import PreferenceDataModule, collate_prompts, collate_sequences, encode_row, load_rows, render_prompt, tokenize
 from lit_rlhf.errors import UserError
-from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
-from lit_rlhf.ops import completion_logps, truncate_after_eos
+from lit_rlhf.forward import sequence_logps, sequence_scores
+from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer
+from lit_rlhf.ops import truncate_after_eos
 
 DEFAULT_PROMPTS = [
     "What's your morning routine like?",
@@ -48,19 +49,12 @@ def win_rate(scores: torch.Tensor, baseline_scores: torch.Tensor) -> float:
     return ((scores > baseline_scores).float() + 0.5 * (scores == baseline_scores).float()).mean().item()
 
 
-def sequence_batches(pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> DataLoader:
-    """(prompt, completion) token-id pairs as right-padded batches (`collate_sequences`)."""
-    return DataLoader(pairs, batch_size=batch_size, collate_fn=partial(collate_sequences, pad_id=pad_id))
-
-
 @torch.no_grad()
-def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """log p(completion | prompt) of each (prompt, completion) pair, summed over completion tokens. -> (N,)"""
-    sums = []
-    for batch in sequence_batches(pairs, pad_id, batch_size):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums.append(completion_logps(logits, batch["labels"]))
-    return torch.cat(sums)
+def over_batches(fn, model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """`fn(model, batch)` (`sequence_logps` or `sequence_scores`) over (prompt, completion) token-id pairs,
+    in right-padded batches of `batch_size`. -> (N,)"""
+    loader = DataLoader(pairs, batch_size=batch_size, collate_fn=partial(collate_sequences, pad_id=pad_id))
+    return torch.cat([fn(model, batch) for batch in loader])
 
 
 def mean_answer_logprob(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
@@ -70,7 +64,7 @@ def mean_answer_logprob(model, rows: list[dict], pad_id: int, batch_size: int) -
     """
     pairs = [(r["prompt"], r["chosen"]) for r in rows]
     lengths = torch.tensor([len(answer) for _, answer in pairs])
-    return (completion_logprobs(model, pairs, pad_id, batch_size) / lengths).mean().item()
+    return (over_batches(sequence_logps, model, pairs, pad_id, batch_size) / lengths).mean().item()
 
 
 @torch.no_grad()
@@ -88,15 +82,6 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
             ids = r[m.bool()].tolist()
             out.append({"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip()})
     return out
-
-
-@torch.no_grad()
-def score(reward_model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """Reward-model scores of prompt + response pairs. -> (N,)"""
-    scores = []
-    for batch in sequence_batches(list(zip(prompts, responses)), pad_id, batch_size):
-        scores.append(sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"]))
-    return torch.cat(scores)
 
 
 def unseen_rows(dataset: str, tokenizer, limit: int, max_length: int) -> list[dict]:
@@ -127,7 +112,7 @@ def evaluate(
 
     Args:
         models: Name -> hub id, local folder or run folder (`logs/dpo/version_0/hf`); the first
-            is the baseline for win-rate and KL. YAML mapping, or on the command line
+            is the baseline for win-rate and log-ratio. YAML mapping, or on the command line
             `--models '{base: PATH, dpo: PATH}'`.
         reward_model: Reward model folder that scores generations and preference pairs.
         data: The preference data (`--data.*`, as for training: the same flags give the same held-out split).
@@ -135,7 +120,7 @@ def evaluate(
             hub id or local file.
         output_dir: Where the report goes.
         prompts: Prompts every model answers, listed first in the report.
-        num_generation_prompts: Prompts for reward, win-rate, KL and boilerplate: the listed ones,
+        num_generation_prompts: Prompts for reward, win-rate, log-ratio and boilerplate: the listed ones,
             then held-out preference prompts.
         max_new_tokens: Greedy generation length.
         num_rows: Held-out preference pairs for reward-model accuracy and margin.
@@ -159,8 +144,8 @@ def evaluate(
 
     rm = load_scalar_model(reward_model, pad_id).eval()
     pairs = held_out[:num_rows]
-    chosen = score(rm, [r["prompt"] for r in pairs], [r["chosen"] for r in pairs], pad_id, batch_size)
-    rejected = score(rm, [r["prompt"] for r in pairs], [r["rejected"] for r in pairs], pad_id, batch_size)
+    chosen = over_batches(sequence_scores, rm, [(r["prompt"], r["chosen"]) for r in pairs], pad_id, batch_size)
+    rejected = over_batches(sequence_scores, rm, [(r["prompt"], r["rejected"]) for r in pairs], pad_id, batch_size)
     report = {
         "reward_model": {"path": reward_model, "rows": len(pairs), "accuracy": (chosen > rejected).float().mean().item(),
                          "margin": (chosen - rejected).mean().item()},
@@ -172,17 +157,19 @@ def evaluate(
     for name in names:
         model = base_model if name == baseline else load_causal_lm(models[name]).eval()
         gens = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size)
-        scores = score(rm, gen_prompts, [g["response"] for g in gens], pad_id, batch_size)
-        base_scores = scores if base_scores is None else base_scores
         answered = [(p, g["response"]) for p, g in zip(gen_prompts, gens)]
-        kl = completion_logprobs(model, answered, pad_id, batch_size) - completion_logprobs(base_model, answered, pad_id, batch_size)
+        scores = over_batches(sequence_scores, rm, answered, pad_id, batch_size)
+        base_scores = scores if base_scores is None else base_scores
+        logratio = over_batches(sequence_logps, model, answered, pad_id, batch_size) - over_batches(
+            sequence_logps, base_model, answered, pad_id, batch_size
+        )  # (N,) log pi(y|x) - log pi_base(y|x) on the model's own greedy y
         report["models"][name] = {
             "path": models[name],
             "logprob_preference": mean_answer_logprob(model, held_out[:num_logprob_rows], pad_id, batch_size),
             "logprob_unseen": mean_answer_logprob(model, unseen, pad_id, batch_size),
             "reward": scores.mean().item(),
             "win_rate": win_rate(scores, base_scores),
-            "kl_to_baseline": kl.mean().item(),
+            "greedy_logratio": logratio.mean().item(),
             "boilerplate": boilerplate_share([g["text"] for g in gens]),
             "generations": [g["text"] for g in gens],
         }
@@ -198,17 +185,19 @@ def markdown(report: dict, baseline: str, unseen: str, dataset: str) -> str:
         "# lit-rlhf evaluation", "",
         f"Preference data: `{dataset}` (held-out split); unseen set: `{unseen}`; reward model: `{rm['path']}`.", "",
         "## Models", "",
-        f"| model | mean answer log-prob (preference) | mean answer log-prob (unseen) | reward | win-rate vs {baseline} | KL to {baseline} | boilerplate |",
+        f"| model | mean answer log-prob (preference) | mean answer log-prob (unseen) | reward | win-rate vs {baseline} | greedy log-ratio to {baseline} | boilerplate |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     for name, m in report["models"].items():
         lines.append(
             f"| {name} | {m['logprob_preference']:.4f} | {m['logprob_unseen']:.4f} | {m['reward']:.3f} |"
-            f" {m['win_rate']:.2f} | {m['kl_to_baseline']:.3f} | {m['boilerplate']:.0%} |"
+            f" {m['win_rate']:.2f} | {m['greedy_logratio']:.3f} | {m['boilerplate']:.0%} |"
         )
     lines += [
-        "", "Reward, win-rate, KL (sequence log-ratio to the baseline on each model's own greedy responses) and",
-        f"boilerplate share are over the {len(report['prompts'])} prompts below.", "",
+        "", "Reward, win-rate, greedy log-ratio and boilerplate share are over the"
+        f" {len(report['prompts'])} prompts below. The greedy log-ratio is `log p_model(y|x) - log p_{baseline}(y|x)`",
+        "summed over the tokens of each model's own greedy response y, averaged over prompts: a KL-like distance",
+        "that is not a KL estimate (greedy, not sampled, responses) and can be negative.", "",
         "## Reward model", "",
         f"Accuracy (chosen > rejected) {rm['accuracy']:.1%}, mean margin {rm['margin']:.3f}, over {rm['rows']} held-out rows.", "",
         "## Generations (greedy)", "",
@@ -231,7 +220,7 @@ def write_report(report: dict, output_dir: Path, baseline: str, unseen: str, dat
         writer.add_text("report", text)
         writer.add_scalar("reward_model/accuracy", report["reward_model"]["accuracy"])
         for name, m in report["models"].items():
-            for key in ("logprob_preference", "logprob_unseen", "reward", "win_rate", "kl_to_baseline", "boilerplate"):
+            for key in ("logprob_preference", "logprob_unseen", "reward", "win_rate", "greedy_logratio", "boilerplate"):
                 writer.add_scalar(f"{name}/{key}", m[key])
     print(f"report: {(output_dir / 'report.md').resolve()}")
 
@@ -243,7 +232,4 @@ def main(args: Optional[list[str]] = None) -> dict:
     parser.add_function_arguments(evaluate, skip={"data"})
     cfg = parser.parse_args(args)
     kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "data")}
-    try:
-        return evaluate(data=cfg.data.as_dict(), **kwargs)
-    except UserError as err:
-        sys.exit(f"lit-rlhf: error: {err}")
+    return evaluate(data=cfg.data.as_dict(), **kwargs)

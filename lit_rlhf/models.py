@@ -120,36 +120,3 @@ def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row, for any padding side. (B, T) -> (B,)"""
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (attention_mask * positions).argmax(-1)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 on the first real token, so left padding does not shift them. (B, T)"""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def scalar_head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The scalar head at every position of a sequence classifier. (B, T) -> (B, T)
-
-    We run the backbone and the head ourselves: transformers' own pooling finds the last
-    token as the last id != pad, which skips the real end-of-turn token when pad == EOS.
-    """
-    inner = unwrap(model)
-    backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-    ).last_hidden_state  # (B, T, H)
-    head = inner.score if hasattr(inner, "score") else inner.classifier
-    return head(hidden).squeeze(-1)  # (B, T)
-
-
-def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Reward-model score of each sequence, read at its last real token. (B, T) -> (B,)"""
-    values = scalar_head_outputs(model, input_ids, attention_mask)  # (B, T)
-    return values.gather(-1, last_token_index(attention_mask)[:, None]).squeeze(-1)
-

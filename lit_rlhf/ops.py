@@ -1,8 +1,19 @@
-"""Shared tensor math: token log-probs, masked statistics, advantages."""
+"""Shared tensor math: token log-probs, masks, masked statistics, advantages, schedules. Depends on torch only."""
 
 import torch
 
-from lit_rlhf.data import IGNORE_INDEX
+IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token, so left padding does not shift them. (B, T) -> (B, T)"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for any padding side. (B, T) -> (B,)"""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (attention_mask * positions).argmax(-1)
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -20,20 +31,25 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return picked - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
 
 
-def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the log-probs of the completion tokens of each sequence.
+def label_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of each label token given the tokens before it; 0 where the label is IGNORE_INDEX.
 
     Args:
         logits: (B, T, V) model outputs for the full sequence.
-        labels: (B, T) token ids on completion tokens, IGNORE_INDEX on prompt and padding.
+        labels: (B, T) the sequence's token ids where they are scored, IGNORE_INDEX elsewhere.
+        temperature: the logits are divided by it (sampling temperature of PPO rollouts).
 
     Returns:
-        (B,) `sum_t log p(labels_t | tokens_<t)` over completion tokens.
+        (B, T - 1): entry t is `log p(labels_{t+1} | tokens_<=t)`. Columns before the first scored
+        token of any row are not computed (they are 0), so prompts cost no log-softmax.
     """
-    labels = labels[:, 1:]  # token t is predicted by the logits at t - 1
-    mask = labels != IGNORE_INDEX
-    token_logps = selective_log_softmax(logits[:, :-1], labels.clamp(min=0))  # (B, T-1)
-    return (token_logps * mask).sum(-1)
+    labels = labels[:, 1:]  # token t + 1 is predicted by the logits at t
+    mask = labels != IGNORE_INDEX  # (B, T-1)
+    start = int(mask.any(0).int().argmax())  # first column that any row scores
+    logps = torch.zeros(labels.shape, dtype=logits.dtype, device=logits.device)
+    scored = logits[:, start:-1] / temperature  # (B, T-1-start, V)
+    logps[:, start:] = selective_log_softmax(scored, labels[:, start:].clamp(min=0)) * mask[:, start:]
+    return logps
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -116,3 +132,11 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tup
     last = torch.where(contains_eos, is_eos.int().argmax(-1), responses.shape[1] - 1)  # (B,)
     mask = (torch.arange(responses.shape[1], device=responses.device) <= last[:, None]).long()
     return responses.masked_fill(mask == 0, pad_id), mask, contains_eos
+
+
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier at scheduler step `step` (0-based): linear warmup from `1 / warmup_steps`
+    to 1 over `warmup_steps` steps, then linear decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))

@@ -17,18 +17,12 @@ from transformers import GenerationConfig
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.errors import UserError
 from lit_rlhf.losses import ppo_policy_loss, ppo_value_loss
-from lit_rlhf.models import (
-    add_lora,
-    load_causal_lm,
-    load_scalar_model,
-    load_tokenizer,
-    position_ids,
-    scalar_head_outputs,
-    sequence_scores,
-)
-from lit_rlhf.ops import gae, kl_penalty, masked_whiten, selective_log_softmax, truncate_after_eos
+from lit_rlhf.forward import sequence_scores, token_logps, token_values
+from lit_rlhf.models import add_lora, load_causal_lm, load_scalar_model, load_tokenizer
+from lit_rlhf.ops import IGNORE_INDEX, gae, kl_penalty, masked_whiten, truncate_after_eos
 
 Rollout = dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (B, P + R), prompts left-padded
 
 
 class PPOModule(AlignmentModule):
@@ -110,22 +104,20 @@ class PPOModule(AlignmentModule):
         """Rows per forward/backward: batch / (num_minibatches * gradient_accumulation_steps)."""
         return max(1, batch_size // (self.hparams.num_minibatches * self.hparams.gradient_accumulation_steps))
 
-    def response_logprobs(self, model, sequences: torch.Tensor, mask: torch.Tensor, context_length: int) -> torch.Tensor:
+    def response_logps(self, model, batch: Batch, context_length: int) -> torch.Tensor:
         """Log-probs of the response tokens under `model`, at the sampling temperature. -> (B, R)"""
-        logits = model(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask)).logits
-        logits = logits[:, context_length - 1 : -1] / self.hparams.temperature  # (B, R, V)
-        return selective_log_softmax(logits, sequences[:, context_length:])
+        return token_logps(model, batch, self.hparams.temperature)[:, context_length - 1 :]
 
-    def values(self, sequences: torch.Tensor, mask: torch.Tensor, context_length: int) -> torch.Tensor:
+    def values(self, batch: Batch, context_length: int) -> torch.Tensor:
         """V(s_t) for the state before each response token. -> (B, R)"""
-        return scalar_head_outputs(self.value_model, sequences, mask)[:, context_length - 1 : -1]
+        return token_values(self.value_model, batch)[:, context_length - 1 : -1]
 
-    def score(self, sequences: torch.Tensor, mask: torch.Tensor, context_length: int) -> torch.Tensor:
+    def score(self, batch: Batch, context_length: int) -> torch.Tensor:
         """Reward-model score of each prompt + response, read at its last real token. -> (B,)
 
         `context_length` (where responses start) is there for rewards that read the response only.
         """
-        return sequence_scores(self.reward_model, sequences, mask)
+        return sequence_scores(self.reward_model, batch)
 
     def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool = False) -> tuple[torch.Tensor, ...]:
         """Sample (or greedy-decode) responses, cut after the first EOS: responses, response_mask (B, R), contains_eos (B,)."""
@@ -141,22 +133,30 @@ class PPOModule(AlignmentModule):
         responses, response_mask, contains_eos = self.generate(prompts, prompt_mask)  # (B, R)
         sequences = torch.cat([prompts, responses], 1)  # (B, P + R)
         mask = torch.cat([prompt_mask, response_mask], 1)
+        labels = sequences.masked_fill(mask == 0, IGNORE_INDEX)
+        labels[:, :P] = IGNORE_INDEX  # only response tokens are scored
+        rollout = {"input_ids": sequences, "attention_mask": mask, "labels": labels}
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
         size = self.micro_batch_size(len(prompts))
-        for start in range(0, len(prompts), size):
-            seq, m = sequences[start : start + size], mask[start : start + size]
-            parts["logprobs"].append(self.response_logprobs(self.model, seq, m, P))
+        for micro in self.micro_batches(rollout, torch.arange(len(prompts), device=prompts.device).split(size)):
+            parts["logprobs"].append(self.response_logps(self.model, micro, P))
             if self.ref_model is None:  # LoRA: the reference is the policy without its adapter
                 with self.model.disable_adapter():
-                    parts["ref_logprobs"].append(self.response_logprobs(self.model, seq, m, P))
+                    parts["ref_logprobs"].append(self.response_logps(self.model, micro, P))
             else:
-                parts["ref_logprobs"].append(self.response_logprobs(self.ref_model, seq, m, P))
-            parts["values"].append(self.values(seq, m, P))
-            parts["scores"].append(self.score(seq, m, P))
-        rollout = {k: torch.cat(v) for k, v in parts.items()}
+                parts["ref_logprobs"].append(self.response_logps(self.ref_model, micro, P))
+            parts["values"].append(self.values(micro, P))
+            parts["scores"].append(self.score(micro, P))
+        rollout |= {k: torch.cat(v) for k, v in parts.items()}
         if self.hparams.missing_eos_penalty is not None:
             rollout["scores"] = rollout["scores"] - self.hparams.missing_eos_penalty * (~contains_eos).float()
-        return dict(rollout, sequences=sequences, mask=mask, response_mask=response_mask.float(), contains_eos=contains_eos)
+        return dict(rollout, response_mask=response_mask.float(), contains_eos=contains_eos)
+
+    @staticmethod
+    def micro_batches(rollout: Rollout, indices: tuple[torch.Tensor, ...]):
+        """The model inputs (`input_ids`, `attention_mask`, `labels`) of the rollout rows in each index tensor."""
+        for idx in indices:
+            yield {k: rollout[k][idx] for k in ("input_ids", "attention_mask", "labels")}
 
     @torch.no_grad()
     def compute_advantages(self, rollout: Rollout) -> Rollout:
@@ -181,21 +181,20 @@ class PPOModule(AlignmentModule):
         """`ppo_epochs` passes over shuffled minibatches, gradients accumulated over micro-batches."""
         hp = self.hparams
         optimizer = self.optimizers()
-        P = rollout["sequences"].shape[1] - rollout["response_mask"].shape[1]
-        B = len(rollout["sequences"])
+        P = rollout["input_ids"].shape[1] - rollout["response_mask"].shape[1]
+        B = len(rollout["input_ids"])
         mb_size, micro_size = max(1, B // hp.num_minibatches), self.micro_batch_size(B)
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(B, device=self.device)
             for start in range(0, B, mb_size):
-                minibatch = order[start : start + mb_size]
-                micro = minibatch.split(micro_size)
-                for i, idx in enumerate(micro):
+                micro = order[start : start + mb_size].split(micro_size)
+                for i, (idx, batch) in enumerate(zip(micro, self.micro_batches(rollout, micro))):
                     with self.no_backward_sync(enabled=i < len(micro) - 1):
-                        seq, m, rm = rollout["sequences"][idx], rollout["mask"][idx], rollout["response_mask"][idx]
-                        logprobs = self.response_logprobs(self.model, seq, m, P)
+                        rm = rollout["response_mask"][idx]
+                        logprobs = self.response_logps(self.model, batch, P)
                         pg_loss, pg_stats = ppo_policy_loss(logprobs, rollout["logprobs"][idx], rollout["advantages"][idx], rm, hp.cliprange)
-                        vf_loss, vf_clipfrac = ppo_value_loss(self.values(seq, m, P), rollout["values"][idx], rollout["returns"][idx], rm, hp.cliprange_value)
+                        vf_loss, vf_clipfrac = ppo_value_loss(self.values(batch, P), rollout["values"][idx], rollout["returns"][idx], rm, hp.cliprange_value)
                         self.manual_backward((pg_loss + hp.vf_coef * vf_loss) / len(micro))
                     for name, value in {"loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
                                         "policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
@@ -218,7 +217,7 @@ class PPOModule(AlignmentModule):
             "objective/non_score_reward": non_score.mean(),
             "objective/rlhf_reward": (scores + non_score).mean(),
             "objective/scores": scores.mean(),
-            "val/num_eos_tokens": rollout["contains_eos"].sum().float(),
+            "objective/eos_share": rollout["contains_eos"].float().mean(),
             "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0]),
         }
         self.log_stats(stats, "train", batch_size=len(scores))
@@ -229,11 +228,11 @@ class PPOModule(AlignmentModule):
         """A markdown table of the user's prompt / response / score in TensorBoard's Text tab."""
         if not isinstance(self.logger, TensorBoardLogger):
             return
-        P = rollout["sequences"].shape[1] - rollout["response_mask"].shape[1]
+        P = rollout["input_ids"].shape[1] - rollout["response_mask"].shape[1]
         cell = lambda text: text.replace("\n", " ").replace("|", "\\|")  # noqa: E731
         rows = [
             f"| {cell(prompt)} | {cell(self.tokenizer.decode(seq[P:], skip_special_tokens=True))} | {score:.3f} |"
-            for prompt, seq, score in zip(prompt_texts[:8], rollout["sequences"][:8].tolist(), rollout["scores"][:8].tolist())
+            for prompt, seq, score in zip(prompt_texts[:8], rollout["input_ids"][:8].tolist(), rollout["scores"][:8].tolist())
         ]
         table = "\n".join(["| prompt | response | score |", "| --- | --- | --- |", *rows])
         self.logger.experiment.add_text("samples", table, self.global_step)
@@ -243,5 +242,5 @@ class PPOModule(AlignmentModule):
         """Greedy responses to held-out prompts, scored by the reward model: `val_objective/scores`."""
         prompts, prompt_mask = batch["input_ids"], batch["attention_mask"]
         responses, response_mask, _ = self.generate(prompts, prompt_mask, greedy=True)
-        sequences, mask = torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1)
-        self.log_stats({"objective/scores": self.score(sequences, mask, prompts.shape[1]).mean()}, "val", len(prompts))
+        answered = {"input_ids": torch.cat([prompts, responses], 1), "attention_mask": torch.cat([prompt_mask, response_mask], 1)}
+        self.log_stats({"objective/scores": self.score(answered, prompts.shape[1]).mean()}, "val", len(prompts))

@@ -4,7 +4,8 @@ import torch
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.losses import reward_loss
-from lit_rlhf.models import add_lora, load_scalar_model, load_tokenizer, sequence_scores
+from lit_rlhf.forward import sequence_scores
+from lit_rlhf.models import add_lora, load_scalar_model, load_tokenizer
 
 
 class RewardModule(AlignmentModule):
@@ -27,7 +28,7 @@ class RewardModule(AlignmentModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of the chosen and of the rejected rows of a pairs batch: two (B,) tensors."""
-        scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        scores = sequence_scores(self.model, batch)  # (2B,)
         return scores.chunk(2)
 
     def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:

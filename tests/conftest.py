@@ -17,7 +17,6 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SHIPPED_ROWS = Path(__file__).parents[1] / "lit_rlhf" / "assets" / "human_like_dpo_1k.jsonl"
-SHARED_ROWS = Path(__file__).parents[2] / "shared" / "data" / "human_like_dpo" / "human_like_dpo_7162.jsonl"
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -67,8 +66,8 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
 
 @pytest.fixture(scope="session")
 def real_rows() -> Path:
-    """Real preference rows: the shared copy when it is beside the repo, else the shipped slice."""
-    return SHARED_ROWS if SHARED_ROWS.is_file() else SHIPPED_ROWS
+    """Real preference rows shipped in the package: the same data on every machine."""
+    return SHIPPED_ROWS
 
 
 @pytest.fixture(scope="session")

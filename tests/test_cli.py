@@ -1,4 +1,4 @@
-"""Every config parses; `--help` documents every flag."""
+"""Every config parses; `--help` documents every flag; `fit` without a config makes one pass."""
 
 import inspect
 from pathlib import Path
@@ -6,18 +6,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lit_rlhf import DPOModule, PPOModule, RewardModule
 from lit_rlhf.base import AlignmentModule
-from lit_rlhf.cli import main
+from lit_rlhf.cli import cli
+from lit_rlhf.commands import main
 from lit_rlhf.data import PreferenceDataModule
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+REPO = Path(__file__).parents[1]
+RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+DEMO = sorted((REPO / "lit_rlhf" / "configs" / "demo").glob("*.yaml"))  # package data
+CONFIGS = RECIPES + DEMO
 
 
 def init_params(cls) -> list[str]:
     return [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "kwargs")]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_config_parses(config, capsys):
     written = yaml.safe_load(config.read_text())
     if "model" in written:  # a training config
@@ -34,12 +39,13 @@ def test_every_config_parses(config, capsys):
             assert got[key] == value, (section, key)
 
 
-def test_configs_cover_every_algorithm():
-    names = {p.name for p in CONFIGS if p.parent.name == "configs"}
-    assert {"reward.yaml", "dpo.yaml"} <= names
+@pytest.mark.parametrize("configs", [RECIPES, DEMO], ids=["recipes", "demo"])
+def test_configs_cover_every_algorithm(configs):
+    classes = {yaml.safe_load(p.read_text()).get("model", {}).get("class_path") for p in configs}
+    assert {f"{c.__module__}.{c.__name__}" for c in (RewardModule, PPOModule, DPOModule)} <= classes
 
 
-@pytest.mark.parametrize("config", [p for p in CONFIGS if p.parent.name == "configs"], ids=lambda p: p.name)
+@pytest.mark.parametrize("config", RECIPES, ids=lambda p: p.name)
 def test_help_documents_every_flag(config, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "-c", str(config), "--help"])
@@ -58,7 +64,9 @@ def test_help_documents_every_flag(config, capsys):
     assert "--trainer.max_epochs" in out
 
 
-def test_without_a_config_fit_runs_one_epoch(capsys):
-    with pytest.raises(SystemExit):
-        main(["fit", "--model", "lit_rlhf.dpo.DPOModule", "--print_config"])
-    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_epochs"] == 1
+def test_without_a_config_fit_makes_one_pass_over_the_rows(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = cli(["fit", "--model", "lit_rlhf.reward.RewardModule", "--model.model_name_or_path", tiny_model_dir,
+               "--data.dataset", str(real_rows), "--data.limit", "14", "--data.val_size", "4", "--data.batch_size", "4",
+               "--data.max_length", "64", "--data.max_prompt_length", "32", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert run.trainer.current_epoch == 1 and run.trainer.global_step == 3  # 10 rows in batches of 4, once

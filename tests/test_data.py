@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from lit_rlhf.cli import main
-from lit_rlhf.data import IGNORE_INDEX, PreferenceDataModule, collate_pairs, collate_prompts, render_completion, render_prompt
+from lit_rlhf.commands import main
+from lit_rlhf.data import PreferenceDataModule, collate_pairs, collate_prompts, render_completion, render_prompt
 from lit_rlhf.errors import UserError
+from lit_rlhf.ops import IGNORE_INDEX
 
 EOS = PAD = 9  # pad == eos, as in SmolLM
 X = IGNORE_INDEX

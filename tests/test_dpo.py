@@ -1,6 +1,7 @@
 """DPO module: the loss at the start, reference modes, padding, LoRA, and fit -> export -> reload."""
 
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_causal_lm
 from lit_rlhf.cli import cli
-from lit_rlhf.data import PreferenceDataModule
-from lit_rlhf.dpo import DPOModule
+from lit_rlhf import DPOModule, PreferenceDataModule, sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -37,27 +37,51 @@ def step0_loss(module, batch):
         return module.shared_step(batch, "val").item()
 
 
-@pytest.mark.parametrize("mode", [{}, {"lora_r": 4}, {"precompute_ref_logps": True}])
+def with_precomputed_reference(module, datamodule):
+    """What `fit` does for `precompute_ref_logps`: make room for every row, fill it, free the reference."""
+    module.trainer = types.SimpleNamespace(datamodule=datamodule)
+    module.setup("fit")
+    module.precompute_reference(datamodule.every_row_dataloader())
+    module.trainer = None
+    return module
+
+
+@pytest.mark.parametrize("mode", [{}, {"lora_r": 4}, {"precompute_ref_logps": True}, {"precompute_ref_logps": True, "lora_r": 4}])
 def test_step0_loss_is_log_2_in_every_reference_mode(tiny_model_dir, datamodule, mode):
     module = DPOModule(model_name_or_path=tiny_model_dir, **mode)
-    rows = [dict(r) for r in datamodule.train_rows[:4]]
     if mode.get("precompute_ref_logps"):
-        module.precompute_reference(rows)
-        assert module.ref_model is None
-    batch = datamodule.train_dataloader().collate_fn(rows)
+        with_precomputed_reference(module, datamodule)
+        assert module.ref_model is None and module.ref_logps_cache.shape == (10, 2)
+        assert not module.ref_logps_cache.isnan().any()
+    batch = datamodule.train_dataloader().collate_fn(datamodule.train_rows[:4])
     assert math.isclose(step0_loss(module, batch), math.log(2), abs_tol=1e-6)
     assert module.val_metrics["val_rewards/chosen"].compute().item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_precomputed_reference_matches_live_reference(tiny_model_dir, other_model_dir, datamodule):
-    rows = [dict(r) for r in datamodule.train_rows[:4]]
     live = DPOModule(model_name_or_path=tiny_model_dir, ref_model_name_or_path=other_model_dir)
     pre = DPOModule(model_name_or_path=tiny_model_dir, ref_model_name_or_path=other_model_dir, precompute_ref_logps=True)
-    pre.precompute_reference(rows)
-    collate = datamodule.train_dataloader().collate_fn
-    live_loss, pre_loss = step0_loss(live, collate(rows)), step0_loss(pre, collate(rows))
+    with_precomputed_reference(pre, datamodule)
+    batch = datamodule.train_dataloader().collate_fn(datamodule.train_rows[2:6])
+    live_loss, pre_loss = step0_loss(live, batch), step0_loss(pre, batch)
     assert live_loss == pytest.approx(pre_loss, abs=1e-5)
     assert abs(live_loss - math.log(2)) > 1e-3  # a different reference really changes the loss
+
+
+def test_precomputed_reference_is_kept_in_checkpoints_and_not_recomputed(tiny_model_dir, other_model_dir, real_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = dpo_args(tiny_model_dir, real_rows, "--model.ref_model_name_or_path", other_model_dir, "--model.precompute_ref_logps", "true",
+                    "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1")  # fmt: skip
+    first = cli(args)
+    cache = first.model.ref_logps_cache.clone()
+    assert cache.shape == (16, 2) and not cache.isnan().any()
+    ckpt = tmp_path / "logs/dpo/version_0/checkpoints/epoch=0-step=1.ckpt"
+    assert torch.equal(torch.load(ckpt, weights_only=False)["state_dict"]["ref_logps_cache"], cache)
+    calls = []
+    monkeypatch.setattr(DPOModule, "live_reference_logps", lambda self, batch: calls.append(1))
+    resumed = cli([*args, "--ckpt_path", str(ckpt)])
+    assert calls == [] and torch.equal(resumed.model.ref_logps_cache, cache)
+    assert resumed.trainer.global_step == 3
 
 
 def test_sequence_logps_do_not_depend_on_right_padding(tiny_model_dir, datamodule):
@@ -70,7 +94,7 @@ def test_sequence_logps_do_not_depend_on_right_padding(tiny_model_dir, datamodul
         "labels": torch.cat([batch["labels"], torch.full_like(pad, -100)], 1),
     }
     with torch.no_grad():
-        assert torch.allclose(module.sequence_logps(module.model, batch), module.sequence_logps(module.model, padded), atol=1e-4)
+        assert torch.allclose(sequence_logps(module.model, batch), sequence_logps(module.model, padded), atol=1e-4)
 
 
 def dpo_args(model_dir, dataset, *extra):

@@ -3,10 +3,11 @@
 import json
 import math
 
+import pytest
 import torch
 
-from lit_rlhf.cli import main
-from lit_rlhf.evaluate import boilerplate_share, mean_answer_logprob, win_rate
+from lit_rlhf.cli import cli
+from lit_rlhf.evaluate import boilerplate_share, main, mean_answer_logprob, win_rate
 
 
 class UniformLM(torch.nn.Module):
@@ -49,16 +50,22 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
         {"instruction": "Summarise.", "context": "The sky is blue.", "response": "Blue sky."},
     ]))  # fmt: skip
     out = tmp_path / "eval"
-    report = main(["evaluate",
-        "--models", json.dumps({"base": tiny_model_dir, "same": tiny_model_dir}), "--reward_model", tiny_reward_dir,
-        "--data.dataset", str(real_rows), "--data.limit", "30", "--data.val_size", "10", "--data.max_length", "64",
-        "--data.max_prompt_length", "32", "--unseen_dataset", str(unseen), "--output_dir", str(out),
+    data = ["--data.dataset", str(real_rows), "--data.limit", "30", "--data.val_size", "10", "--data.max_length", "64",
+            "--data.max_prompt_length", "32"]  # fmt: skip
+    report = main([
+        "--models", json.dumps({"base": tiny_model_dir, "same": tiny_model_dir}), "--reward_model", tiny_reward_dir, *data,
+        "--unseen_dataset", str(unseen), "--output_dir", str(out),
         "--num_generation_prompts", "5", "--max_new_tokens", "6", "--num_rows", "10", "--num_logprob_rows", "4",
     ])  # fmt: skip
     same = report["models"]["same"]
-    assert same["win_rate"] == 0.5 and same["kl_to_baseline"] == 0.0
+    assert same["win_rate"] == 0.5 and same["greedy_logratio"] == 0.0
     assert same["logprob_unseen"] == report["models"]["base"]["logprob_unseen"] < 0
-    assert report["reward_model"]["rows"] == 10 and 0 <= report["reward_model"]["accuracy"] <= 1
+    # the reward model's accuracy on the same held-out rows, counted by the reward trainer's own validation
+    validated = cli(["validate", "--model", "lit_rlhf.reward.RewardModule", "--model.model_name_or_path", tiny_reward_dir,
+                     *data, "--data.batch_size", "10", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert report["reward_model"]["rows"] == 10
+    assert report["reward_model"]["accuracy"] == pytest.approx(validated.trainer.callback_metrics["val_accuracy"].item())
+    assert report["reward_model"]["margin"] == pytest.approx(validated.trainer.callback_metrics["val_margin"].item(), abs=1e-5)
     assert len(same["generations"]) == 5
     text = (out / "report.md").read_text()
     for section in ("## Models", "## Reward model", "## Generations", "What's your morning routine like?"):

@@ -1,9 +1,26 @@
-"""Token log-prob math."""
+"""Token log-prob math, masks, advantages and the learning-rate schedule, checked by hand."""
 
+import math
+
+import pytest
 import torch
 
-from lit_rlhf.data import IGNORE_INDEX
-from lit_rlhf.ops import completion_logps, gae, kl_penalty, masked_whiten, selective_log_softmax, truncate_after_eos
+from lit_rlhf.ops import (
+    IGNORE_INDEX,
+    gae,
+    kl_penalty,
+    label_logps,
+    last_token_index,
+    linear_warmup_decay,
+    masked_whiten,
+    position_ids,
+    selective_log_softmax,
+    truncate_after_eos,
+)
+
+
+def completion_logps(logits, labels):
+    return label_logps(logits, labels).sum(-1)
 
 
 def test_selective_log_softmax_matches_log_softmax_gather():
@@ -19,6 +36,16 @@ def test_completion_logps_by_hand():
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 0, 1]])  # completion = tokens 2 and 3
     expected = torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.75))
     assert torch.isclose(completion_logps(logits, labels), expected.unsqueeze(0)).all()
+
+
+def test_label_logps_per_token_and_at_a_temperature_by_hand():
+    # vocab 2; at t=1 the logits are (0, log 3): p(1) = 3/4, and at temperature 2, p(1) = sqrt 3 / (1 + sqrt 3)
+    logits = torch.zeros(2, 3, 2)
+    logits[:, 1, 1] = math.log(3.0)
+    labels = torch.tensor([[IGNORE_INDEX, 0, 1], [IGNORE_INDEX, IGNORE_INDEX, 1]])
+    assert torch.allclose(label_logps(logits, labels), torch.tensor([[math.log(0.5), math.log(0.75)], [0.0, math.log(0.75)]]))
+    hot = math.log(math.sqrt(3) / (1 + math.sqrt(3)))
+    assert torch.allclose(label_logps(logits, labels, temperature=2.0), torch.tensor([[math.log(0.5), hot], [0.0, hot]]))
 
 
 def test_prompt_and_padding_positions_get_no_gradient():
@@ -68,3 +95,25 @@ def test_truncate_after_first_eos():
     assert cut.tolist() == [[5, EOS, PAD, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert contains_eos.tolist() == [True, False, True]
+
+
+def test_position_ids_start_at_the_first_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+
+
+def test_last_token_index_any_padding_side():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [2, 4, 4]
+
+
+@pytest.mark.parametrize(
+    "warmup, total, expected",
+    [
+        (2, 6, [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]),  # warm up over steps 0-1, then 4 steps down to 0 at step 6
+        (0, 4, [1.0, 0.75, 0.5, 0.25, 0.0]),  # no warmup: decay from the first step
+        (3, 2, [1 / 3, 2 / 3, 1.0, 0.0]),  # warmup longer than the run: no negative rate after it
+    ],
+)
+def test_linear_warmup_decay_by_hand(warmup, total, expected):
+    assert [linear_warmup_decay(step, warmup, total) for step in range(len(expected))] == pytest.approx(expected)

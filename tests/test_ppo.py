@@ -34,15 +34,17 @@ def prompt_batch(tiny_model_dir, real_rows):
 def test_rollout_starts_with_zero_kl_and_penalises_missing_eos(tiny_model_dir, tiny_reward_dir, prompt_batch, lora_r):
     module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, response_length=8,
                        missing_eos_penalty=2.0, lora_r=lora_r)  # fmt: skip
-    module.score = types.MethodType(lambda self, seq, mask, P: torch.zeros(len(seq)), module)
+    module.score = types.MethodType(lambda self, batch, P: torch.zeros(len(batch["input_ids"])), module)
     torch.manual_seed(0)
     rollout = module.compute_advantages(module.rollout(prompt_batch))
     assert (module.ref_model is None) == bool(lora_r)
     assert torch.equal(rollout["kl"], torch.zeros_like(rollout["kl"]))  # policy == reference
     assert torch.equal(rollout["scores"], -2.0 * (~rollout["contains_eos"]).float())
     assert (~rollout["contains_eos"]).any()  # 8 random tokens rarely end in EOS: the penalty is exercised
-    responses = rollout["sequences"][:, prompt_batch["input_ids"].shape[1] :]
+    responses = rollout["input_ids"][:, prompt_batch["input_ids"].shape[1] :]
     assert ((responses == module.tokenizer.pad_token_id) | rollout["response_mask"].bool()).all()
+    scored = rollout["labels"] != -100  # exactly the response tokens up to the first EOS
+    assert torch.equal(scored, torch.cat([torch.zeros_like(prompt_batch["input_ids"]), rollout["response_mask"]], 1).bool())
 
 
 @pytest.mark.parametrize("checkpointing", ["false", "true"])
@@ -71,8 +73,8 @@ def test_toy_reward_is_learned(tiny_model_dir, tiny_reward_dir, real_rows, tmp_p
                        "--model.gradient_accumulation_steps", "1", "--model.ppo_epochs", "4", "--seed_everything", "0"), run=False)  # fmt: skip
     scores = []
 
-    def toy_score(self, sequences, mask, context_length):
-        response, response_mask = sequences[:, context_length:], mask[:, context_length:]
+    def toy_score(self, batch, context_length):
+        response, response_mask = batch["input_ids"][:, context_length:], batch["attention_mask"][:, context_length:]
         score = ((response < 128) * response_mask).sum(1) / response_mask.sum(1)
         scores.append(score.mean().item())
         return score

@@ -3,8 +3,8 @@
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from lit_rlhf import sequence_scores
 from lit_rlhf.cli import cli
-from lit_rlhf.models import sequence_scores
 
 
 def fit_args(model_dir, dataset, *extra):
@@ -24,8 +24,8 @@ def test_fit_exports_a_model_that_reloads_to_the_same_scores(tiny_model_dir, rea
     reloaded = AutoModelForSequenceClassification.from_pretrained(log_dir / "hf").eval()
     batch = next(iter(run.datamodule.val_dataloader()))
     with torch.no_grad():
-        expected = sequence_scores(run.model.model.eval(), batch["input_ids"], batch["attention_mask"])
-        got = sequence_scores(reloaded, batch["input_ids"], batch["attention_mask"])
+        expected = sequence_scores(run.model.model.eval(), batch)
+        got = sequence_scores(reloaded, batch)
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, torch.zeros_like(got))
 

@@ -1,0 +1,44 @@
+"""A model on a batch: the two quantities every trainer and the evaluation read.
+
+A batch is a dict of (B, T) tensors: `input_ids`, `attention_mask` (from lengths, so a real EOS
+that equals the pad id is kept), and for log-probs `labels` (the scored tokens, IGNORE_INDEX
+elsewhere). Either padding side works: position ids start at 0 on each row's first real token.
+"""
+
+import torch
+from torch import nn
+
+from lit_rlhf.models import unwrap
+from lit_rlhf.ops import label_logps, last_token_index, position_ids
+
+
+def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of each label token under a causal LM. -> (B, T - 1), entry t scoring token t + 1; 0 off the labels."""
+    mask = batch["attention_mask"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).logits  # (B, T, V)
+    return label_logps(logits, batch["labels"], temperature)
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`log p(completion | prompt)`: the label tokens' log-probs summed per row. -> (B,)"""
+    return token_logps(model, batch).sum(-1)
+
+
+def token_values(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The scalar head of a sequence classifier (reward or value model) at every position. -> (B, T)
+
+    We run the backbone and the head ourselves: transformers' own pooling finds the last token as
+    the last id != pad, which skips the real end-of-turn token when pad == EOS.
+    """
+    inner = unwrap(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    mask = batch["attention_mask"]
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state  # (B, T, H)
+    head = inner.score if hasattr(inner, "score") else inner.classifier
+    return head(hidden).squeeze(-1)
+
+
+def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Reward-model score of each sequence, read at its last real token. -> (B,)"""
+    values = token_values(model, batch)  # (B, T)
+    return values.gather(-1, last_token_index(batch["attention_mask"])[:, None]).squeeze(-1)
