@@ -1,6 +1,8 @@
 """Token log-prob math, masks, advantages and the learning-rate schedule, checked by hand."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,3 +119,9 @@ def test_last_token_index_any_padding_side():
 )
 def test_linear_warmup_decay_by_hand(warmup, total, expected):
     assert [linear_warmup_decay(step, warmup, total) for step in range(len(expected))] == pytest.approx(expected)
+
+
+def test_pure_math_modules_import_torch_alone():
+    code = "import sys, lit_rlhf.ops, lit_rlhf.losses; print(sorted({'transformers', 'lightning', 'lit_rlhf.data'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
