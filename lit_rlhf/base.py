@@ -2,15 +2,16 @@
 
 from functools import partial
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lit_rlhf.errors import NonFiniteError, UserError, check_ranges
 from lit_rlhf.models import export_pretrained
 from lit_rlhf.ops import linear_warmup_decay
 
@@ -27,6 +28,9 @@ class AlignmentModule(L.LightningModule):
     frozen_modules: tuple[str, ...] = ()
     #: submodules the optimizer trains (gradient checkpointing applies to these)
     trained_modules: tuple[str, ...] = ("model",)
+    #: numeric `__init__` arguments and their ranges, checked before any model is loaded (subclasses extend it)
+    flag_ranges = {"learning_rate": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0", "lora_r": ">= 0",
+                   "lora_alpha": "> 0", "lora_dropout": "in [0, 1)"}  # fmt: skip
 
     def __init__(
         self,
@@ -39,6 +43,7 @@ class AlignmentModule(L.LightningModule):
         lora_dropout: float = 0.0,
         lora_target_modules: Union[str, list[str]] = "all-linear",
         gradient_checkpointing: bool = False,
+        on_non_finite: Literal["stop", "skip"] = "stop",
         trust_remote_code: bool = False,
     ):
         """
@@ -55,19 +60,53 @@ class AlignmentModule(L.LightningModule):
             lora_target_modules: Module names that get adapters, or "all-linear".
             gradient_checkpointing: Recompute each layer's activations in the backward pass instead of
                 keeping them: less memory for about one more forward pass of compute.
+            on_non_finite: What a NaN or infinite loss, gradient, score or advantage does. `stop`: the run
+                ends with one line naming the step and batch; checkpoints written so far are kept and
+                nothing is exported. `skip`: that update is skipped and counted in `non_finite_skips`.
             trust_remote_code: Run model code shipped with the checkpoint (off unless you trust it).
         """
         super().__init__()
         self.save_hyperparameters()  # collects the subclass's arguments too
+        check_ranges("model", self.hparams, self.flag_ranges)
         self.strict_loading = False  # checkpoints leave out `frozen_modules`
         self.val_metrics = nn.ModuleDict()  # filled by log_stats
+        self.non_finite_skips = 0
 
     def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         """Loss of a batch; logs its statistics with `log_stats`."""
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.shared_step(batch, "train")
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+        loss = self.shared_step(batch, "train")
+        if not torch.isfinite(loss):
+            return self.non_finite(f"loss ({loss.item()})")  # None: Lightning skips the backward
+        return loss
+
+    def non_finite(self, what: str) -> None:
+        """Stop the run on a non-finite `what`, or with `on_non_finite=skip` count the skipped update."""
+        where = f"at step {self.global_step} (epoch {self.current_epoch}, batch {self.trainer.fit_loop.epoch_loop.batch_idx})"
+        if self.hparams.on_non_finite == "stop":
+            raise NonFiniteError(
+                f"non-finite {what} {where}; the run stopped: checkpoints written so far are kept and nothing was"
+                " exported (--model.on_non_finite skip skips such updates instead)"
+            )
+        self.non_finite_skips += 1
+        rank_zero_warn(f"non-finite {what} {where}: update skipped ({self.non_finite_skips} so far)")
+        self.log("non_finite_skips", float(self.non_finite_skips))
+
+    def gradients_are_finite(self, optimizer) -> bool:
+        """True if every gradient `optimizer` holds is finite; otherwise `non_finite` and the gradients are
+        dropped, so the step that follows leaves the weights (and AdamW's moments) untouched."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in grads):
+            return True
+        self.non_finite("gradient")
+        optimizer.zero_grad(set_to_none=True)
+        return False
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.automatic_optimization:
+            self.gradients_are_finite(optimizer)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.shared_step(batch, "val")
@@ -115,6 +154,9 @@ class AlignmentModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"logs and checkpoints: {Path(self.trainer.log_dir).resolve()}")
+        bad = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise UserError(f"{len(bad)} weight tensors hold NaN or infinite values before training (first: {bad[0]})")
         if self.hparams.gradient_checkpointing:
             for name in self.trained_modules:
                 module = getattr(self, name)
@@ -123,9 +165,9 @@ class AlignmentModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
-            path = export_pretrained(self.model, self.tokenizer, Path(self.trainer.log_dir) / "hf").resolve()
-            (path / "README.md").write_text(self.model_card(path))
-            rank_zero_info(f"exported {self.algorithm} model: {path.resolve()}")
+            path = (Path(self.trainer.log_dir) / "hf").resolve()
+            export_pretrained(self.model, self.tokenizer, path, readme=self.model_card(path))
+            rank_zero_info(f"exported {self.algorithm} model: {path}")
 
     def model_card(self, path: Path) -> str:
         """README.md of the exported folder `path`: source, data, hyperparameters, final metrics, loading snippet."""

@@ -1,5 +1,10 @@
-"""`lit-rlhf`: the console script. Training subcommands go to LightningCLI; the others are ours."""
+"""`lit-rlhf`: the console script. Training subcommands go to LightningCLI; the others are ours.
 
+Every command exits 0 on success. A failure prints one line, `lit-rlhf: error: ...`, and exits 1;
+`--debug` (anywhere on the command line) or `LIT_RLHF_DEBUG=1` shows the traceback instead.
+"""
+
+import os
 import sys
 from pathlib import Path
 
@@ -22,27 +27,55 @@ def configured_model_class(args: list[str]):
     return found
 
 
+def root_cause(err: BaseException) -> BaseException:
+    """The error a user can act on: our own UserError anywhere in the chain (the config parser wraps
+    what a class raises while it is built), else the innermost error."""
+    chain = [err]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+        chain.append(cause)
+    return next((e for e in chain if isinstance(e, UserError)), chain[-1])
+
+
+def one_line(err: BaseException) -> str:
+    cause = root_cause(err)
+    text = " ".join(str(cause).split()) or "(no message)"
+    if isinstance(cause, UserError):
+        return text
+    return f"{type(cause).__name__}: {text} (run again with --debug for the traceback)"
+
+
+def run(argv: list[str]) -> None:
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:])
+        return
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "lit-rlhf commands: fit, validate, test (LightningCLI, below); evaluate (compare models);"
+            " fetch-smollm2 (offline model); demo (offline pipeline). `lit-rlhf COMMAND --help` explains each;"
+            " --debug shows the traceback of an error.\n"
+        )
+    if {"-h", "--help"} & set(argv) and (model_class := configured_model_class(argv)):
+        try:  # subclass mode hides --model.* flags from --help; print them after the rest
+            cli(argv)
+        except SystemExit:
+            pass
+        argv = [a for a in argv if a not in ("-h", "--help")] + ["--model.help", model_class]
+    cli(argv)
+
+
 def main(args=None) -> None:
-    """Run one command; returns None on success (exit status 0), exits non-zero with one line on a user error."""
-    argv = sys.argv[1:] if args is None else args
+    """Run one command: returns None on success (exit status 0); on failure exits 1 with one line."""
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("LIT_RLHF_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     try:
-        if argv and argv[0] in COMMANDS:
-            COMMANDS[argv[0]](argv[1:])
-            return
-        if not argv or argv[0] in ("-h", "--help"):
-            print(
-                "lit-rlhf commands: fit, validate, test (LightningCLI, below); evaluate (compare models);"
-                " fetch-smollm2 (offline model); demo (offline pipeline). `lit-rlhf COMMAND --help` explains each.\n"
-            )
-        if {"-h", "--help"} & set(argv) and (model_class := configured_model_class(argv)):
-            try:  # subclass mode hides --model.* flags from --help; print them after the rest
-                cli(args)
-            except SystemExit:
-                pass
-            args = [a for a in argv if a not in ("-h", "--help")] + ["--model.help", model_class]
-        cli(args)
-    except UserError as err:
-        sys.exit(f"lit-rlhf: error: {err}")
+        run(argv)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        if debug:
+            raise
+        sys.exit(f"lit-rlhf: error: {one_line(err)}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lit_rlhf.errors import UserError
+from lit_rlhf.errors import UserError, check_ranges
+from lit_rlhf.loader import CountingDataLoader, ResumableBatchSampler
 from lit_rlhf.models import load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
 
@@ -28,11 +29,19 @@ FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv"
 ROLES = ("system", "user", "assistant")
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text (byte {err.start}: {err.reason}); re-save the file as UTF-8") from None
+
+
 def _read_file(path: Path) -> list[dict]:
     """Rows of one local file; JSON is parsed here so that errors can name the line."""
     if path.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(_read_text(path).splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -41,7 +50,7 @@ def _read_file(path: Path) -> list[dict]:
         return rows
     if path.suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(_read_text(path))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from None
         if not isinstance(rows, list):
@@ -195,7 +204,8 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts: `input_ids`, `attention_mask`, each (B, P) with P the longest prompt.
 
-    Rows encoded by the DataModule also pass their `prompt_text` (B strings) through, for sample tables.
+    Rows encoded by the DataModule also pass their `prompt_text` (B strings) through, for sample
+    tables, and their `index` (B,).
     """
     P = max(len(e["prompt"]) for e in examples)
     input_ids = torch.full((len(examples), P), pad_id, dtype=torch.long)
@@ -206,10 +216,14 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if "prompt_text" in examples[0]:
         batch["prompt_text"] = [e["prompt_text"] for e in examples]
+    if "index" in examples[0]:
+        batch["index"] = torch.tensor([e["index"] for e in examples])
     return batch
 
 
 class PreferenceDataModule(L.LightningDataModule):
+    flag_ranges = {"max_length": "> 0", "max_prompt_length": "> 0", "batch_size": "> 0", "val_size": ">= 0", "limit": "> 0", "num_workers": ">= 0"}
+
     def __init__(
         self,
         dataset: str = "HumanLLMs/Human-Like-DPO-Dataset",
@@ -246,9 +260,13 @@ class PreferenceDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        check_ranges("data", self.hparams, self.flag_ranges)
+        if max_prompt_length >= max_length:
+            raise UserError(f"--data.max_prompt_length ({max_prompt_length}) must be below --data.max_length ({max_length})")
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
         self.num_rows = 0  # rows kept before the split: every row's `index` is below it
+        self.train_sampler: Optional[ResumableBatchSampler] = None
 
     def encode(self, tokenizer, row: dict, where: str) -> Optional[dict]:
         """Token ids of one row under this DataModule's mode and length limits; None if dropped."""
@@ -262,8 +280,6 @@ class PreferenceDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.tokenizer_name_or_path is None:
             raise UserError("PreferenceDataModule needs tokenizer_name_or_path (the CLI sets it from --model.model_name_or_path)")
-        if hp.max_prompt_length >= hp.max_length:
-            raise UserError(f"--data.max_prompt_length ({hp.max_prompt_length}) must be below --data.max_length ({hp.max_length})")
         self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
         rows = load_rows(hp.dataset)[: hp.limit]
         encoded = [self.encode(self.tokenizer, row, where) for where, row in rows]
@@ -279,23 +295,32 @@ class PreferenceDataModule(L.LightningDataModule):
         order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(hp.seed)).tolist()
         self.val_rows = [kept[i] for i in order[: hp.val_size]]
         self.train_rows = [kept[i] for i in order[hp.val_size :]]
+        self.train_sampler = ResumableBatchSampler(len(self.train_rows), hp.batch_size, shuffle=True)
 
-    def _loader(self, rows: list[dict], shuffle: bool) -> DataLoader:
+    def _loader(self, rows: list[dict], batch_sampler=None, loader_class=DataLoader) -> DataLoader:
         collate = collate_prompts if self.hparams.mode == "prompts" else collate_pairs
-        return DataLoader(
+        return loader_class(
             rows,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            batch_sampler=batch_sampler or ResumableBatchSampler(len(rows), self.hparams.batch_size, shuffle=False),
             collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_rows, shuffle=True)
+    def train_dataloader(self) -> CountingDataLoader:
+        """Shuffled each epoch; a checkpoint resumes it at the next unseen batch (`state_dict`)."""
+        return self._loader(self.train_rows, self.train_sampler, CountingDataLoader)
+
+    def state_dict(self) -> dict:
+        """The training order and position, saved in every checkpoint."""
+        return self.train_sampler.state_dict() if self.train_sampler else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.train_sampler.load_state_dict(state)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_rows, shuffle=False)
+        return self._loader(self.val_rows)
 
     def every_row_dataloader(self) -> DataLoader:
         """Training then validation rows, unshuffled: for work done once per row (DPO's reference log-probs)."""
-        return self._loader(self.train_rows + self.val_rows, shuffle=False)
+        return self._loader(self.train_rows + self.val_rows)

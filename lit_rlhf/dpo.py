@@ -15,6 +15,7 @@ class DPOModule(AlignmentModule):
     algorithm = "dpo"
     progress_bar_metrics = ("loss", "rewards/accuracies")
     frozen_modules = ("ref_model",)
+    flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "label_smoothing": "in [0, 0.5)"}
 
     def __init__(
         self,

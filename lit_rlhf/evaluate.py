@@ -22,9 +22,9 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
 from lit_rlhf.data import PreferenceDataModule, collate_prompts, collate_sequences, encode_row, load_rows, render_prompt, tokenize
-from lit_rlhf.errors import UserError
+from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.forward import sequence_logps, sequence_scores
-from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer
+from lit_rlhf.models import check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import truncate_after_eos
 
 DEFAULT_PROMPTS = [
@@ -127,12 +127,17 @@ def evaluate(
         num_logprob_rows: Rows of each set for the mean answer log-prob.
         batch_size: Rows per forward pass.
     """
+    check_ranges("", locals(), {"num_generation_prompts": "> 0", "max_new_tokens": "> 0", "num_rows": "> 0",
+                                "num_logprob_rows": "> 0", "batch_size": "> 0"})  # fmt: skip
     if not models:
         raise UserError("pass at least one model: --models '{base: HuggingFaceTB/SmolLM-135M-Instruct}'")
     start = time.time()
     names, baseline = list(models), next(iter(models))
     tokenizer = load_tokenizer(models[baseline])
     pad_id = tokenizer.pad_token_id
+    for what, source in [("--reward_model", reward_model)] + [(f"model '{n}'", models[n]) for n in names[1:]]:
+        check_same_vocabulary(tokenizer, source, what)
+    rm = load_scalar_model(reward_model, pad_id, trained_head=True).eval()
     dm = PreferenceDataModule(**{**data, "tokenizer_name_or_path": models[baseline], "mode": "pairs"})
     dm.setup("validate")
     held_out = dm.val_rows  # rows a run with the same --data.* flags did not train on
@@ -142,7 +147,6 @@ def evaluate(
     gen_prompts += [r["prompt"] for r in extra]
     unseen = unseen_rows(unseen_dataset, tokenizer, num_logprob_rows, dm.hparams.max_length)
 
-    rm = load_scalar_model(reward_model, pad_id).eval()
     pairs = held_out[:num_rows]
     chosen = over_batches(sequence_scores, rm, [(r["prompt"], r["chosen"]) for r in pairs], pad_id, batch_size)
     rejected = over_batches(sequence_scores, rm, [(r["prompt"], r["rejected"]) for r in pairs], pad_id, batch_size)

@@ -5,8 +5,13 @@ local Hugging Face folder, or a `.gguf` file that transformers dequantises to fp
 """
 
 import copy
+import functools
+import os
+import shutil
+import socket
 from pathlib import Path
 from typing import Union
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -35,7 +40,23 @@ def _source_kwargs(source: str) -> tuple[str, dict]:
                 " save_pretrained, a .gguf file, or a hub id such as HuggingFaceTB/SmolLM-135M-Instruct"
             )
         return str(path), {}
-    return source, {}
+    return source, {} if hub_reachable() else {"local_files_only": True}  # offline: the local cache or a fast error
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the Hugging Face hub, so that a hub id fails in seconds offline instead
+    of after a minute of retries. `HF_HUB_OFFLINE=1` skips the probe."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _load(loader, source: str, trust_remote_code: bool, **kwargs):
@@ -59,6 +80,16 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTo
     return tokenizer
 
 
+def check_same_vocabulary(tokenizer: PreTrainedTokenizerBase, source: str, what: str) -> None:
+    """Refuse a model (`what`, loaded from `source`) whose tokenizer maps tokens to other ids than `tokenizer`."""
+    other = _load(AutoTokenizer, source, trust_remote_code=False)
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"{what} {source} uses another vocabulary ({len(other)} tokens) than the policy's tokenizer"
+            f" ({len(tokenizer)} tokens); train it from the same base model as the policy"
+        )
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout probability to 0 (RLHF needs log-probs that do not depend on train/eval mode)."""
     for module in model.modules():
@@ -75,14 +106,23 @@ def load_causal_lm(source: str, trust_remote_code: bool = False) -> PreTrainedMo
     return disable_dropout(_load(AutoModelForCausalLM, source, trust_remote_code, dtype=torch.float32))
 
 
-def load_scalar_model(source: str, pad_token_id: int, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_scalar_model(source: str, pad_token_id: int, trust_remote_code: bool = False, trained_head: bool = False) -> PreTrainedModel:
     """A sequence classifier with one scalar head (reward or value model) in fp32 with dropout off.
 
     From a causal LM the head is new (random init); from a reward-model folder it is loaded.
+    `trained_head=True` (a reward model that scores, not one about to be trained) refuses a source
+    without a trained head.
     """
-    model = _load(
-        AutoModelForSequenceClassification, source, trust_remote_code, dtype=torch.float32, num_labels=1
-    )
+    model, info = _load(
+        AutoModelForSequenceClassification, source, trust_remote_code, dtype=torch.float32, num_labels=1,
+        output_loading_info=True,
+    )  # fmt: skip
+    if trained_head and info["missing_keys"]:
+        raise UserError(
+            f"{source} is not a reward model: it has no trained score head (missing {', '.join(sorted(info['missing_keys']))});"
+            " pass the `hf` folder a reward-model run exported, e.g. logs/reward/version_0/hf from"
+            " `lit-rlhf fit -c configs/reward.yaml`"
+        )
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False  # a scalar head never generates: no KV cache to build
     return disable_dropout(model)
@@ -109,14 +149,23 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Union[str, Path]) -> Path:
-    """Write `model` (LoRA merged; the adapter alone into `adapter/`) and `tokenizer` as a plain HF folder."""
+def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Union[str, Path], readme: str = "") -> Path:
+    """Write `model` (LoRA merged; the adapter alone into `adapter/`), `tokenizer` and `readme` as a plain
+    HF folder. Everything goes to `<out_dir>.partial` first, which is renamed when complete: a killed
+    export never leaves a folder that looks whole. An existing `out_dir` is never overwritten."""
     from peft import PeftModel
 
     out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise UserError(f"{out_dir} exists already; the export does not overwrite it")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what an earlier killed export left
     if isinstance(model, PeftModel):
-        model.save_pretrained(out_dir / "adapter")
+        model.save_pretrained(partial / "adapter")
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    if readme:
+        (partial / "README.md").write_text(readme)
+    partial.rename(out_dir)
     return out_dir

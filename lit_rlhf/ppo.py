@@ -18,7 +18,7 @@ from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.errors import UserError
 from lit_rlhf.losses import ppo_policy_loss, ppo_value_loss
 from lit_rlhf.forward import sequence_scores, token_logps, token_values
-from lit_rlhf.models import add_lora, load_causal_lm, load_scalar_model, load_tokenizer
+from lit_rlhf.models import add_lora, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX, gae, kl_penalty, masked_whiten, truncate_after_eos
 
 Rollout = dict[str, torch.Tensor]
@@ -30,6 +30,11 @@ class PPOModule(AlignmentModule):
     progress_bar_metrics = ("objective/scores", "objective/kl")
     frozen_modules = ("ref_model", "reward_model")
     trained_modules = ("model", "value_model")
+    flag_ranges = AlignmentModule.flag_ranges | {
+        "response_length": "> 0", "temperature": "> 0", "kl_coef": ">= 0", "gamma": "in [0, 1]", "lam": "in [0, 1]",
+        "ppo_epochs": "> 0", "num_minibatches": "> 0", "gradient_accumulation_steps": "> 0", "cliprange": "> 0",
+        "cliprange_value": "> 0", "vf_coef": ">= 0", "max_grad_norm": "> 0", "sample_every_n_steps": "> 0",
+    }  # fmt: skip
 
     def __init__(
         self,
@@ -85,7 +90,8 @@ class PPOModule(AlignmentModule):
         pad_id = self.tokenizer.pad_token_id
         self.model = add_lora(load_causal_lm(model_name_or_path, hp.trust_remote_code), **self.lora_args(), task_type="CAUSAL_LM")
         self.ref_model = None if hp.lora_r else load_causal_lm(model_name_or_path, hp.trust_remote_code).requires_grad_(False)
-        self.reward_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code).requires_grad_(False)
+        check_same_vocabulary(self.tokenizer, reward_model_path, "--model.reward_model_path")
+        self.reward_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code, trained_head=True).requires_grad_(False)
         value_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code)
         self.value_model = add_lora(value_model, **self.lora_args(), task_type="SEQ_CLS")
         stop = dict(max_new_tokens=hp.response_length, min_new_tokens=1, pad_token_id=pad_id, eos_token_id=self.tokenizer.eos_token_id)
@@ -195,19 +201,27 @@ class PPOModule(AlignmentModule):
                         logprobs = self.response_logps(self.model, batch, P)
                         pg_loss, pg_stats = ppo_policy_loss(logprobs, rollout["logprobs"][idx], rollout["advantages"][idx], rm, hp.cliprange)
                         vf_loss, vf_clipfrac = ppo_value_loss(self.values(batch, P), rollout["values"][idx], rollout["returns"][idx], rm, hp.cliprange_value)
-                        self.manual_backward((pg_loss + hp.vf_coef * vf_loss) / len(micro))
+                        loss = pg_loss + hp.vf_coef * vf_loss
+                        if not torch.isfinite(loss):
+                            self.non_finite(f"PPO loss ({loss.item()})")
+                            continue
+                        self.manual_backward(loss / len(micro))
                     for name, value in {"loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
                                         "policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
                                         "val/clipfrac_avg": vf_clipfrac, "val/ratio": pg_stats["ratio"]}.items():  # fmt: skip
                         stats.setdefault(name, []).append(value)
-                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
+                if self.gradients_are_finite(optimizer):
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                    optimizer.step()
                 optimizer.zero_grad()
         self.lr_schedulers().step()
         return {name: torch.stack(values).mean() for name, values in stats.items()}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         rollout = self.compute_advantages(self.rollout(batch))
+        for key in ("scores", "values", "advantages"):
+            if not torch.isfinite(rollout[key]).all():
+                return self.non_finite(f"rollout {key}")  # skipped: no update for this batch of prompts
         stats = self.update(rollout)
         scores = rollout["scores"]
         non_score = rollout["non_score_reward"].sum(1)  # (B,)

@@ -11,6 +11,7 @@ from lit_rlhf.models import add_lora, load_scalar_model, load_tokenizer
 class RewardModule(AlignmentModule):
     algorithm = "reward"
     progress_bar_metrics = ("loss", "accuracy")
+    flag_ranges = AlignmentModule.flag_ranges | {"margin": ">= 0"}
 
     def __init__(self, model_name_or_path: str = DEFAULT_MODEL, learning_rate: float = 3e-4, margin: float = 0.0, **kwargs):
         """Bradley-Terry reward model; the score is the head's output at the last real token.

@@ -112,8 +112,8 @@ def test_prompts_mode_needs_only_prompt(tiny_model_dir, tmp_path):
     dm = make_dm(tiny_model_dir, write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "bb"}]), mode="prompts", val_size=1, batch_size=1)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "prompt_text"}
-    assert batch["prompt_text"][0] in {"a", "bb"}
+    assert set(batch) == {"input_ids", "attention_mask", "prompt_text", "index"}
+    assert batch["prompt_text"][0] == ["a", "bb"][batch["index"][0]]  # the index names the row it came from
 
 
 def test_chat_message_rows(tiny_model_dir, tokenizer, tmp_path):
