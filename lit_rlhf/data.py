@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.loader import CountingDataLoader, ResumableBatchSampler
-from lit_rlhf.models import load_tokenizer
+from lit_rlhf.models import hub_reachable, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -79,7 +79,10 @@ def load_rows(dataset: str, split: str = "train") -> list[tuple[str, dict]]:
             " hub id such as HumanLLMs/Human-Like-DPO-Dataset"
         )
     import datasets
+    import datasets.config
 
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = offline or not hub_reachable()  # offline: the local cache or a fast error
     try:
         rows = datasets.load_dataset(dataset, split=split).to_list()
     except Exception as err:
@@ -88,6 +91,8 @@ def load_rows(dataset: str, split: str = "train") -> list[tuple[str, dict]]:
             f" {str(err).splitlines()[0] if str(err) else ''}). Offline, pass a local file instead, e.g."
             " --data.dataset lit_rlhf/assets/human_like_dpo_1k.jsonl"
         ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
     return [(f"{dataset}: row {n}", row) for n, row in enumerate(rows, start=1)]
 
 

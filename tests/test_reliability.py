@@ -117,6 +117,7 @@ def test_a_nan_gradient_with_a_finite_loss_is_caught_before_the_step(tiny_model_
     else:
         run.trainer.fit(run.model, datamodule=run.datamodule)
         assert run.model.non_finite_skips >= 1
+        assert not run.trainer.optimizers[0].state  # AdamW never stepped: no moments were written
     assert torch.equal(weight.detach(), start)  # never stepped with a NaN gradient
 
 
@@ -283,12 +284,15 @@ def test_a_tokenizer_without_chat_template_and_non_utf8_data_are_one_line(tiny_m
 
 
 def test_an_unreachable_hub_is_not_retried(monkeypatch):
+    import datasets
     import huggingface_hub.constants
     import transformers
 
     import lit_rlhf.models
+    from lit_rlhf.data import load_rows
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # conftest turns it on for every other test
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     lit_rlhf.models.hub_reachable.cache_clear()
     seen = {}
@@ -297,13 +301,22 @@ def test_an_unreachable_hub_is_not_retried(monkeypatch):
         seen.update(kwargs)
         raise OSError("not in the local cache")
 
+    def load_dataset(name, **kwargs):
+        seen["datasets_offline"] = datasets.config.HF_HUB_OFFLINE
+        raise ConnectionError("not in the local cache")
+
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     try:
         with pytest.raises(ValueError, match="could not load 'someone/some-model'.*pass a local folder"):
             load_tokenizer("someone/some-model")
+        with pytest.raises(ValueError, match="could not load dataset 'someone/some-data'.*pass a local file"):
+            load_rows("someone/some-data")
     finally:
         lit_rlhf.models.hub_reachable.cache_clear()
-    assert seen["local_files_only"] is True  # the cache or a fast error, no download retries
+    # the local cache or a fast error, no download retries
+    assert seen["local_files_only"] is True and seen["datasets_offline"] is True
+    assert datasets.config.HF_HUB_OFFLINE is False  # the library's own setting is given back
 
 
 # ---- nothing lost ---------------------------------------------------------------------------
