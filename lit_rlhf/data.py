@@ -227,7 +227,8 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
 
 
 class PreferenceDataModule(L.LightningDataModule):
-    flag_ranges = {"max_length": "> 0", "max_prompt_length": "> 0", "batch_size": "> 0", "val_size": ">= 0", "limit": "> 0", "num_workers": ">= 0"}
+    flag_ranges = {"max_length": "> 0", "max_prompt_length": "> 0", "batch_size": "> 0", "val_size": ">= 0", "limit": "> 0",
+                   "offset": ">= 0", "num_workers": ">= 0"}  # fmt: skip
 
     def __init__(
         self,
@@ -240,6 +241,7 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: int = 8,
         val_size: int = 200,
         limit: Optional[int] = None,
+        offset: int = 0,
         seed: int = 42,
         num_workers: int = 0,
     ):
@@ -259,7 +261,9 @@ class PreferenceDataModule(L.LightningDataModule):
                 counts are logged.
             batch_size: Rows (pairs or prompts) per batch.
             val_size: Rows held out for validation (a seeded random split).
-            limit: Use only the first N rows of the dataset (before the split).
+            limit: Use only the first N rows of the dataset (after `offset`, before the split).
+            offset: Skip the first N rows of the dataset: e.g. a judge reward model trained on rows
+                that no other stage reads.
             seed: Seed of the train/validation split.
             num_workers: DataLoader worker processes.
         """
@@ -286,7 +290,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if hp.tokenizer_name_or_path is None:
             raise UserError("PreferenceDataModule needs tokenizer_name_or_path (the CLI sets it from --model.model_name_or_path)")
         self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
-        rows = load_rows(hp.dataset)[: hp.limit]
+        rows = load_rows(hp.dataset)[hp.offset :][: hp.limit]
         encoded = [self.encode(self.tokenizer, row, where) for where, row in rows]
         kept = [dict(e, index=i) for i, e in enumerate(e for e in encoded if e is not None)]
         rank_zero_info(

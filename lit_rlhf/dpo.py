@@ -7,15 +7,16 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.forward import sequence_logps
-from lit_rlhf.losses import dpo_loss
+from lit_rlhf.losses import dpo_loss, rpo_nll_loss
 from lit_rlhf.models import add_lora, load_causal_lm, load_tokenizer
+from lit_rlhf.ops import IGNORE_INDEX
 
 
 class DPOModule(AlignmentModule):
     algorithm = "dpo"
     progress_bar_metrics = ("loss", "rewards/accuracies")
     frozen_modules = ("ref_model",)
-    flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "label_smoothing": "in [0, 0.5)"}
+    flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "label_smoothing": "in [0, 0.5)", "rpo_alpha": ">= 0"}
 
     def __init__(
         self,
@@ -26,6 +27,7 @@ class DPOModule(AlignmentModule):
         label_smoothing: float = 0.0,
         ref_model_name_or_path: Optional[str] = None,
         precompute_ref_logps: bool = False,
+        rpo_alpha: Optional[float] = None,
         **kwargs,
     ):
         """Direct Preference Optimization.
@@ -40,6 +42,9 @@ class DPOModule(AlignmentModule):
                 the starting policy; with LoRA, the policy with its adapter disabled (no second copy).
             precompute_ref_logps: Compute the reference log-probs of every row once before training,
                 then free the reference model.
+            rpo_alpha: Weight of the per-token NLL of the chosen answers added to the loss (RPO, Pang et
+                al. 2024; TRL's `rpo_alpha`): keeps the likelihood of preferred answers from falling,
+                which guards against degenerate, repetitive text. Off if null; 1.0 in the RPO paper.
         """
         super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate, **kwargs)
         hp = self.hparams
@@ -96,14 +101,20 @@ class DPOModule(AlignmentModule):
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, hp.beta, hp.loss_type, hp.label_smoothing
         )
+        loss = losses.mean()
+        if hp.rpo_alpha is not None:
+            chosen_lengths = (batch["labels"][: len(losses), 1:] != IGNORE_INDEX).sum(-1)  # (B,)
+            nll = rpo_nll_loss(policy_chosen, chosen_lengths)
+            loss = loss + hp.rpo_alpha * nll
         stats = {
-            "loss": losses.mean(),
+            "loss": loss,
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
             "logps/chosen": policy_chosen.detach().mean(),
             "logps/rejected": policy_rejected.detach().mean(),
+            **({"nll_loss": nll.detach()} if hp.rpo_alpha is not None else {}),
         }
         self.log_stats(stats, stage, batch_size=len(losses))
         return stats["loss"]

@@ -1,15 +1,19 @@
-"""`lit-rlhf evaluate`: compare causal LMs side by side with a reward model and held-out data.
+"""`lit-rlhf evaluate`: compare causal LMs side by side in a report that a looping or reward-hacking
+policy cannot fool.
 
-Report sections (report.md, report.json, and TensorBoard under `output_dir`):
-1. mean answer log-prob per model on the preference data's chosen answers and on an unseen
-   instruction set (default databricks/databricks-dolly-15k);
-2. greedy generations of every model on the same prompts;
-3. reward-model accuracy (chosen > rejected) and mean margin;
-4. per model: mean reward of its generations, win-rate against the first model, greedy
-   log-ratio to the first model on its own responses, share of responses with assistant boilerplate.
+Per model, over the same held-out prompts (report.md, report.json, frontier.png and TensorBoard
+under `output_dir`; every per-prompt mean with a bootstrap 95 % interval):
+1. judge reward of its greedy answers (a reward model that did not train the policy) beside the
+   proxy reward (the one it was trained on): a gap between them is over-optimisation;
+2. win-rate against the first model by the judge, and the length-controlled win-rate;
+3. KL(model || first model) estimated from sampled responses, and the greedy log-ratio;
+4. degeneration: share of answers that loop, distinct-2, mean length, EOS share, boilerplate;
+5. mean answer log-prob on the preference data and on an unseen instruction set;
+6. reward-model accuracy (chosen > rejected) of the judge and the proxy;
+7. greedy generations side by side, and judge reward against KL for every model (the frontier).
 """
 
-import json
+import glob
 import re
 import sys
 import time
@@ -23,9 +27,11 @@ from torch.utils.data import DataLoader
 
 from lit_rlhf.data import PreferenceDataModule, collate_prompts, collate_sequences, encode_row, load_rows, render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
-from lit_rlhf.forward import sequence_logps, sequence_scores
+from lit_rlhf.forward import sequence_logps, sequence_scores, token_logps
+from lit_rlhf.metrics import bootstrap_ci, distinct_n, has_loop, length_controlled_win_rate, wins
 from lit_rlhf.models import check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
-from lit_rlhf.ops import truncate_after_eos
+from lit_rlhf.ops import IGNORE_INDEX, kl_penalty, truncate_after_eos
+from lit_rlhf.report import write_report
 
 DEFAULT_PROMPTS = [
     "What's your morning routine like?",
@@ -37,22 +43,18 @@ BOILERPLATE = re.compile(
     r"i'?m an artificial intelligence|i am an artificial intelligence|as a language model|as an artificial intelligence|as a chatbot",
     re.IGNORECASE,
 )
+Pairs = list[tuple[list[int], list[int]]]  # (prompt ids, completion ids)
 
 
-def boilerplate_share(texts: list[str]) -> float:
-    """Share of `texts` with assistant boilerplate ("As an AI", "I don't have personal ...")."""
-    return sum(bool(BOILERPLATE.search(t)) for t in texts) / max(1, len(texts))
-
-
-def win_rate(scores: torch.Tensor, baseline_scores: torch.Tensor) -> float:
-    """Share of prompts where `scores` beats `baseline_scores` (ties count one half). (N,), (N,) -> float"""
-    return ((scores > baseline_scores).float() + 0.5 * (scores == baseline_scores).float()).mean().item()
+def is_boilerplate(text: str) -> bool:
+    """Assistant boilerplate: "As an AI", "I don't have personal ..."."""
+    return bool(BOILERPLATE.search(text))
 
 
 @torch.no_grad()
-def over_batches(fn, model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """`fn(model, batch)` (`sequence_logps` or `sequence_scores`) over (prompt, completion) token-id pairs,
-    in right-padded batches of `batch_size`. -> (N,)"""
+def over_batches(fn, model, pairs: Pairs, pad_id: int, batch_size: int) -> torch.Tensor:
+    """`fn(model, batch) -> (B,)` (e.g. `sequence_logps`, `sequence_scores`) over (prompt, completion)
+    token-id pairs in right-padded batches of `batch_size`. -> (N,)"""
     loader = DataLoader(pairs, batch_size=batch_size, collate_fn=partial(collate_sequences, pad_id=pad_id))
     return torch.cat([fn(model, batch) for batch in loader])
 
@@ -67,20 +69,27 @@ def mean_answer_logprob(model, rows: list[dict], pad_id: int, batch_size: int) -
     return (over_batches(sequence_logps, model, pairs, pad_id, batch_size) / lengths).mean().item()
 
 
+def sequence_kl(model, batch: dict[str, torch.Tensor], base_model, estimator: str) -> torch.Tensor:
+    """Per-token KL(model || base) estimates summed over each completion. -> (B,)"""
+    mask = (batch["labels"][:, 1:] != IGNORE_INDEX).double()
+    return (kl_penalty(token_logps(model, batch).double(), token_logps(base_model, batch).double(), estimator) * mask).sum(-1)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int) -> list[dict]:
-    """Greedy responses: for each prompt its `response` ids (cut after EOS) and text."""
+def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False) -> list[dict]:
+    """Greedy (or, with `sample`, temperature-1 sampled) responses: per prompt its `response` ids (cut
+    after the first EOS), `text` and whether it ended with EOS (`eos`)."""
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
     out = []
     for start in range(0, len(prompt_ids), batch_size):
         batch = collate_prompts([{"prompt": p} for p in prompt_ids[start : start + batch_size]], tokenizer.pad_token_id)
         seqs = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling
         )  # fmt: skip
-        responses, mask, _ = truncate_after_eos(seqs[:, batch["input_ids"].shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
-        for r, m in zip(responses, mask):
+        responses, mask, eos = truncate_after_eos(seqs[:, batch["input_ids"].shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
+        for r, m, e in zip(responses, mask, eos.tolist()):
             ids = r[m.bool()].tolist()
-            out.append({"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip()})
+            out.append({"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "eos": e})
     return out
 
 
@@ -95,49 +104,76 @@ def unseen_rows(dataset: str, tokenizer, limit: int, max_length: int) -> list[di
     return rows
 
 
+def reward_model_accuracy(rm, rows: list[dict], pad_id: int, batch_size: int) -> dict:
+    """Share of preference rows whose chosen answer `rm` scores above the rejected one, and the mean margin."""
+    chosen = over_batches(sequence_scores, rm, [(r["prompt"], r["chosen"]) for r in rows], pad_id, batch_size)
+    rejected = over_batches(sequence_scores, rm, [(r["prompt"], r["rejected"]) for r in rows], pad_id, batch_size)
+    return {"rows": len(rows), "accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
+
+
 def evaluate(
     models: dict[str, str],
     reward_model: str,
     data: dict,
+    judge_model: Optional[str] = None,
+    checkpoints: Optional[str] = None,
     unseen_dataset: str = "databricks/databricks-dolly-15k",
     output_dir: str = "logs/evaluate",
     prompts: list[str] = DEFAULT_PROMPTS,
-    num_generation_prompts: int = 32,
+    num_generation_prompts: int = 128,
     max_new_tokens: int = 128,
     num_rows: int = 400,
     num_logprob_rows: int = 200,
     batch_size: int = 8,
+    seed: int = 0,
 ) -> dict:
-    """Evaluate causal LMs side by side and write report.md / report.json / TensorBoard to `output_dir`.
+    """Evaluate causal LMs side by side and write report.md / report.json / frontier.png / TensorBoard to `output_dir`.
 
     Args:
-        models: Name -> hub id, local folder or run folder (`logs/dpo/version_0/hf`); the first
-            is the baseline for win-rate and log-ratio. YAML mapping, or on the command line
-            `--models '{base: PATH, dpo: PATH}'`.
-        reward_model: Reward model folder that scores generations and preference pairs.
+        models: Name -> hub id, local folder, run folder (`logs/dpo/version_0/hf`) or DPO/PPO checkpoint
+            (`.ckpt`); the first is the baseline for win-rate and KL. YAML mapping, or on the command
+            line `--models '{base: PATH, dpo: PATH}'`.
+        reward_model: The proxy: the reward model the policies were trained on. Its score is reported
+            as "proxy reward" beside the judge's.
         data: The preference data (`--data.*`, as for training: the same flags give the same held-out split).
+        judge_model: A reward model trained on rows the proxy never saw; reward and win-rates are read
+            from it. Default: the proxy itself (the report then says the judge is not independent).
+        checkpoints: Lightning checkpoints of one DPO or PPO run, as a glob (quote it), e.g.
+            'logs/ppo/version_0/checkpoints/*.ckpt': each is evaluated like a model and drawn on the
+            reward-vs-KL frontier.
         unseen_dataset: Instruction set not trained on (`instruction`, optional `context`, `response`):
             hub id or local file.
         output_dir: Where the report goes.
         prompts: Prompts every model answers, listed first in the report.
-        num_generation_prompts: Prompts for reward, win-rate, log-ratio and boilerplate: the listed ones,
+        num_generation_prompts: Prompts for rewards, win-rates, KL and degeneration: the listed ones,
             then held-out preference prompts.
-        max_new_tokens: Greedy generation length.
+        max_new_tokens: Generation length (greedy answers and the samples for KL).
         num_rows: Held-out preference pairs for reward-model accuracy and margin.
         num_logprob_rows: Rows of each set for the mean answer log-prob.
         batch_size: Rows per forward pass.
+        seed: Seed of the sampled responses (KL) and of the bootstrap.
     """
     check_ranges("", locals(), {"num_generation_prompts": "> 0", "max_new_tokens": "> 0", "num_rows": "> 0",
                                 "num_logprob_rows": "> 0", "batch_size": "> 0"})  # fmt: skip
     if not models:
         raise UserError("pass at least one model: --models '{base: HuggingFaceTB/SmolLM-135M-Instruct}'")
+    models = dict(models)
+    if checkpoints:
+        found = sorted(glob.glob(checkpoints))
+        if not found:
+            raise UserError(f"--checkpoints {checkpoints}: no file matches")
+        models |= {Path(p).stem: p for p in found}
     start = time.time()
     names, baseline = list(models), next(iter(models))
     tokenizer = load_tokenizer(models[baseline])
     pad_id = tokenizer.pad_token_id
-    for what, source in [("--reward_model", reward_model)] + [(f"model '{n}'", models[n]) for n in names[1:]]:
+    judge_model = judge_model or reward_model
+    sources = [("--reward_model", reward_model), ("--judge_model", judge_model)] + [(f"model '{n}'", models[n]) for n in names[1:]]
+    for what, source in sources:
         check_same_vocabulary(tokenizer, source, what)
-    rm = load_scalar_model(reward_model, pad_id, trained_head=True).eval()
+    proxy = load_scalar_model(reward_model, pad_id, trained_head=True).eval()
+    judge = proxy if judge_model == reward_model else load_scalar_model(judge_model, pad_id, trained_head=True).eval()
+
     dm = PreferenceDataModule(**{**data, "tokenizer_name_or_path": models[baseline], "mode": "pairs"})
     dm.setup("validate")
     held_out = dm.val_rows  # rows a run with the same --data.* flags did not train on
@@ -146,87 +182,50 @@ def evaluate(
     gen_prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": p}])) for p in prompts]
     gen_prompts += [r["prompt"] for r in extra]
     unseen = unseen_rows(unseen_dataset, tokenizer, num_logprob_rows, dm.hparams.max_length)
-
-    pairs = held_out[:num_rows]
-    chosen = over_batches(sequence_scores, rm, [(r["prompt"], r["chosen"]) for r in pairs], pad_id, batch_size)
-    rejected = over_batches(sequence_scores, rm, [(r["prompt"], r["rejected"]) for r in pairs], pad_id, batch_size)
     report = {
-        "reward_model": {"path": reward_model, "rows": len(pairs), "accuracy": (chosen > rejected).float().mean().item(),
-                         "margin": (chosen - rejected).mean().item()},
+        "judge": {"path": judge_model, "independent": judge_model != reward_model, **reward_model_accuracy(judge, held_out[:num_rows], pad_id, batch_size)},
+        "proxy": {"path": reward_model, **reward_model_accuracy(proxy, held_out[:num_rows], pad_id, batch_size)},
         "prompts": prompt_texts,
         "models": {},
     }  # fmt: skip
     base_model = load_causal_lm(models[baseline]).eval()
-    base_scores = None
+    batches = partial(over_batches, pad_id=pad_id, batch_size=batch_size)
+    ci = partial(bootstrap_ci, seed=seed)
+    base = None
     for name in names:
         model = base_model if name == baseline else load_causal_lm(models[name]).eval()
-        gens = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size)
-        answered = [(p, g["response"]) for p, g in zip(gen_prompts, gens)]
-        scores = over_batches(sequence_scores, rm, answered, pad_id, batch_size)
-        base_scores = scores if base_scores is None else base_scores
-        logratio = over_batches(sequence_logps, model, answered, pad_id, batch_size) - over_batches(
-            sequence_logps, base_model, answered, pad_id, batch_size
-        )  # (N,) log pi(y|x) - log pi_base(y|x) on the model's own greedy y
+        greedy = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size)
+        torch.manual_seed(seed)
+        sampled = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size, sample=True)
+        answered = [(p, g["response"]) for p, g in zip(gen_prompts, greedy)]
+        samples = [(p, g["response"]) for p, g in zip(gen_prompts, sampled)]
+        judge_scores, lengths = batches(sequence_scores, judge, answered), torch.tensor([len(g["response"]) for g in greedy])
+        base = base or {"judge_scores": judge_scores, "lengths": lengths}
+        win = wins(judge_scores, base["judge_scores"])
+        logratio = batches(sequence_logps, model, answered) - batches(sequence_logps, base_model, answered)
+        texts = [g["text"] for g in greedy]
         report["models"][name] = {
             "path": models[name],
+            "judge_reward": ci(judge_scores),
+            "proxy_reward": ci(batches(sequence_scores, proxy, answered)),
+            "win_rate": ci(win),
+            "lc_win_rate": length_controlled_win_rate(win, (lengths - base["lengths"]).double()),
+            "sampled_kl": ci(batches(partial(sequence_kl, base_model=base_model, estimator="k1"), model, samples)),
+            "sampled_kl_k3": ci(batches(partial(sequence_kl, base_model=base_model, estimator="k3"), model, samples)),
+            "greedy_logratio": logratio.mean().item(),
+            "loop_share": ci(torch.tensor([float(has_loop(t)) for t in texts])),
+            "distinct_2": distinct_n(texts, 2),
+            "length": ci(lengths.double()),
+            "eos_share": ci(torch.tensor([float(g["eos"]) for g in greedy])),
+            "boilerplate": ci(torch.tensor([float(is_boilerplate(t)) for t in texts])),
             "logprob_preference": mean_answer_logprob(model, held_out[:num_logprob_rows], pad_id, batch_size),
             "logprob_unseen": mean_answer_logprob(model, unseen, pad_id, batch_size),
-            "reward": scores.mean().item(),
-            "win_rate": win_rate(scores, base_scores),
-            "greedy_logratio": logratio.mean().item(),
-            "boilerplate": boilerplate_share([g["text"] for g in gens]),
-            "generations": [g["text"] for g in gens],
+            "generations": texts,
         }
-        print(f"evaluated {name}: reward {report['models'][name]['reward']:.3f}", file=sys.stderr)
+        print(f"evaluated {name}: judge reward {report['models'][name]['judge_reward'][0]:.3f}", file=sys.stderr)
     report["seconds"] = round(time.time() - start, 1)
-    write_report(report, Path(output_dir), baseline, unseen_dataset, data["dataset"])
+    write_report(report, output_dir, baseline, unseen_dataset, data["dataset"])
     return report
-
-
-def markdown(report: dict, baseline: str, unseen: str, dataset: str) -> str:
-    rm = report["reward_model"]
-    lines = [
-        "# lit-rlhf evaluation", "",
-        f"Preference data: `{dataset}` (held-out split); unseen set: `{unseen}`; reward model: `{rm['path']}`.", "",
-        "## Models", "",
-        f"| model | mean answer log-prob (preference) | mean answer log-prob (unseen) | reward | win-rate vs {baseline} | greedy log-ratio to {baseline} | boilerplate |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]  # fmt: skip
-    for name, m in report["models"].items():
-        lines.append(
-            f"| {name} | {m['logprob_preference']:.4f} | {m['logprob_unseen']:.4f} | {m['reward']:.3f} |"
-            f" {m['win_rate']:.2f} | {m['greedy_logratio']:.3f} | {m['boilerplate']:.0%} |"
-        )
-    lines += [
-        "", "Reward, win-rate, greedy log-ratio and boilerplate share are over the"
-        f" {len(report['prompts'])} prompts below. The greedy log-ratio is `log p_model(y|x) - log p_{baseline}(y|x)`",
-        "summed over the tokens of each model's own greedy response y, averaged over prompts: a KL-like distance",
-        "that is not a KL estimate (greedy, not sampled, responses) and can be negative.", "",
-        "## Reward model", "",
-        f"Accuracy (chosen > rejected) {rm['accuracy']:.1%}, mean margin {rm['margin']:.3f}, over {rm['rows']} held-out rows.", "",
-        "## Generations (greedy)", "",
-    ]  # fmt: skip
-    for i, prompt in enumerate(report["prompts"]):
-        lines += [f"### {i + 1}. {prompt.strip()}", ""]
-        lines += [f"- **{name}**: {m['generations'][i]}" for name, m in report["models"].items()] + [""]
-    lines.append(f"Evaluation took {report['seconds']:.0f} s.")
-    return "\n".join(lines)
-
-
-def write_report(report: dict, output_dir: Path, baseline: str, unseen: str, dataset: str) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    text = markdown(report, baseline, unseen, dataset)
-    (output_dir / "report.md").write_text(text)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    with SummaryWriter(str(output_dir)) as writer:
-        writer.add_text("report", text)
-        writer.add_scalar("reward_model/accuracy", report["reward_model"]["accuracy"])
-        for name, m in report["models"].items():
-            for key in ("logprob_preference", "logprob_unseen", "reward", "win_rate", "greedy_logratio", "boilerplate"):
-                writer.add_scalar(f"{name}/{key}", m[key])
-    print(f"report: {(output_dir / 'report.md').resolve()}")
 
 
 def main(args: Optional[list[str]] = None) -> dict:

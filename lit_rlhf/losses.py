@@ -66,6 +66,20 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def rpo_nll_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the chosen answers, per token: the term RPO (Pang et al. 2024,
+    "Iterative Reasoning Preference Optimization") adds to the DPO loss, weighted by `rpo_alpha`.
+
+    Args:
+        chosen_logps: (B,) summed log-probs of the chosen completions under the policy.
+        chosen_lengths: (B,) their token counts.
+
+    Returns:
+        () `-sum(chosen_logps) / sum(chosen_lengths)`: the mean over all chosen tokens of the batch.
+    """
+    return -chosen_logps.sum() / chosen_lengths.sum()
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float = 0.2
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

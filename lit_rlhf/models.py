@@ -70,8 +70,36 @@ def _load(loader, source: str, trust_remote_code: bool, **kwargs):
         ) from err
 
 
+def checkpoint_hparams(path: str) -> dict:
+    """The hyperparameters of a lit-rlhf Lightning checkpoint (`.ckpt`)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+    except Exception as err:
+        raise UserError(f"{path}: not a readable lit-rlhf checkpoint ({str(err).split('. ')[0]})") from None
+
+
+def tokenizer_source(source: str) -> str:
+    """Where the tokenizer of a model source lives: a checkpoint's starting model, else the source itself."""
+    return checkpoint_hparams(source)["model_name_or_path"] if source.endswith(".ckpt") else source
+
+
+def policy_from_checkpoint(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The trained policy of a DPO or PPO checkpoint: its starting model with the checkpoint's `model.*`
+    weights (a LoRA adapter merged), in fp32 with dropout off."""
+    hparams = checkpoint_hparams(path)
+    written_by = hparams.get("_class_path", "")  # set when LightningCLI built the module
+    if written_by and not written_by.endswith(("DPOModule", "PPOModule")):
+        raise UserError(f"{path}: not a policy checkpoint (written by {written_by.rsplit('.', 1)[-1]})")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    model = add_lora(load_causal_lm(hparams["model_name_or_path"], trust_remote_code), r=hparams["lora_r"], alpha=hparams["lora_alpha"],
+                     dropout=hparams["lora_dropout"], target_modules=hparams["lora_target_modules"], task_type="CAUSAL_LM")  # fmt: skip
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model.merge_and_unload() if hparams["lora_r"] else model
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The source's tokenizer, with a pad token (its EOS when it has none)."""
+    source = tokenizer_source(source)
     tokenizer = _load(AutoTokenizer, source, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -82,7 +110,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTo
 
 def check_same_vocabulary(tokenizer: PreTrainedTokenizerBase, source: str, what: str) -> None:
     """Refuse a model (`what`, loaded from `source`) whose tokenizer maps tokens to other ids than `tokenizer`."""
-    other = _load(AutoTokenizer, source, trust_remote_code=False)
+    other = _load(AutoTokenizer, tokenizer_source(source), trust_remote_code=False)
     if other.get_vocab() != tokenizer.get_vocab():
         raise UserError(
             f"{what} {source} uses another vocabulary ({len(other)} tokens) than the policy's tokenizer"
@@ -102,7 +130,9 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 
 def load_causal_lm(source: str, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM in fp32 with dropout off."""
+    """A causal LM in fp32 with dropout off; from a `.ckpt`, the policy a DPO or PPO run trained."""
+    if source.endswith(".ckpt"):
+        return policy_from_checkpoint(source, trust_remote_code)
     return disable_dropout(_load(AutoModelForCausalLM, source, trust_remote_code, dtype=torch.float32))
 
 

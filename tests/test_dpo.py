@@ -58,6 +58,17 @@ def test_step0_loss_is_log_2_in_every_reference_mode(tiny_model_dir, datamodule,
     assert module.val_metrics["val_rewards/chosen"].compute().item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_rpo_adds_the_chosen_answers_token_nll_at_step_0(tiny_model_dir, datamodule):
+    module = DPOModule(model_name_or_path=tiny_model_dir, rpo_alpha=0.5)
+    batch = datamodule.train_dataloader().collate_fn(datamodule.train_rows[:4])
+    with torch.no_grad():
+        chosen_logps = sequence_logps(module.model, batch)[:4]
+    chosen_tokens = sum(len(r["chosen"]) for r in datamodule.train_rows[:4])
+    expected = math.log(2) + 0.5 * (-chosen_logps.sum().item() / chosen_tokens)
+    assert step0_loss(module, batch) == pytest.approx(expected, rel=1e-5)
+    assert module.val_metrics["val_nll_loss"].compute().item() == pytest.approx(-chosen_logps.sum().item() / chosen_tokens, rel=1e-5)
+
+
 def test_precomputed_reference_matches_live_reference(tiny_model_dir, other_model_dir, datamodule):
     live = DPOModule(model_name_or_path=tiny_model_dir, ref_model_name_or_path=other_model_dir)
     pre = DPOModule(model_name_or_path=tiny_model_dir, ref_model_name_or_path=other_model_dir, precompute_ref_logps=True)

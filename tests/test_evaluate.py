@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_rlhf.cli import cli
-from lit_rlhf.evaluate import boilerplate_share, main, mean_answer_logprob, win_rate
+from lit_rlhf.evaluate import is_boilerplate, main, mean_answer_logprob, sequence_kl
 
 
 class UniformLM(torch.nn.Module):
@@ -26,11 +26,26 @@ def test_mean_answer_logprob_by_hand():
     assert math.isclose(mean_answer_logprob(UniformLM(), rows, pad_id=0, batch_size=2), expected, rel_tol=1e-5)
 
 
-def test_win_rate_counts_ties_as_half():
-    assert win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0])) == 0.625
+class CoinLM(torch.nn.Module):
+    """Uniform logits over a vocab of 2."""
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 2)})()
 
 
-def test_boilerplate_share_on_hand_made_strings():
+def test_sequence_kl_by_hand():
+    # completion tokens 1, 0 under p = (1/4, 3/4) and q = (1/2, 1/2):
+    # k1 = log(3/4 / 1/2) + log(1/4 / 1/2) = log 1.5 + log 0.5
+    # k3 = (r - 1) - log r with r = q / p: (2/3 - 1 - log 2/3) + (2 - 1 - log 2)
+    batch = {"input_ids": torch.tensor([[0, 1, 0]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "labels": torch.tensor([[-100, 1, 0]])}  # fmt: skip
+    k1 = sequence_kl(UniformLM(), batch, CoinLM(), "k1")
+    k3 = sequence_kl(UniformLM(), batch, CoinLM(), "k3")
+    assert k1.item() == pytest.approx(math.log(1.5) + math.log(0.5))
+    assert k3.item() == pytest.approx((2 / 3 - 1 - math.log(2 / 3)) + (2 - 1 - math.log(2)))
+
+
+def test_boilerplate_on_hand_made_strings():
     texts = [
         "As a digital AI assistant, I don't have a morning.",
         "Oh I love pancakes! 🥞",
@@ -39,11 +54,17 @@ def test_boilerplate_share_on_hand_made_strings():
         "Mornings are for coffee and a run.",
         "I'm sorry, but as a chatbot I can't celebrate birthdays.",
     ]
-    assert boilerplate_share(texts) == 4 / 6
-    assert boilerplate_share(["Haha, said no AI ever", "Gotta stay as an aide"]) == 0.0
+    assert [is_boilerplate(t) for t in texts] == [True, False, True, True, False, True]
+    assert not is_boilerplate("Haha, said no AI ever") and not is_boilerplate("Gotta stay as an aide")
 
 
-def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path):
+def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(1)
+    judge_dir = tmp_path / "judge"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(judge_dir)
+    tokenizer.save_pretrained(judge_dir)
     unseen = tmp_path / "unseen.jsonl"
     unseen.write_text("".join(json.dumps(r) + "\n" for r in [
         {"instruction": "Name a fish.", "context": "", "response": "Tope."},
@@ -54,21 +75,28 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
             "--data.max_prompt_length", "32"]  # fmt: skip
     report = main([
         "--models", json.dumps({"base": tiny_model_dir, "same": tiny_model_dir}), "--reward_model", tiny_reward_dir, *data,
+        "--judge_model", str(judge_dir),
         "--unseen_dataset", str(unseen), "--output_dir", str(out),
         "--num_generation_prompts", "5", "--max_new_tokens", "6", "--num_rows", "10", "--num_logprob_rows", "4",
     ])  # fmt: skip
-    same = report["models"]["same"]
-    assert same["win_rate"] == 0.5 and same["greedy_logratio"] == 0.0
-    assert same["logprob_unseen"] == report["models"]["base"]["logprob_unseen"] < 0
+    same, base = report["models"]["same"], report["models"]["base"]
+    assert same["win_rate"] == (0.5, 0.5, 0.5) and same["lc_win_rate"] == pytest.approx(0.5) and same["greedy_logratio"] == 0.0
+    assert same["sampled_kl"] == (0.0, 0.0, 0.0) and same["sampled_kl_k3"] == (0.0, 0.0, 0.0)
+    assert same["logprob_unseen"] == base["logprob_unseen"] < 0
+    assert same["judge_reward"] == base["judge_reward"] != base["proxy_reward"]  # the judge is another model
+    assert report["judge"]["independent"] and report["judge"]["accuracy"] != report["proxy"]["accuracy"]
+    assert 0 < same["length"][0] <= 6 and same["eos_share"][1] <= same["eos_share"][0] <= same["eos_share"][2]
     # the reward model's accuracy on the same held-out rows, counted by the reward trainer's own validation
     validated = cli(["validate", "--model", "lit_rlhf.reward.RewardModule", "--model.model_name_or_path", tiny_reward_dir,
                      *data, "--data.batch_size", "10", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])  # fmt: skip
-    assert report["reward_model"]["rows"] == 10
-    assert report["reward_model"]["accuracy"] == pytest.approx(validated.trainer.callback_metrics["val_accuracy"].item())
-    assert report["reward_model"]["margin"] == pytest.approx(validated.trainer.callback_metrics["val_margin"].item(), abs=1e-5)
+    assert report["proxy"]["rows"] == 10
+    assert report["proxy"]["accuracy"] == pytest.approx(validated.trainer.callback_metrics["val_accuracy"].item())
+    assert report["proxy"]["margin"] == pytest.approx(validated.trainer.callback_metrics["val_margin"].item(), abs=1e-5)
     assert len(same["generations"]) == 5
     text = (out / "report.md").read_text()
-    for section in ("## Models", "## Reward model", "## Generations", "What's your morning routine like?"):
+    for section in ("## Quality and degeneration", "## Likelihood", "## Reward models", "## Reward against KL", "## Generations",
+                    "What's your morning routine like?"):  # fmt: skip
         assert section in text
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "report.json").read_text())["models"].keys() == {"base", "same"}
     assert list(out.glob("events.out.tfevents.*"))

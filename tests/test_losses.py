@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from lit_rlhf.losses import dpo_loss, ppo_policy_loss, ppo_value_loss, reward_loss
+from lit_rlhf.losses import dpo_loss, ppo_policy_loss, ppo_value_loss, reward_loss, rpo_nll_loss
 
 
 def softplus(x: float) -> float:  # -log sigmoid(-x) = log(1 + e^x)
@@ -94,3 +94,8 @@ def test_ppo_value_loss_by_hand():
     # 0.6 from 0 clips to 0.2: max((0.6 - 1)^2, (0.2 - 1)^2) = 0.64 -> 0.32
     loss, clipfrac = ppo_value_loss(torch.tensor([[0.6]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), cliprange_value=0.2)
     assert torch.isclose(loss, torch.tensor(0.32)) and clipfrac == 1.0
+
+
+def test_rpo_nll_is_the_mean_over_chosen_tokens():
+    # two answers: 1 token with log-prob -2, 3 tokens summing to -6: (2 + 6) / (1 + 3) = 2
+    assert rpo_nll_loss(torch.tensor([-2.0, -6.0]), torch.tensor([1, 3])).item() == 2.0

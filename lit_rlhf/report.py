@@ -1,0 +1,98 @@
+"""The evaluation report: report.md, report.json, frontier.png and TensorBoard scalars."""
+
+import json
+from pathlib import Path
+
+from lit_rlhf.metrics import interval_text
+
+#: first table: what a looping or reward-hacking policy cannot hide
+QUALITY = [("judge_reward", "judge reward"), ("proxy_reward", "proxy reward"), ("win_rate", "win-rate vs {baseline}"),
+           ("lc_win_rate", "length-controlled win-rate"), ("sampled_kl", "KL to {baseline} (sampled)"),
+           ("loop_share", "looping answers"), ("distinct_2", "distinct-2"), ("length", "mean length (tokens)"),
+           ("eos_share", "ends with EOS")]  # fmt: skip
+#: second table
+LIKELIHOOD = [("logprob_preference", "mean answer log-prob (preference)"), ("logprob_unseen", "mean answer log-prob (unseen)"),
+              ("greedy_logratio", "greedy log-ratio to {baseline}"), ("sampled_kl_k3", "KL to {baseline} (sampled, k3)"),
+              ("boilerplate", "boilerplate")]  # fmt: skip
+
+
+def cell(value) -> str:
+    """A number, or `mean [low, high]` for a (mean, low, high) triple."""
+    return interval_text(value) if isinstance(value, (list, tuple)) else f"{value:.3f}"
+
+
+def table(report: dict, columns: list[tuple[str, str]], baseline: str) -> list[str]:
+    header = "| model | " + " | ".join(title.format(baseline=baseline) for _, title in columns) + " |"
+    rows = [f"| {name} | " + " | ".join(cell(m[key]) for key, _ in columns) + " |" for name, m in report["models"].items()]
+    return [header, "|" + " --- |" * (len(columns) + 1), *rows]
+
+
+def markdown(report: dict, baseline: str, unseen: str, dataset: str) -> str:
+    judge, proxy, n = report["judge"], report["proxy"], len(report["prompts"])
+    independence = "" if judge["independent"] else " **The judge is the proxy itself: pass --judge_model for an independent judge.**"
+    lines = [
+        "# lit-rlhf evaluation", "",
+        f"Preference data: `{dataset}` (held-out split); unseen set: `{unseen}`; judge: `{judge['path']}`; proxy (the"
+        f" reward model the policies trained on): `{proxy['path']}`.{independence}", "",
+        f"Every per-prompt mean is over the same {n} prompts, with a bootstrap 95 % interval in brackets. Win-rates",
+        f"are by the judge against {baseline}'s greedy answer (ties count one half); the length-controlled win-rate is",
+        "the win probability at equal length (logistic regression on the length difference). KL is",
+        f"KL(model || {baseline}) in nats per response, from one temperature-1 sample per prompt (k1 estimator;",
+        "k3 below). A looping answer repeats some 4-word sequence at least 3 times.", "",
+        "## Quality and degeneration", "", *table(report, QUALITY, baseline), "",
+        "## Likelihood", "", *table(report, LIKELIHOOD, baseline), "",
+        "The greedy log-ratio is `log p_model(y|x) - log p_base(y|x)` summed over each model's own greedy answer y:",
+        "KL-like, but not a KL estimate, and it can be negative.", "",
+        "## Reward models", "",
+        f"On {judge['rows']} held-out preference pairs: judge accuracy (chosen > rejected) {judge['accuracy']:.1%}, mean"
+        f" margin {judge['margin']:.3f}; proxy accuracy {proxy['accuracy']:.1%}, mean margin {proxy['margin']:.3f}.", "",
+        "## Reward against KL", "", "![frontier](frontier.png)", "",
+        "| model | KL (sampled) | judge reward |", "| --- | --- | --- |",
+        *[f"| {name} | {cell(m['sampled_kl'])} | {cell(m['judge_reward'])} |" for name, m in report["models"].items()], "",
+        "## Generations (greedy)", "",
+    ]  # fmt: skip
+    for i, prompt in enumerate(report["prompts"]):
+        lines += [f"### {i + 1}. {prompt.strip()}", ""]
+        lines += [f"- **{name}**: {m['generations'][i]}" for name, m in report["models"].items()] + [""]
+    lines.append(f"Evaluation took {report['seconds']:.0f} s.")
+    return "\n".join(lines)
+
+
+def frontier_figure(report: dict):
+    """Judge reward against sampled KL, one point (with both intervals) per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6, 4))
+    for name, m in report["models"].items():
+        (kl, kl_low, kl_high), (reward, r_low, r_high) = m["sampled_kl"], m["judge_reward"]
+        ax.errorbar(kl, reward, xerr=[[kl - kl_low], [kl_high - kl]], yerr=[[reward - r_low], [r_high - reward]], fmt="o", capsize=3)
+        ax.annotate(name, (kl, reward), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("KL to baseline (nats per response, sampled)")
+    ax.set_ylabel("judge reward")
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def write_report(report: dict, output_dir: str, baseline: str, unseen: str, dataset: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(report, baseline, unseen, dataset)
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    figure = frontier_figure(report)
+    figure.savefig(out / "frontier.png", dpi=120)
+    with SummaryWriter(str(out)) as writer:
+        writer.add_text("report", text)
+        writer.add_figure("frontier", figure)
+        for role in ("judge", "proxy"):
+            writer.add_scalar(f"reward_model/{role}_accuracy", report[role]["accuracy"])
+        for name, m in report["models"].items():
+            for key, _ in QUALITY + LIKELIHOOD:
+                writer.add_scalar(f"{name}/{key}", m[key][0] if isinstance(m[key], (list, tuple)) else m[key])
+    print(f"report: {(out / 'report.md').resolve()}")
