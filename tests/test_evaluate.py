@@ -58,9 +58,10 @@ def test_boilerplate_on_hand_made_strings():
     assert not is_boilerplate("Haha, said no AI ever") and not is_boilerplate("Gotta stay as an aide")
 
 
-def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, tokenizer):
+def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, tokenizer, monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(1)
     judge_dir = tmp_path / "judge"
     AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(judge_dir)
