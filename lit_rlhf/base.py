@@ -164,8 +164,10 @@ class AlignmentModule(L.LightningModule):
                 module.train()  # transformers checkpoints in train mode only; dropout is 0, outputs are unchanged
 
     def on_fit_end(self) -> None:
+        """Export the trained model to `<log_dir>/hf` on rank 0. Every rank reads `trainer.log_dir`: in a
+        multi-process run it is a broadcast from rank 0, which hangs if rank 0 calls it alone."""
+        path = (Path(self.trainer.log_dir) / "hf").resolve()
         if self.trainer.is_global_zero:
-            path = (Path(self.trainer.log_dir) / "hf").resolve()
             export_pretrained(self.model, self.tokenizer, path, readme=self.model_card(path))
             rank_zero_info(f"exported {self.algorithm} model: {path}")
 
