@@ -66,7 +66,7 @@ def main() -> None:
     run.model.on_fit_end = lambda: None  # no export: only the steps are measured
     timer = StepTimer()
     run.trainer.callbacks.append(timer)
-    L.seed_everything(0)  # the same batches whatever the flags (LoRA's init draws from the RNG)
+    L.seed_everything(0)  # the same PPO samples whatever the flags (LoRA's init draws from the RNG)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     seconds = statistics.median(timer.seconds[1:])
     # PPO's batch holds prompts only; its step time is reported without a token rate

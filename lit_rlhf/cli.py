@@ -35,6 +35,9 @@ class LitRLHFCLI(LightningCLI):
         # no_grad rather than inference_mode in evaluation: validation metrics can then also be
         # updated by a later `fit` in the same process (inference tensors refuse in-place updates)
         parser.set_defaults({"trainer.inference_mode": False})
+        # the DataModule's batch sampler shards the rows over processes itself (lit_rlhf/loader.py);
+        # Lightning cannot put its DistributedSampler inside a custom batch sampler
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
 
     def _parse_ckpt_path(self) -> None:
         """With `--ckpt_path`, the model settings come from the checkpoint (as in LightningCLI), after

@@ -264,7 +264,8 @@ class PreferenceDataModule(L.LightningDataModule):
             limit: Use only the first N rows of the dataset (after `offset`, before the split).
             offset: Skip the first N rows of the dataset: e.g. a judge reward model trained on rows
                 that no other stage reads.
-            seed: Seed of the train/validation split.
+            seed: Seed of the train/validation split and of the training order (epoch `e` is shuffled
+                under `seed + e`, the same on every process).
             num_workers: DataLoader worker processes.
         """
         super().__init__()
@@ -304,19 +305,29 @@ class PreferenceDataModule(L.LightningDataModule):
         order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(hp.seed)).tolist()
         self.val_rows = [kept[i] for i in order[: hp.val_size]]
         self.train_rows = [kept[i] for i in order[hp.val_size :]]
-        self.train_sampler = ResumableBatchSampler(len(self.train_rows), hp.batch_size, shuffle=True)
+        self.train_sampler = ResumableBatchSampler(len(self.train_rows), hp.batch_size, shuffle=True, seed=hp.seed)
 
-    def _loader(self, rows: list[dict], batch_sampler=None, loader_class=DataLoader) -> DataLoader:
+    def process(self, rows: list[dict], stage: str) -> tuple[int, int]:
+        """`(rank, world_size)` of this process in the attached trainer, `(0, 1)` without one; every
+        process needs at least one of `rows` (a process without batches would stall the others)."""
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        if 0 < len(rows) < world_size:
+            raise UserError(f"{len(rows)} {stage} rows for {world_size} processes: every process needs at least one row")
+        return rank, world_size
+
+    def _loader(self, rows: list[dict], batch_sampler, loader_class=DataLoader) -> DataLoader:
         collate = collate_prompts if self.hparams.mode == "prompts" else collate_pairs
         return loader_class(
             rows,
-            batch_sampler=batch_sampler or ResumableBatchSampler(len(rows), self.hparams.batch_size, shuffle=False),
+            batch_sampler=batch_sampler,
             collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )
 
     def train_dataloader(self) -> CountingDataLoader:
-        """Shuffled each epoch; a checkpoint resumes it at the next unseen batch (`state_dict`)."""
+        """Shuffled each epoch, this process's share (`ResumableBatchSampler`); a checkpoint resumes it at
+        the next unseen batch (`state_dict`)."""
+        self.train_sampler.rank, self.train_sampler.world_size = self.process(self.train_rows, "training")
         return self._loader(self.train_rows, self.train_sampler, CountingDataLoader)
 
     def state_dict(self) -> dict:
@@ -328,8 +339,13 @@ class PreferenceDataModule(L.LightningDataModule):
             self.train_sampler.load_state_dict(state)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_rows)
+        """In order; this process's share: every held-out row is served to one process, once."""
+        rank, world_size = self.process(self.val_rows, "validation")
+        sampler = ResumableBatchSampler(len(self.val_rows), self.hparams.batch_size, shuffle=False, rank=rank, world_size=world_size)
+        return self._loader(self.val_rows, sampler)
 
     def every_row_dataloader(self) -> DataLoader:
-        """Training then validation rows, unshuffled: for work done once per row (DPO's reference log-probs)."""
-        return self._loader(self.train_rows + self.val_rows)
+        """Training then validation rows, unshuffled, all of them in every process: for work done once
+        per row (DPO's reference log-probs)."""
+        rows = self.train_rows + self.val_rows
+        return self._loader(rows, ResumableBatchSampler(len(rows), self.hparams.batch_size, shuffle=False))

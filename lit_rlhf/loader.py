@@ -1,10 +1,14 @@
-"""Training batches that a checkpoint can resume mid-epoch, row for row.
+"""Training batches that a checkpoint can resume mid-epoch, row for row, sharded over processes.
 
 The sampler's state (shuffling seed, epoch, batches the training loop has taken) travels in the
 checkpoint through the DataModule's `state_dict` / `load_state_dict`, so a killed and resumed run
 sees exactly the rows an uninterrupted run sees. (Lightning's own loader-state path restores too
 late when `configure_optimizers` reads `trainer.estimated_stepping_batches`, which builds the
 training iterator before the checkpoint is loaded; the DataModule is restored before that.)
+
+In a multi-process run (DDP, FSDP, DeepSpeed) every process builds the same permutation and takes
+its own share of it: Lightning cannot put its `DistributedSampler` inside a custom batch sampler,
+so the CLI turns that off (`use_distributed_sampler: false`) and this sampler shards by itself.
 """
 
 from typing import Iterator
@@ -14,22 +18,34 @@ from torch.utils.data import DataLoader, Sampler
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
-    """Batches of row positions; epoch `e` is `randperm(num_rows)` under seed `seed + e`.
+    """Batches of row positions for process `rank` of `world_size` (W); batch size B per process.
 
-    The seed is drawn from torch's global RNG when the first epoch starts, as `RandomSampler`
-    draws its own, so `seed_everything` fixes it and the first epoch's order is the one
-    `DataLoader(shuffle=True)` gives. The loader counts the batches the training loop takes.
+    With `shuffle` (training), epoch `e` serves `randperm(num_rows)` under seed `seed + e`: the seed
+    is the DataModule's `seed`, never torch's global RNG, so every process draws the same
+    permutation. The permutation is cut to a multiple of W (at most W - 1 rows left out per epoch)
+    so that every process gets the same number of rows and batches: a process that runs one step
+    more than the others would wait for them forever. Process r takes positions r, r + W, r + 2W,
+    ..., so the union of the processes' i-th batches is positions i*W*B to (i+1)*W*B - 1: the i-th
+    batch of one process with batch size W*B.
+
+    Without `shuffle` (validation) the rows stay in order and process r takes rows r, r + W, ...:
+    every row is served exactly once (nothing cut, nothing repeated), and batch counts may differ
+    by one between processes.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, shuffle: bool = True):
-        self.num_rows, self.batch_size, self.shuffle = num_rows, batch_size, shuffle
-        self.seed: int | None = None
+    def __init__(self, num_rows: int, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.num_rows, self.batch_size, self.shuffle, self.seed = num_rows, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = -1  # the epoch being served
         self.batches_done = 0  # batches of that epoch the training loop has taken
         self.resuming = False  # set by load_state_dict: the next iteration continues `epoch`
 
+    def served_rows(self) -> int:
+        """Rows served per epoch by all processes together: training cuts `num_rows` to a multiple of W."""
+        return self.num_rows - self.num_rows % self.world_size if self.shuffle else self.num_rows
+
     def __len__(self) -> int:
-        return -(-self.num_rows // self.batch_size)
+        return -(-len(range(self.rank, self.served_rows(), self.world_size)) // self.batch_size)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "batches_done": self.batches_done}
@@ -39,8 +55,6 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.resuming = True
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle and self.seed is None:
-            self.seed = int(torch.empty((), dtype=torch.int64).random_().item())
         if not self.resuming:
             self.epoch, self.batches_done = self.epoch + 1, 0
         self.resuming = False
@@ -48,7 +62,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
             order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.num_rows)
-        for batch in order.split(self.batch_size)[self.batches_done :]:
+        share = order[: self.served_rows()][self.rank :: self.world_size]  # (num_rows // W,) in training
+        for batch in share.split(self.batch_size)[self.batches_done :]:
             yield batch.tolist()
 
 

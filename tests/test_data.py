@@ -8,6 +8,7 @@ import torch
 from lit_rlhf.commands import main
 from lit_rlhf.data import PreferenceDataModule, collate_pairs, collate_prompts, render_completion, render_prompt
 from lit_rlhf.errors import UserError
+from lit_rlhf.loader import ResumableBatchSampler
 from lit_rlhf.ops import IGNORE_INDEX
 
 EOS = PAD = 9  # pad == eos, as in SmolLM
@@ -179,3 +180,25 @@ def test_cli_prints_one_line_error_without_traceback(tiny_model_dir, tmp_path, c
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert str(exit_info.value) == f"lit-rlhf: error: {path}: row 2: field 'chosen' is empty"
+
+
+def shares(num_rows: int, batch_size: int, world_size: int, shuffle: bool) -> list[list[list[int]]]:
+    """The batches each of `world_size` processes draws in the first epoch, seed 3."""
+    return [list(ResumableBatchSampler(num_rows, batch_size, shuffle, 3, rank, world_size)) for rank in range(world_size)]
+
+
+def test_training_shards_are_disjoint_equal_and_add_up_to_the_one_process_batches():
+    two = shares(11, 2, 2, shuffle=True)  # 11 rows: one is cut so that both processes have 5 rows
+    one = shares(11, 4, 1, shuffle=True)[0]  # one process, batch size 2 x 2
+    assert [len(r) for r in two] == [3, 3] and [len(ResumableBatchSampler(11, 2, rank=r, world_size=2)) for r in (0, 1)] == [3, 3]
+    seen = [row for share in two for batch in share for row in batch]
+    assert len(seen) == len(set(seen)) == 10
+    for step in range(3):  # the processes' batches of a step are the one-process batch of that step
+        assert sorted(two[0][step] + two[1][step]) == sorted(one[step][: len(two[0][step]) * 2])
+    torch.manual_seed(1)
+    assert shares(11, 2, 2, shuffle=True) == two  # the order is the seed's, not the global RNG's
+
+
+def test_validation_shards_serve_every_row_once():
+    val = shares(5, 2, 2, shuffle=False)
+    assert val == [[[0, 2], [4]], [[1, 3]]]  # uneven counts, nothing cut or repeated
