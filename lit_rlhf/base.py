@@ -78,9 +78,15 @@ class AlignmentModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         loss = self.shared_step(batch, "train")
-        if not torch.isfinite(loss):
+        if not self.finite_in_every_process(loss):
             return self.non_finite(f"loss ({loss.item()})")  # None: Lightning skips the backward
         return loss
+
+    def finite_in_every_process(self, tensor: torch.Tensor) -> bool:
+        """True if `tensor` is finite in every process of the run (one all-reduce when there are several),
+        so that all processes stop or skip together: a process that skips a backward pass the others
+        run would leave them waiting for its gradients."""
+        return self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(tensor).all()), all=True)
 
     def non_finite(self, what: str) -> None:
         """Stop the run on a non-finite `what`, or with `on_non_finite=skip` count the skipped update."""
@@ -112,11 +118,11 @@ class AlignmentModule(L.LightningModule):
         self.shared_step(batch, "val")
 
     def log_stats(self, stats: dict[str, torch.Tensor], stage: str, batch_size: int) -> None:
-        """Log `stats` under their own names in training; in validation as `val_<name>`, averaged
-        over the epoch by torchmetrics."""
+        """Log `stats` under their own names in training, averaged over the processes of a multi-process
+        run; in validation as `val_<name>`, averaged over the epoch (and the processes) by torchmetrics."""
         if stage == "train":
             for name, value in stats.items():
-                self.log(name, value, batch_size=batch_size, prog_bar=name in self.progress_bar_metrics)
+                self.log(name, value, batch_size=batch_size, prog_bar=name in self.progress_bar_metrics, sync_dist=True)
             return
         for name, value in stats.items():
             key = f"val_{name}"

@@ -1,5 +1,7 @@
 """Shared tensor math: token log-probs, masks, masked statistics, advantages, schedules. Depends on torch only."""
 
+from typing import Callable
+
 import torch
 
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
@@ -57,15 +59,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum()
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance of `x` over positions where `mask` is 1. (B, T), (B, T) -> ()"""
-    n = mask.sum()
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask) * n / (n - 1)
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+) -> torch.Tensor:
+    """`(x - mean) / std` over the masked positions (the mean is kept when `shift_mean` is False). (B, T) -> (B, T)
 
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """`(x - mean) / std` over the masked positions (the mean is kept when `shift_mean` is False). (B, T) -> (B, T)"""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    The std is the unbiased one. `sum_over_processes` sums a tensor over the processes of a
+    multi-process run (an all-reduce): mean and std are then those of the masked positions of every
+    process together, as if one process held all the rows. By default, this process's rows only.
+    """
+    n, total = sum_over_processes(torch.stack([mask.sum(), (x * mask).sum()]))
+    mean = total / n
+    var = sum_over_processes(((x - mean) ** 2 * mask).sum()) / (n - 1)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
 

@@ -4,6 +4,18 @@ One training step reads top to bottom:
     rollout()            generate responses, score them, old log-probs, reference log-probs, values
     compute_advantages() per-token reward = -kl_coef * KL_t (+ score on the last token), GAE, whitening
     update()             ppo_epochs passes over minibatches: clipped policy and value losses
+
+With several processes (DDP, FSDP, DeepSpeed) each process rolls out its own share of the prompts:
+- sampling: at the start of `fit` each process reseeds torch's RNG with one number drawn from the
+  common stream plus its rank, so the processes sample different responses. A checkpoint keeps rank
+  0's RNG state; a resumed run reseeds each rank from it again, so its samples are deterministic but
+  not the ones the uninterrupted run would have drawn (one process resumes exactly);
+- whitening: the advantages' mean and std are all-reduced, those of every process's tokens together,
+  as in one process with all the prompts;
+- generation: under DDP each process holds the whole policy, so `generate` runs without collectives
+  and a process that stops early (every response at EOS) waits for nobody. Under FSDP or DeepSpeed the
+  parameters are sharded and every forward is a collective: `generate(synced_gpus=True)` keeps every
+  process stepping until all are done.
 """
 
 from contextlib import nullcontext
@@ -11,7 +23,7 @@ from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ParallelStrategy
 from transformers import GenerationConfig
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
@@ -104,6 +116,19 @@ class PPOModule(AlignmentModule):
         if dm is not None and dm.hparams.mode != "prompts":
             raise UserError("PPO reads prompts only: set --data.mode prompts")
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.trainer.world_size > 1:  # the same seed on every process would sample alike: offset it by rank
+            torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
+
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the processes of the run (an all-reduce); itself without a trainer."""
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum") if self._trainer is not None else tensor
+
+    def sharded(self) -> bool:
+        """True if the strategy shards the parameters over processes (FSDP, DeepSpeed): every forward is then a collective."""
+        return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
+
     # ---- the three phases -------------------------------------------------------------------
 
     def micro_batch_size(self, batch_size: int) -> int:
@@ -126,9 +151,11 @@ class PPOModule(AlignmentModule):
         return sequence_scores(self.reward_model, batch)
 
     def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool = False) -> tuple[torch.Tensor, ...]:
-        """Sample (or greedy-decode) responses, cut after the first EOS: responses, response_mask (B, R), contains_eos (B,)."""
+        """Sample (or greedy-decode) responses, cut after the first EOS: responses, response_mask (B, R), contains_eos (B,).
+
+        With sharded parameters every process keeps stepping (`synced_gpus`) until all are done."""
         config = self.greedy_config if greedy else self.generation_config
-        out = self.model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=config)
+        out = self.model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=config, synced_gpus=self.sharded())
         return truncate_after_eos(out[:, prompts.shape[1] :], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
 
     @torch.no_grad()
@@ -166,7 +193,7 @@ class PPOModule(AlignmentModule):
 
     @torch.no_grad()
     def compute_advantages(self, rollout: Rollout) -> Rollout:
-        """Per-token rewards (KL penalty + score at the last token), GAE, whitened advantages."""
+        """Per-token rewards (KL penalty + score at the last token), GAE, advantages whitened over every process's tokens."""
         hp = self.hparams
         response_mask = rollout["response_mask"]  # (B, R)
         kl = kl_penalty(rollout["logprobs"], rollout["ref_logprobs"], hp.kl_estimator) * response_mask
@@ -175,7 +202,7 @@ class PPOModule(AlignmentModule):
         rewards = non_score_reward.clone()
         rewards[torch.arange(len(last)), last] += rollout["scores"]
         advantages, returns = gae(rewards, rollout["values"], response_mask, hp.gamma, hp.lam)
-        advantages = masked_whiten(advantages, response_mask) * response_mask
+        advantages = masked_whiten(advantages, response_mask, sum_over_processes=self.sum_over_processes) * response_mask
         return dict(rollout, kl=kl, non_score_reward=non_score_reward, advantages=advantages, returns=returns)
 
     def no_backward_sync(self, enabled: bool):
@@ -202,17 +229,18 @@ class PPOModule(AlignmentModule):
                         pg_loss, pg_stats = ppo_policy_loss(logprobs, rollout["logprobs"][idx], rollout["advantages"][idx], rm, hp.cliprange)
                         vf_loss, vf_clipfrac = ppo_value_loss(self.values(batch, P), rollout["values"][idx], rollout["returns"][idx], rm, hp.cliprange_value)
                         loss = pg_loss + hp.vf_coef * vf_loss
-                        if not torch.isfinite(loss):
+                        if not self.finite_in_every_process(loss):
                             self.non_finite(f"PPO loss ({loss.item()})")
-                            continue
+                            break  # this minibatch's update is skipped
                         self.manual_backward(loss / len(micro))
                     for name, value in {"loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
                                         "policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
                                         "val/clipfrac_avg": vf_clipfrac, "val/ratio": pg_stats["ratio"]}.items():  # fmt: skip
                         stats.setdefault(name, []).append(value)
-                if self.gradients_are_finite(optimizer):
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-                    optimizer.step()
+                else:  # every micro-batch had a finite loss (gradients are synced on the last one)
+                    if self.gradients_are_finite(optimizer):
+                        self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                        optimizer.step()
                 optimizer.zero_grad()
         self.lr_schedulers().step()
         return {name: torch.stack(values).mean() for name, values in stats.items()}
@@ -220,7 +248,7 @@ class PPOModule(AlignmentModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         rollout = self.compute_advantages(self.rollout(batch))
         for key in ("scores", "values", "advantages"):
-            if not torch.isfinite(rollout[key]).all():
+            if not self.finite_in_every_process(rollout[key]):
                 return self.non_finite(f"rollout {key}")  # skipped: no update for this batch of prompts
         stats = self.update(rollout)
         scores = rollout["scores"]
@@ -232,7 +260,7 @@ class PPOModule(AlignmentModule):
             "objective/rlhf_reward": (scores + non_score).mean(),
             "objective/scores": scores.mean(),
             "objective/eos_share": rollout["contains_eos"].float().mean(),
-            "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0]),
+            "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0], device=self.device),
         }
         self.log_stats(stats, "train", batch_size=len(scores))
         if batch_idx % self.hparams.sample_every_n_steps == 0:
