@@ -71,6 +71,7 @@ class AlignmentModule(L.LightningModule):
         self.strict_loading = False  # checkpoints leave out `frozen_modules`
         self.val_metrics = nn.ModuleDict()  # filled by log_stats
         self.non_finite_skips = 0
+        self.skip_update = False  # set by a non-finite training loss: the next optimizer step is dropped
 
     def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         """Loss of a batch; logs its statistics with `log_stats`."""
@@ -79,8 +80,16 @@ class AlignmentModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         loss = self.shared_step(batch, "train")
         if not self.finite_in_every_process(loss):
-            return self.non_finite(f"loss ({loss.item()})")  # None: Lightning skips the backward
+            self.non_finite(f"loss ({loss.item()})")
+            return self.no_update_loss()
         return loss
+
+    def no_update_loss(self) -> torch.Tensor:
+        """A loss whose gradient is 0 for every trained weight, and the optimizer step that follows is dropped
+        (`on_before_optimizer_step`). Not None: Lightning refuses a skipped `training_step` in a
+        multi-process run, whose processes must all run the backward pass (it syncs the gradients)."""
+        self.skip_update = True
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def finite_in_every_process(self, tensor: torch.Tensor) -> bool:
         """True if `tensor` is finite in every process of the run (one all-reduce when there are several),
@@ -111,7 +120,12 @@ class AlignmentModule(L.LightningModule):
         return False
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.automatic_optimization:
+        if not self.automatic_optimization:
+            return
+        if self.skip_update:  # without gradients AdamW leaves weights and moments untouched
+            optimizer.zero_grad(set_to_none=True)
+            self.skip_update = False
+        else:
             self.gradients_are_finite(optimizer)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

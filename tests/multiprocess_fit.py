@@ -1,0 +1,107 @@
+"""Fit a run and save what each of its processes saw: the helper of tests/test_multiprocess.py.
+
+    python tests/multiprocess_fit.py OUT_DIR NAN_STEP FIT_ARGS...
+
+builds the run with `lit_rlhf.cli.cli(FIT_ARGS, run=False)`, fits it and saves `OUT_DIR/rank<r>.pt`
+in every process r. NAN_STEP >= 0 turns process 1's training loss at that global step into NaN.
+Lightning's DDP launcher starts processes 1.. by running this script again with the same arguments,
+so the script's work sits under `if __name__ == "__main__"`.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import lit_rlhf.base
+from lit_rlhf.cli import cli
+
+
+class Recorder(Callback):
+    """What one process sees: row indices of its batches, logged metrics and trained weights after
+    each training batch, PPO's whitened advantages, weights and torch RNG state when training starts."""
+
+    def __init__(self):
+        self.record = {"train_rows": [], "val_rows": [], "metrics": [], "weights": [], "advantages": []}
+
+    @staticmethod
+    def trained_weights(module) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
+
+    def on_train_start(self, trainer, module) -> None:
+        self.record |= {"rng_state": torch.get_rng_state(), "initial_weights": self.trained_weights(module)}
+        if hasattr(module, "compute_advantages"):  # PPO
+            compute_advantages = module.compute_advantages
+
+            def recorded(rollout):
+                rollout = compute_advantages(rollout)
+                self.record["advantages"].append((rollout["advantages"], rollout["response_mask"]))
+                return rollout
+
+            module.compute_advantages = recorded
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.record["train_rows"].append(batch["index"].tolist())
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.record["metrics"].append({k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        self.record["weights"].append(self.trained_weights(module))
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self.record["val_rows"].append(batch["index"].tolist())
+
+    def on_fit_end(self, trainer, module) -> None:
+        self.record |= {
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "final_metrics": {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+            "non_finite_skips": module.non_finite_skips,
+            "frozen_requires_grad": {
+                name: any(p.requires_grad for p in getattr(module, name).parameters())
+                for name in module.frozen_modules
+                if getattr(module, name) is not None
+            },
+        }
+
+
+def poison(module, step: int) -> None:
+    """Process 1's training loss at global step `step` becomes NaN (after its statistics are logged)."""
+    shared_step = module.shared_step
+
+    def poisoned(batch, stage):
+        loss = shared_step(batch, stage)
+        return loss * float("nan") if stage == "train" and module.global_rank == 1 and module.global_step == step else loss
+
+    module.shared_step = poisoned
+
+
+def fit_and_record(args: list[str], nan_step: int = -1) -> dict:
+    """Fit `lit-rlhf fit ARGS` in this process; the record of what it saw (its rank is `trainer.global_rank`)."""
+    run = cli(args, run=False)
+    recorder = Recorder()
+    run.trainer.callbacks.append(recorder)
+    if nan_step >= 0:
+        poison(run.model, nan_step)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    return recorder.record | {"rank": run.trainer.global_rank}
+
+
+def record_exports(record: dict) -> None:
+    """Note in `record` whether this process calls the export."""
+    export_pretrained = lit_rlhf.base.export_pretrained
+
+    def recorded(*args, **kwargs):
+        record["exported"] = True
+        return export_pretrained(*args, **kwargs)
+
+    lit_rlhf.base.export_pretrained = recorded
+
+
+if __name__ == "__main__":
+    out_dir, nan_step, args = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    exports = {"exported": False}
+    record_exports(exports)
+    record = fit_and_record(args, nan_step) | exports
+    torch.save(record, out_dir / f"rank{record['rank']}.pt")

@@ -1,0 +1,133 @@
+"""Two gloo processes on CPU (DDP): disjoint shards, reduced metrics, identical weights, rank-0 export.
+
+Each test runs `tests/multiprocess_fit.py` with `--trainer.devices 2 --trainer.strategy ddp` in a
+subprocess (a hang fails it at the timeout) and compares what each process saw with a 1-process run
+of the same global batch, fitted in this process.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from math import log
+from pathlib import Path
+
+import pytest
+import torch
+
+from multiprocess_fit import fit_and_record
+
+pytestmark = pytest.mark.multiprocess
+
+REPO = Path(__file__).parents[1]
+SCRIPT = Path(__file__).with_name("multiprocess_fit.py")
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0"]
+
+
+def fit_two_processes(args: list[str], out_dir: Path, nan_step: int = -1) -> tuple[dict, dict, float]:
+    """Run `fit ARGS` with 2 DDP processes in `out_dir`: the records of ranks 0 and 1, and the wall time in seconds."""
+    out_dir.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, str(SCRIPT), str(out_dir), str(nan_step), *args, *DDP]
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=out_dir, env=env, capture_output=True, text=True, timeout=240)
+    seconds = time.monotonic() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [(r["rank"], r["world_size"], r["strategy"]) for r in ranks] == [(0, 2, "DDPStrategy"), (1, 2, "DDPStrategy")]
+    return ranks[0], ranks[1], seconds
+
+
+def pairs_args(module: str, model_dir: str, dataset, batch_size: int, steps: int, *extra) -> list[str]:
+    """20 training rows, 5 held-out rows (validated after `steps` training batches)."""
+    return [
+        "--model", module, "--model.model_name_or_path", model_dir, "--data.dataset", str(dataset), "--data.limit", "25",
+        "--data.val_size", "5", "--data.batch_size", str(batch_size), "--data.max_length", "64", "--data.max_prompt_length", "32",
+        "--trainer.limit_train_batches", str(steps), "--seed_everything", "0", *QUIET, *extra,
+    ]  # fmt: skip
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def rows(batches: list[list[int]]) -> list[int]:
+    return [row for batch in batches for row in batch]
+
+
+def assert_like_one_process(rank0: dict, rank1: dict, one: dict, names: tuple[str, ...]) -> None:
+    """Step 0 of the 2-process run (batch B per process) is step 0 of `one` (batch 2B): rows, metrics, weights."""
+    assert len(rank0["train_rows"][0]) == len(rank1["train_rows"][0]) == len(one["train_rows"][0]) // 2
+    assert not set(rank0["train_rows"][0]) & set(rank1["train_rows"][0])
+    assert sorted(rank0["train_rows"][0] + rank1["train_rows"][0]) == sorted(one["train_rows"][0])
+    for name in names:  # reduced: both processes log the mean of the two, which is the 1-process value (float32: rel 1e-6)
+        assert rank0["metrics"][0][name] == rank1["metrics"][0][name] == pytest.approx(one["metrics"][0][name], rel=1e-6, abs=1e-5), name
+    assert max_difference(rank0["weights"][0], rank1["weights"][0]) == 0.0
+    assert max_difference(rank0["weights"][0], one["weights"][0]) < 1e-5
+    assert max_difference(one["weights"][0], one["initial_weights"]) > 1e-4  # the step moved the weights far more than 1e-5
+
+
+def assert_each_held_out_row_counted_once(rank0: dict, rank1: dict, one: dict) -> None:
+    val0, val1 = rows(rank0["val_rows"]), rows(rank1["val_rows"])
+    assert len(val0) + len(val1) == 5 and not set(val0) & set(val1)
+    assert sorted(val0 + val1) == sorted(rows(one["val_rows"]))
+
+
+def test_reward_model_two_processes_train_like_one_with_the_global_batch(tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    args = pairs_args("lit_rlhf.reward.RewardModule", tiny_reward_dir, real_rows, 2, 1)
+    rank0, rank1, _ = fit_two_processes(args, tmp_path / "ddp")
+    monkeypatch.chdir(tmp_path)
+    one = fit_and_record(pairs_args("lit_rlhf.reward.RewardModule", tiny_reward_dir, real_rows, 4, 1))
+    assert_like_one_process(rank0, rank1, one, ("loss", "accuracy", "margin", "rewards/chosen"))
+    assert_each_held_out_row_counted_once(rank0, rank1, one)
+    for name in ("val_loss", "val_accuracy", "val_margin"):  # 3 rows on rank 0, 2 on rank 1: weighted, not averaged
+        assert rank0["final_metrics"][name] == pytest.approx(one["final_metrics"][name], abs=1e-5), name
+    # the export: rank 0 only, after every process has read the log folder (the old gloo crash)
+    assert rank0["exported"] and not rank1["exported"]
+    assert (tmp_path / "ddp/logs/reward/version_0/hf/model.safetensors").is_file()
+
+
+def test_dpo_two_processes_train_like_one_and_skip_a_nan_together(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    lr = ["--model.learning_rate", "1e-3"]  # a step moves the weights by about this: far above the 1e-5 tolerance
+    args = pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 2, 2, *lr, "--model.on_non_finite", "skip")
+    rank0, rank1, _ = fit_two_processes(args, tmp_path / "ddp", nan_step=1)  # rank 1's second loss is NaN
+    monkeypatch.chdir(tmp_path)
+    one = fit_and_record(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 4, 1, *lr))
+    assert rank0["metrics"][0]["loss"] == pytest.approx(log(2), abs=1e-6)  # policy == reference at step 0
+    assert_like_one_process(rank0, rank1, one, ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected"))
+    # a NaN on one process: both skip the update (one skipping its backward alone would stall the other)
+    assert rank0["non_finite_skips"] == rank1["non_finite_skips"] == 1
+    assert max_difference(rank0["weights"][1], rank0["weights"][0]) == max_difference(rank1["weights"][1], rank1["weights"][0]) == 0.0
+    assert_each_held_out_row_counted_once(rank0, rank1, one)
+    assert rank0["final_metrics"]["val_loss"] == pytest.approx(one["final_metrics"]["val_loss"], abs=1e-5)
+    assert rank0["frozen_requires_grad"] == rank1["frozen_requires_grad"] == {"ref_model": False}  # DDP never syncs it
+
+
+def test_ppo_two_processes_sample_apart_whiten_together_and_end_with_the_same_weights(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path):
+    args = [
+        "--model", "lit_rlhf.ppo.PPOModule", "--model.model_name_or_path", tiny_model_dir, "--model.reward_model_path", tiny_reward_dir,
+        "--model.response_length", "4", "--model.ppo_epochs", "2", "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-3",
+        "--data.dataset", str(real_rows), "--data.mode", "prompts", "--data.limit", "13", "--data.val_size", "3",
+        "--data.batch_size", "2", "--data.max_length", "64", "--data.max_prompt_length", "32",
+        "--trainer.limit_train_batches", "1", "--seed_everything", "0", *QUIET,
+    ]  # fmt: skip
+    rank0, rank1, seconds = fit_two_processes(args, tmp_path / "ddp")
+    print(f"2-process tiny PPO run: {seconds:.1f} s")
+    assert rank0["metrics"][0]["objective/kl"] == rank1["metrics"][0]["objective/kl"] == 0.0  # first rollout: policy == reference
+    assert len(rank0["train_rows"][0]) == len(rank1["train_rows"][0]) == 2
+    assert not set(rank0["train_rows"][0]) & set(rank1["train_rows"][0])
+    assert not torch.equal(rank0["rng_state"], rank1["rng_state"])  # the processes sample apart
+    # advantages whitened over both processes' tokens: mean 0 and variance 1 together, not on each process
+    (a0, m0), (a1, m1) = rank0["advantages"][0], rank1["advantages"][0]
+    together = torch.cat([a0[m0.bool()], a1[m1.bool()]])
+    assert together.mean().item() == pytest.approx(0.0, abs=1e-5) and together.var().item() == pytest.approx(1.0, abs=1e-4)
+    assert abs(a0[m0.bool()].mean().item()) > 1e-3
+    # ppo_epochs x num_minibatches optimizer steps, gradients all-reduced: identical weights everywhere
+    assert max_difference(rank0["weights"][0], rank1["weights"][0]) == 0.0
+    assert max_difference(rank0["weights"][0], rank0["initial_weights"]) > 1e-4
+    assert any(k.startswith("value_model.") for k in rank0["weights"][0])
+    assert rank0["frozen_requires_grad"] == rank1["frozen_requires_grad"] == {"ref_model": False, "reward_model": False}
+    assert "val_objective/scores" in rank0["final_metrics"]  # 2 held-out prompts on rank 0, 1 on rank 1
+    assert rank0["exported"] and not rank1["exported"]
