@@ -16,6 +16,7 @@ REPO = Path(__file__).parents[1]
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 DEMO = sorted((REPO / "lit_rlhf" / "configs" / "demo").glob("*.yaml"))  # package data
 CONFIGS = RECIPES + DEMO
+STRATEGIES = sorted((REPO / "configs" / "strategies").glob("*.yaml"))  # trainer-only fragments, a second -c
 
 
 def init_params(cls) -> list[str]:
@@ -37,6 +38,27 @@ def test_every_config_parses(config, capsys):
         for key, value in written.get(section, {}).get("init_args", written.get(section, {})).items():
             got = printed[section].get("init_args", printed[section]) if section == "model" else printed[section]
             assert got[key] == value, (section, key)
+
+
+@pytest.mark.parametrize("fragment", STRATEGIES, ids=lambda p: p.name)
+def test_every_strategy_fragment_parses_after_a_recipe(fragment, capsys):
+    written = yaml.safe_load(fragment.read_text())
+    assert set(written) == {"trainer"}
+    with pytest.raises(SystemExit) as exit_info:  # the parse imports and checks every class named (LlamaDecoderLayer, ...)
+        main(["fit", "-c", str(REPO / "configs" / "dpo.yaml"), "-c", str(fragment), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "lit_rlhf.dpo.DPOModule"  # the recipe is kept
+    for key, value in written["trainer"].items():
+        if isinstance(value, dict):  # a strategy class: its path and the arguments the fragment sets
+            assert printed["trainer"][key]["class_path"] == value["class_path"]
+            assert value["init_args"].items() <= printed["trainer"][key]["init_args"].items()
+        else:
+            assert printed["trainer"][key] == value, key
+
+
+def test_strategy_fragments_exist():
+    assert {p.name for p in STRATEGIES} == {"ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml"}
 
 
 @pytest.mark.parametrize("configs", [RECIPES, DEMO], ids=["recipes", "demo"])
