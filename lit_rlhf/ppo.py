@@ -13,9 +13,9 @@ With several processes (DDP, FSDP, DeepSpeed) each process rolls out its own sha
 - whitening: the advantages' mean and std are all-reduced, those of every process's tokens together,
   as in one process with all the prompts;
 - generation: under DDP each process holds the whole policy, so `generate` runs without collectives
-  and a process that stops early (every response at EOS) waits for nobody. Under FSDP or DeepSpeed the
-  parameters are sharded and every forward is a collective: `generate(synced_gpus=True)` keeps every
-  process stepping until all are done.
+  and a process that stops early (every response at EOS) waits for nobody. Under FSDP or DeepSpeed
+  ZeRO-3 the parameters are sharded and every forward is a collective: `generate(synced_gpus=True)`
+  keeps every process stepping until all are done. (ZeRO-2 shards optimizer state and gradients only.)
 """
 
 from contextlib import nullcontext
@@ -126,8 +126,9 @@ class PPOModule(AlignmentModule):
         return self.trainer.strategy.reduce(tensor, reduce_op="sum") if self._trainer is not None else tensor
 
     def sharded(self) -> bool:
-        """True if the strategy shards the parameters over processes (FSDP, DeepSpeed): every forward is then a collective."""
-        return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
+        """True if the strategy shards the parameters over processes (FSDP, DeepSpeed ZeRO-3): every forward is then a collective."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        return isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3)
 
     # ---- the three phases -------------------------------------------------------------------
 

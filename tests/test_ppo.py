@@ -110,3 +110,20 @@ def test_sample_table_shows_the_users_prompt(tiny_model_dir, tiny_reward_dir, re
     user_prompts = {row["prompt"].replace("\n", " ").replace("|", "\\|") for _, row in load_rows(str(real_rows))[:12]}
     first_cells = [line.split(" | ")[0].removeprefix("| ") for line in table.split("\n")[2:]]
     assert len(first_cells) == 8 and set(first_cells) <= user_prompts  # no chat template, no system turn
+
+
+def test_generate_keeps_processes_in_step_only_when_parameters_are_sharded(tiny_model_dir, tiny_reward_dir, prompt_batch, monkeypatch):
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, response_length=2)
+    synced = []
+
+    def generate(input_ids, synced_gpus, **kwargs):  # one response token per prompt, no collective
+        synced.append(synced_gpus)
+        return torch.cat([input_ids, input_ids[:, -1:]], 1)
+
+    monkeypatch.setattr(module.model, "generate", generate)
+    for strategy in (None, DDPStrategy(), FSDPStrategy()):  # no trainer, replicated, sharded parameters
+        module._trainer = None if strategy is None else types.SimpleNamespace(strategy=strategy)
+        module.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
+    assert synced == [False, False, True]
