@@ -307,7 +307,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_rows = [kept[i] for i in order[hp.val_size :]]
         self.train_sampler = ResumableBatchSampler(len(self.train_rows), hp.batch_size, shuffle=True, seed=hp.seed)
 
-    def process(self, rows: list[dict], stage: str) -> tuple[int, int]:
+    def rank_and_world_size(self, rows: list[dict], stage: str) -> tuple[int, int]:
         """`(rank, world_size)` of this process in the attached trainer, `(0, 1)` without one; every
         process needs at least one of `rows` (a process without batches would stall the others)."""
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
@@ -327,7 +327,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> CountingDataLoader:
         """Shuffled each epoch, this process's share (`ResumableBatchSampler`); a checkpoint resumes it at
         the next unseen batch (`state_dict`)."""
-        self.train_sampler.rank, self.train_sampler.world_size = self.process(self.train_rows, "training")
+        self.train_sampler.rank, self.train_sampler.world_size = self.rank_and_world_size(self.train_rows, "training")
         return self._loader(self.train_rows, self.train_sampler, CountingDataLoader)
 
     def state_dict(self) -> dict:
@@ -340,7 +340,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """In order; this process's share: every held-out row is served to one process, once."""
-        rank, world_size = self.process(self.val_rows, "validation")
+        rank, world_size = self.rank_and_world_size(self.val_rows, "validation")
         sampler = ResumableBatchSampler(len(self.val_rows), self.hparams.batch_size, shuffle=False, rank=rank, world_size=world_size)
         return self._loader(self.val_rows, sampler)
 
