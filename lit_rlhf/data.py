@@ -11,6 +11,7 @@ end-of-turn token of every completion.
 """
 
 import json
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
@@ -27,6 +28,7 @@ from lit_rlhf.ops import IGNORE_INDEX
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant")
+CODE = Path(__file__).read_bytes()  # part of the tokenized rows' cache key: a change here tokenizes again
 
 
 def _read_text(path: Path) -> str:
@@ -97,7 +99,8 @@ def load_rows(dataset: str, split: str = "train") -> list[tuple[str, dict]]:
 
 
 def as_messages(row, field: str, where: str, role: str) -> list[dict]:
-    """`row[field]` as chat messages: a string becomes one `role` message; a message list is checked."""
+    """`row[field]` as chat messages: a string becomes one `role` message; a message list is checked and
+    each message reduced to its `role` and `content`."""
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected an object with keys prompt/chosen/rejected, got {type(row).__name__}")
     value = row.get(field)
@@ -122,7 +125,7 @@ def as_messages(row, field: str, where: str, role: str) -> list[dict]:
             )
     if value[-1]["role"] != role:
         raise UserError(f"{where}: field '{field}' must end with a '{role}' message, ends with '{value[-1]['role']}'")
-    return value
+    return [{"role": message["role"], "content": message["content"]} for message in value]
 
 
 def render_prompt(tokenizer, prompt: list[dict]) -> str:
@@ -143,25 +146,22 @@ def tokenize(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_row(
+def encode_messages(
     tokenizer,
-    row: dict,
-    where: str,
-    completions: tuple[str, ...],
+    prompt: list[dict],
+    completions: dict[str, list[dict]],
     max_length: int,
     max_prompt_length: int,
     truncation: Literal["truncate", "drop"] = "truncate",
 ) -> Optional[dict]:
-    """Token ids of one row: `prompt` and each field named in `completions`; None if dropped.
+    """Token ids of a checked `prompt` and each of `completions` (chat messages); None if dropped.
 
     Over a limit, `truncate` keeps the prompt's last `max_prompt_length` tokens and each
     completion's first tokens up to `max_length`; `drop` returns None. The result also holds
     `truncated` and `prompt_text` (the last user turn, for reports).
     """
-    prompt = as_messages(row, "prompt", where, "user")
     ids = {"prompt": tokenize(tokenizer, render_prompt(tokenizer, prompt))}
-    for k in completions:
-        completion = as_messages(row, k, where, "assistant")
+    for k, completion in completions.items():
         ids[k] = tokenize(tokenizer, render_completion(tokenizer, prompt, completion))
     too_long = len(ids["prompt"]) > max_prompt_length or any(len(ids["prompt"]) + len(ids[k]) > max_length for k in completions)
     if too_long and truncation == "drop":
@@ -172,6 +172,90 @@ def encode_row(
     ids["truncated"] = too_long
     ids["prompt_text"] = prompt[-1]["content"]
     return ids
+
+
+def row_messages(row, where: str, completions: tuple[str, ...]) -> dict[str, list[dict]]:
+    """`prompt` and each field named in `completions` of one row as checked chat messages."""
+    return {k: as_messages(row, k, where, "user" if k == "prompt" else "assistant") for k in ("prompt", *completions)}
+
+
+def encode_row(
+    tokenizer,
+    row: dict,
+    where: str,
+    completions: tuple[str, ...],
+    max_length: int,
+    max_prompt_length: int,
+    truncation: Literal["truncate", "drop"] = "truncate",
+) -> Optional[dict]:
+    """Token ids of one row (`encode_messages` of its checked messages); a bad row raises a UserError
+    naming `where` and the field."""
+    messages = row_messages(row, where, completions)
+    prompt = messages.pop("prompt")
+    return encode_messages(tokenizer, prompt, messages, max_length, max_prompt_length, truncation)
+
+
+def encode_batch(batch: dict[str, list], tokenizer, **limits) -> dict[str, list]:
+    """The batched `Dataset.map` function: columns of checked chat messages (`prompt` and the completions)
+    in, columns of token ids out (`encode_messages` with `limits`); dropped rows are left out."""
+    completions = [k for k in batch if k != "prompt"]
+    encoded = [encode_messages(tokenizer, p, {k: batch[k][i] for k in completions}, **limits) for i, p in enumerate(batch["prompt"])]
+    kept = [e for e in encoded if e is not None]
+    return {k: [e[k] for e in kept] for k in ("prompt", *completions, "truncated", "prompt_text")}
+
+
+def cache_dir(kind: str) -> Path:
+    """The folder of lit-rlhf's cached work of one `kind` (`tokenized` rows, DPO `ref_logps`):
+    `<datasets' cache>/lit_rlhf/<kind>`, datasets' cache being `HF_DATASETS_CACHE` (default
+    ~/.cache/huggingface/datasets)."""
+    import datasets.config
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "lit_rlhf" / kind
+
+
+def tokenize_cached(rows: list[tuple[str, dict]], tokenizer, completions: tuple[str, ...], num_proc: int, **limits):
+    """Token ids of `rows` (`encode_batch`), computed once: `(dataset, fingerprint, from_cache)`.
+
+    The rows are checked here, in this process, so that a bad one stops the run naming file, row and
+    field. Rendering and tokenizing go through `Dataset.map` (`num_proc` processes) and its on-disk
+    cache, `cache_dir("tokenized")/<fingerprint>*.arrow`. The fingerprint hashes everything the tokens
+    depend on: the checked rows themselves (so the file's content, `offset` and `limit`), the
+    tokenizer (vocabulary, settings, chat template), the completions (mode), `limits` (`max_length`,
+    `max_prompt_length`, `truncation`) and this file's code. Another run with the same fingerprint
+    reads the cache instead of tokenizing.
+    """
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    columns = {k: [] for k in ("prompt", *completions)}
+    for where, row in rows:
+        for k, messages in row_messages(row, where, completions).items():
+            columns[k].append(messages)
+    source = datasets.Dataset.from_dict(columns)
+    fingerprint = Hasher.hash([source._fingerprint, Hasher.hash(tokenizer), completions, sorted(limits.items()), CODE])
+    cache_file = cache_dir("tokenized") / f"{fingerprint}.arrow"
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    from_cache = datasets.is_caching_enabled() and any(cache_file.parent.glob(f"{fingerprint}*.arrow"))
+    ids, truncated, text = datasets.List(datasets.Value("int32")), datasets.Value("bool"), datasets.Value("string")
+    features = datasets.Features({"prompt": ids, **{k: ids for k in completions}, "truncated": truncated, "prompt_text": text})
+    encoded = source.map(
+        partial(encode_batch, tokenizer=tokenizer, **limits), batched=True, remove_columns=source.column_names, features=features,
+        num_proc=num_proc if num_proc > 1 else None,  # None: in this process (1 would start one worker)
+        cache_file_name=str(cache_file), new_fingerprint=fingerprint, desc="Tokenizing",
+    )  # fmt: skip
+    return encoded, fingerprint, from_cache
+
+
+@contextmanager
+def local_rank_zero_first(trainer):
+    """Run the block in the first process of each machine (local rank 0), then in the others, which then
+    read what it cached (tokens, downloads) instead of computing it again. Without a trainer: just run it."""
+    first = trainer is None or trainer.local_rank == 0
+    if not first:
+        trainer.strategy.barrier("local_rank_zero_first")
+    yield
+    if first and trainer is not None:
+        trainer.strategy.barrier("local_rank_zero_first")
 
 
 def collate_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -228,7 +312,7 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
 
 class PreferenceDataModule(L.LightningDataModule):
     flag_ranges = {"max_length": "> 0", "max_prompt_length": "> 0", "batch_size": "> 0", "val_size": ">= 0", "limit": "> 0",
-                   "offset": ">= 0", "num_workers": ">= 0"}  # fmt: skip
+                   "offset": ">= 0", "num_workers": ">= 0", "num_proc": "> 0"}  # fmt: skip
 
     def __init__(
         self,
@@ -244,6 +328,7 @@ class PreferenceDataModule(L.LightningDataModule):
         offset: int = 0,
         seed: int = 42,
         num_workers: int = 0,
+        num_proc: int = 1,
     ):
         """Preference data for every algorithm.
 
@@ -267,6 +352,10 @@ class PreferenceDataModule(L.LightningDataModule):
             seed: Seed of the train/validation split and of the training order (epoch `e` is shuffled
                 under `seed + e`, the same on every process).
             num_workers: DataLoader worker processes.
+            num_proc: Processes that tokenize the rows (`datasets`' map). Tokenized rows are cached on disk
+                (in `HF_DATASETS_CACHE`, under `lit_rlhf/tokenized`), keyed by the rows, tokenizer and
+                length settings: a later run with the same ones, and every process of a multi-process run
+                but the first, read the cache instead.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -276,6 +365,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
         self.num_rows = 0  # rows kept before the split: every row's `index` is below it
+        self.fingerprint = ""  # of the tokenized rows: what they depend on (`tokenize_cached`)
         self.train_sampler: Optional[ResumableBatchSampler] = None
 
     def encode(self, tokenizer, row: dict, where: str) -> Optional[dict]:
@@ -291,13 +381,19 @@ class PreferenceDataModule(L.LightningDataModule):
         if hp.tokenizer_name_or_path is None:
             raise UserError("PreferenceDataModule needs tokenizer_name_or_path (the CLI sets it from --model.model_name_or_path)")
         self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
-        rows = load_rows(hp.dataset)[hp.offset :][: hp.limit]
-        encoded = [self.encode(self.tokenizer, row, where) for where, row in rows]
-        kept = [dict(e, index=i) for i, e in enumerate(e for e in encoded if e is not None)]
+        completions = () if hp.mode == "prompts" else ("chosen", "rejected")
+        with local_rank_zero_first(self.trainer):  # the other processes read what it downloaded and tokenized
+            rows = load_rows(hp.dataset)[hp.offset :][: hp.limit]
+            encoded, self.fingerprint, from_cache = tokenize_cached(
+                rows, self.tokenizer, completions, hp.num_proc, max_length=hp.max_length, max_prompt_length=hp.max_prompt_length,
+                truncation=hp.truncation,
+            )  # fmt: skip
+        kept = [dict(e, index=i) for i, e in enumerate(encoded.to_list())]
         rank_zero_info(
             f"{hp.dataset}: {len(rows)} rows, {sum(e['truncated'] for e in kept)} truncated,"
             f" {len(rows) - len(kept)} dropped (truncation={hp.truncation}, max_length={hp.max_length},"
-            f" max_prompt_length={hp.max_prompt_length})"
+            f" max_prompt_length={hp.max_prompt_length}); tokens {'read from' if from_cache else 'written to'} the cache"
+            f" {cache_dir('tokenized')} ({self.fingerprint})"
         )
         if len(kept) <= hp.val_size:
             raise UserError(f"{hp.dataset}: {len(kept)} usable rows leave none for training with --data.val_size {hp.val_size}")
@@ -344,8 +440,13 @@ class PreferenceDataModule(L.LightningDataModule):
         sampler = ResumableBatchSampler(len(self.val_rows), self.hparams.batch_size, shuffle=False, rank=rank, world_size=world_size)
         return self._loader(self.val_rows, sampler)
 
-    def every_row_dataloader(self) -> DataLoader:
-        """Training then validation rows, unshuffled, all of them in every process: for work done once
-        per row (DPO's reference log-probs)."""
+    def every_row_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Training then validation rows, unshuffled, for work done once per row (DPO's reference log-probs),
+        split over processes: process `rank` of `world_size` (W) takes rows rank, rank + W, ..., its last
+        row repeated so that every process runs the same number of batches (under FSDP a forward pass is
+        a collective: a process with a batch more would wait forever)."""
         rows = self.train_rows + self.val_rows
-        return self._loader(rows, ResumableBatchSampler(len(rows), self.hparams.batch_size, shuffle=False))
+        share = list(range(rank, len(rows), world_size))
+        share += share[-1:] * (-(-len(rows) // world_size) - len(share))
+        batch_size = self.hparams.batch_size
+        return self._loader(rows, [share[i : i + batch_size] for i in range(0, len(share), batch_size)])

@@ -1,10 +1,16 @@
 """Tiny models and a byte-level ChatML tokenizer built in code: no test touches the network."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# what the tests cache (tokenized rows, reference log-probs, datasets' own files) goes to a folder of this
+# session, not to the user's cache; the subprocesses of the multi-process tests inherit it
+DATASETS_CACHE = tempfile.mkdtemp(prefix="lit-rlhf-tests-")
+os.environ["HF_DATASETS_CACHE"] = DATASETS_CACHE
 
 import pytest
 import torch
@@ -17,6 +23,10 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SHIPPED_ROWS = Path(__file__).parents[1] / "lit_rlhf" / "assets" / "human_like_dpo_1k.jsonl"
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(DATASETS_CACHE, ignore_errors=True)
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

@@ -1,10 +1,15 @@
 """Collator tensors, chat rendering, truncation, splits and every bad-input error."""
 
 import json
+import shutil
 
+import datasets.config
 import pytest
 import torch
+from transformers import AutoTokenizer
 
+import lit_rlhf.data
+from conftest import CHATML
 from lit_rlhf.commands import main
 from lit_rlhf.data import PreferenceDataModule, collate_pairs, collate_prompts, render_completion, render_prompt
 from lit_rlhf.errors import UserError
@@ -107,6 +112,68 @@ def test_split_is_deterministic_and_disjoint(tiny_model_dir, real_rows):
     assert [r["prompt"] for r in splits[0].val_rows] == [r["prompt"] for r in splits[1].val_rows]
     val_ids = {tuple(r["prompt"] + r["chosen"]) for r in splits[0].val_rows}
     assert not val_ids & {tuple(r["prompt"] + r["chosen"]) for r in splits[0].train_rows}
+
+
+def count_encoded_rows(monkeypatch) -> list:
+    """Every row tokenized from now on appends to the returned list (map runs in this process with num_proc 1)."""
+    calls = []
+    encode_messages = lit_rlhf.data.encode_messages
+    monkeypatch.setattr(lit_rlhf.data, "encode_messages", lambda *args, **kwargs: calls.append(1) or encode_messages(*args, **kwargs))
+    return calls
+
+
+def test_tokenized_rows_are_cached_by_everything_that_changes_the_tokens(tiny_model_dir, tokenizer, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    rows = [ROW, {"prompt": "x" * 40, "chosen": "b", "rejected": "c"}, *[dict(ROW, prompt=f"q{i}") for i in range(4)]]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    other_template = tmp_path / "other-template"  # the same vocabulary; the template adds a system turn
+    shutil.copytree(tiny_model_dir, other_template)
+    AutoTokenizer.from_pretrained(tiny_model_dir, chat_template="<|im_start|>system\nbe brief<|im_end|>\n" + CHATML).save_pretrained(other_template)
+    calls = count_encoded_rows(monkeypatch)
+
+    def setup(dataset=path, tokenizer_dir=tiny_model_dir, **changes) -> PreferenceDataModule:
+        calls.clear()
+        dm = make_dm(tokenizer_dir, dataset, **{"val_size": 1, "max_length": 64, "max_prompt_length": 32} | changes)
+        dm.setup("fit")
+        return dm
+
+    with caplog.at_level("INFO"):
+        first = setup()
+    assert len(calls) == 6 and "6 rows, 1 truncated, 0 dropped" in caplog.text and "tokens written to the cache" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again = setup()
+    assert calls == [] and "6 rows, 1 truncated, 0 dropped" in caplog.text and "tokens read from the cache" in caplog.text
+    assert again.train_rows == first.train_rows and again.val_rows == first.val_rows and again.fingerprint == first.fingerprint
+    changes = [{"max_length": 63}, {"max_prompt_length": 31}, {"truncation": "drop"}, {"mode": "prompts"}, {"offset": 1}, {"limit": 5},
+               {"tokenizer_dir": str(other_template)}]  # fmt: skip
+    for change in changes:
+        assert setup(**change).fingerprint != first.fingerprint and len(calls) == 6 - ("offset" in change) - ("limit" in change), change
+        setup(**change)
+        assert calls == [], change  # cached in turn
+    assert "be brief" in tokenizer.decode(setup(tokenizer_dir=str(other_template)).train_rows[0]["prompt"])
+    write_jsonl(tmp_path / "d.jsonl", [*rows[:-1], dict(rows[-1], rejected="As an AI, I cannot!")])  # one character
+    assert setup().fingerprint != first.fingerprint and len(calls) == 6
+
+
+def test_two_tokenizing_processes_give_the_same_rows(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    dms = []
+    for num_proc in (1, 2):
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / f"cache{num_proc}")  # each tokenizes
+        dms.append(make_dm(tiny_model_dir, real_rows, limit=30, val_size=5, max_length=64, max_prompt_length=32, num_proc=num_proc))
+        dms[-1].setup("fit")
+    assert dms[0].train_rows == dms[1].train_rows and dms[0].val_rows == dms[1].val_rows
+    assert len(list((tmp_path / "cache2/lit_rlhf/tokenized").glob("*_of_00002.arrow"))) == 2  # one file per process
+
+
+def test_every_row_is_served_once_split_over_processes_in_equal_batch_counts(tiny_model_dir, real_rows):
+    dm = make_dm(tiny_model_dir, real_rows, limit=11, val_size=2, batch_size=2, max_length=64, max_prompt_length=32)
+    dm.setup("fit")
+    shares = [[b["index"].tolist() for b in dm.every_row_dataloader(rank, 2)] for rank in (0, 1)]
+    assert [len(batches) for batches in shares] == [3, 3]  # 6 rows; 5 and the last one repeated
+    rows = [{i for batch in batches for i in batch} for batches in shares]
+    assert not rows[0] & rows[1] and rows[0] | rows[1] == set(range(11))
+    assert sorted(i for b in dm.every_row_dataloader() for i in b["index"].tolist()) == list(range(11))
 
 
 def test_prompts_mode_needs_only_prompt(tiny_model_dir, tmp_path):

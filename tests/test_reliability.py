@@ -229,6 +229,7 @@ def test_a_broken_or_foreign_checkpoint_is_one_line(tiny_model_dir, tiny_reward_
         ("--data.val_size", "-5", "--data.val_size -5: must be >= 0"),
         ("--data.max_prompt_length", "0", "--data.max_prompt_length 0: must be > 0"),
         ("--data.batch_size", "0", "--data.batch_size 0: must be > 0"),
+        ("--data.num_proc", "0", "--data.num_proc 0: must be > 0"),
         ("--model.learning_rate", "-1e-5", "--model.learning_rate -1e-05: must be > 0"),
         ("--model.lora_dropout", "1", "--model.lora_dropout 1.0: must be in [0, 1)"),
     ],
