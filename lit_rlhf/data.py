@@ -249,13 +249,17 @@ def tokenize_cached(rows: list[tuple[str, dict]], tokenizer, completions: tuple[
 @contextmanager
 def local_rank_zero_first(trainer):
     """Run the block in the first process of each machine (local rank 0), then in the others, which then
-    read what it cached (tokens, downloads) instead of computing it again. Without a trainer: just run it."""
+    read what it cached (tokens, downloads) instead of computing it again. Without a trainer: just run it.
+    The first process lets the others go on even when the block fails in it: they then fail with the
+    same error (a bad row) instead of a broken connection."""
     first = trainer is None or trainer.local_rank == 0
     if not first:
         trainer.strategy.barrier("local_rank_zero_first")
-    yield
-    if first and trainer is not None:
-        trainer.strategy.barrier("local_rank_zero_first")
+    try:
+        yield
+    finally:
+        if first and trainer is not None:
+            trainer.strategy.barrier("local_rank_zero_first")
 
 
 def collate_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,15 +1,26 @@
 """DPO (Rafailov et al. 2023): the policy learns from preference pairs against a frozen reference."""
 
+import hashlib
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
+from lit_rlhf.data import cache_dir
 from lit_rlhf.forward import sequence_logps
 from lit_rlhf.losses import dpo_loss, rpo_nll_loss
 from lit_rlhf.models import add_lora, load_causal_lm, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
+
+
+def save_atomically(tensor: torch.Tensor, path: Path) -> None:
+    """`torch.save` to `path` through a temporary file: a killed run never leaves a half-written cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unfinished = path.with_suffix(".partial")
+    torch.save(tensor.cpu(), unfinished)
+    unfinished.replace(path)
 
 
 class DPOModule(AlignmentModule):
@@ -40,8 +51,10 @@ class DPOModule(AlignmentModule):
             label_smoothing: Assumed share of flipped preference labels (sigmoid and robust losses).
             ref_model_name_or_path: Reference model (e.g. an SFT checkpoint). Default: a frozen copy of
                 the starting policy; with LoRA, the policy with its adapter disabled (no second copy).
-            precompute_ref_logps: Compute the reference log-probs of every row once before training,
-                then free the reference model.
+            precompute_ref_logps: Compute the reference log-probs of every row once before training (each
+                process its share of the rows), then free the reference model. The table is cached on disk
+                (in `HF_DATASETS_CACHE`, under `lit_rlhf/ref_logps`), keyed by the reference's weights,
+                the tokenized rows and the precision: a later run with the same ones reads it.
             rpo_alpha: Weight of the per-token NLL of the chosen answers added to the loss (RPO, Pang et
                 al. 2024; TRL's `rpo_alpha`): keeps the likelihood of preferred answers from falling,
                 which guards against degenerate, repetitive text. Off if null; 1.0 in the RPO paper.
@@ -82,17 +95,49 @@ class DPOModule(AlignmentModule):
 
     def on_validation_start(self) -> None:
         if hasattr(self, "ref_logps_cache"):
-            self.precompute_reference(self.trainer.datamodule.every_row_dataloader())
+            self.precompute_reference()
 
-    def precompute_reference(self, loader) -> None:
-        """Fill `ref_logps_cache` for every row of `loader` (pairs batches with `index`), then free the
-        reference model. A cache restored from a checkpoint is already complete: nothing is recomputed."""
+    def precompute_reference(self) -> None:
+        """Fill `ref_logps_cache`, then free the reference model. A table restored from a checkpoint is
+        complete: nothing is done. Otherwise it is read from the disk cache (`reference_cache_file`) if a
+        run with the same reference and rows wrote it there; else each process computes its share of
+        the rows, the shares are summed over processes (each row is 0 on every process but its own), and
+        rank 0 writes the cache. Rank 0 decides, so that all processes load or all compute."""
         if self.ref_logps_cache.isnan().any():
-            for batch in loader:
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                self.ref_logps_cache[batch["index"]] = self.live_reference_logps(batch).view(2, -1).T  # (B, 2)
-            rank_zero_info(f"precomputed reference log-probs of {len(self.ref_logps_cache)} rows; reference model freed")
+            path = self.reference_cache_file() if self.trainer.is_global_zero else None
+            table = self.trainer.strategy.broadcast(torch.load(path, weights_only=True) if path and path.is_file() else None)
+            if table is not None:
+                rank_zero_info(f"reference log-probs of {len(table)} rows read from {path}; reference model freed")
+            else:
+                loader = self.trainer.datamodule.every_row_dataloader(self.global_rank, self.trainer.world_size)
+                table = self.trainer.strategy.reduce(self.reference_share(loader), reduce_op="sum")
+                if path is not None:
+                    save_atomically(table, path)
+                rank_zero_info(f"precomputed reference log-probs of {len(table)} rows, cached in {path}; reference model freed")
+            self.ref_logps_cache.copy_(table)
         self.ref_model = None
+
+    def reference_share(self, loader) -> torch.Tensor:
+        """(N, 2) reference log-probs (chosen, rejected) of the rows `loader` serves (pairs batches with
+        `index`) at their `index`; 0 in every other row."""
+        share = torch.zeros_like(self.ref_logps_cache)
+        for batch in loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            share[batch["index"]] = self.live_reference_logps(batch).view(2, -1).T  # (B, 2)
+        return share
+
+    def reference_cache_file(self) -> Path:
+        """`cache_dir("ref_logps")/<key>.pt`, the key hashing what the table depends on: the reference's
+        weights and config (the policy's with its adapter disabled under LoRA), the tokenized rows
+        (`PreferenceDataModule.fingerprint`: data, tokenizer, mode and length settings) and the precision."""
+        reference = self.ref_model if self.ref_model is not None else self.model
+        key = hashlib.blake2b(digest_size=16)
+        for name, weight in reference.named_parameters():  # not state_dict(): under FSDP that is a collective
+            if "lora_" not in name:
+                key.update(f"{name} {weight.dtype} {tuple(weight.shape)}".encode())
+                key.update(weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        key.update(f"{reference.config.to_json_string()} {self.trainer.datamodule.fingerprint} {self.trainer.precision}".encode())
+        return cache_dir("ref_logps") / f"{key.hexdigest()}.pt"
 
     def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         policy_chosen, policy_rejected = sequence_logps(self.model, batch).chunk(2)

@@ -3,7 +3,8 @@
     python tests/multiprocess_fit.py OUT_DIR NAN_STEP FIT_ARGS...
 
 builds the run with `lit_rlhf.cli.cli(FIT_ARGS, run=False)`, fits it and saves `OUT_DIR/rank<r>.pt`
-in every process r. NAN_STEP >= 0 turns process 1's training loss at that global step into NaN.
+in every process r, with the work each process did: exports, rows tokenized, rows whose DPO reference
+log-probs it computed. NAN_STEP >= 0 turns process 1's training loss at that global step into NaN.
 Lightning's DDP launcher starts processes 1.. by running this script again with the same arguments,
 so the script's work sits under `if __name__ == "__main__"`.
 """
@@ -15,12 +16,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import lit_rlhf.base
+import lit_rlhf.data
 from lit_rlhf.cli import cli
+from lit_rlhf.dpo import DPOModule
 
 
 class Recorder(Callback):
     """What one process sees: row indices of its batches, logged metrics and trained weights after
-    each training batch, PPO's whitened advantages, weights and torch RNG state when training starts."""
+    each training batch, PPO's whitened advantages, weights and torch RNG state when training starts, DPO's
+    precomputed reference log-probs."""
 
     def __init__(self):
         self.record = {"train_rows": [], "val_rows": [], "metrics": [], "weights": [], "advantages": []}
@@ -58,6 +62,7 @@ class Recorder(Callback):
             "strategy": type(trainer.strategy).__name__,
             "final_metrics": {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1},
             "non_finite_skips": module.non_finite_skips,
+            "ref_logps": getattr(module, "ref_logps_cache", None),
             "frozen_requires_grad": {
                 name: any(p.requires_grad for p in getattr(module, name).parameters())
                 for name in module.frozen_modules
@@ -88,20 +93,23 @@ def fit_and_record(args: list[str], nan_step: int = -1) -> dict:
     return recorder.record | {"rank": run.trainer.global_rank}
 
 
-def record_exports(record: dict) -> None:
-    """Note in `record` whether this process calls the export."""
-    export_pretrained = lit_rlhf.base.export_pretrained
+def record_calls(record: dict, key: str, owner, name: str, entry=lambda *args: True) -> None:
+    """From now on every call of `owner.<name>` in this process appends `entry(*args)` to `record[key]`."""
+    record[key] = []
+    original = getattr(owner, name)
 
     def recorded(*args, **kwargs):
-        record["exported"] = True
-        return export_pretrained(*args, **kwargs)
+        record[key].append(entry(*args))
+        return original(*args, **kwargs)
 
-    lit_rlhf.base.export_pretrained = recorded
+    setattr(owner, name, recorded)
 
 
 if __name__ == "__main__":
     out_dir, nan_step, args = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-    exports = {"exported": False}
-    record_exports(exports)
-    record = fit_and_record(args, nan_step) | exports
+    work = {}
+    record_calls(work, "exported", lit_rlhf.base, "export_pretrained")
+    record_calls(work, "tokenized_rows", lit_rlhf.data, "encode_messages")
+    record_calls(work, "reference_rows", DPOModule, "live_reference_logps", lambda module, batch: batch["index"].tolist())
+    record = fit_and_record(args, nan_step) | work
     torch.save(record, out_dir / f"rank{record['rank']}.pt")

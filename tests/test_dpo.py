@@ -4,6 +4,7 @@ import math
 import types
 from pathlib import Path
 
+import datasets.config
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -38,10 +39,11 @@ def step0_loss(module, batch):
 
 
 def with_precomputed_reference(module, datamodule):
-    """What `fit` does for `precompute_ref_logps`: make room for every row, fill it, free the reference."""
+    """What `fit` does for `precompute_ref_logps` in one process: make room for every row, fill it, free the reference."""
     module.trainer = types.SimpleNamespace(datamodule=datamodule)
     module.setup("fit")
-    module.precompute_reference(datamodule.every_row_dataloader())
+    module.ref_logps_cache.copy_(module.reference_share(datamodule.every_row_dataloader()))
+    module.ref_model = None
     module.trainer = None
     return module
 
@@ -93,6 +95,32 @@ def test_precomputed_reference_is_kept_in_checkpoints_and_not_recomputed(tiny_mo
     resumed = cli([*args, "--ckpt_path", str(ckpt)])
     assert calls == [] and torch.equal(resumed.model.ref_logps_cache, cache)
     assert resumed.trainer.global_step == 3
+
+
+def test_precomputed_reference_is_cached_on_disk_by_reference_and_rows(tiny_model_dir, other_model_dir, real_rows, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    args = dpo_args(tiny_model_dir, real_rows, "--model.ref_model_name_or_path", other_model_dir, "--model.precompute_ref_logps", "true",
+                    "--trainer.max_steps", "1")  # fmt: skip
+    computed, live = [], DPOModule.live_reference_logps
+    counting = lambda self, batch: computed.extend(batch["index"].tolist()) or live(self, batch)  # noqa: E731
+    monkeypatch.setattr(DPOModule, "live_reference_logps", counting)
+    first = cli(args)
+    table = first.model.ref_logps_cache
+    files = list((tmp_path / "cache/lit_rlhf/ref_logps").glob("*.pt"))
+    assert sorted(computed) == list(range(16)) and len(files) == 1
+    assert torch.equal(torch.load(files[0]), table) and not table.isnan().any()
+    # the same reference and rows: read from the file, never computed
+    monkeypatch.setattr(DPOModule, "live_reference_logps", lambda self, batch: pytest.fail("recomputed the cached reference log-probs"))
+    with caplog.at_level("INFO"):
+        second = cli(args)
+    assert torch.equal(second.model.ref_logps_cache, table) and f"reference log-probs of 16 rows read from {files[0]}" in caplog.text
+    # another max_length: other tokens, so computed again and cached beside the first
+    computed.clear()
+    monkeypatch.setattr(DPOModule, "live_reference_logps", counting)
+    third = cli([*args, "--data.max_length", "48"])
+    assert sorted(computed) == list(range(16)) and len(list((tmp_path / "cache/lit_rlhf/ref_logps").glob("*.pt"))) == 2
+    assert not torch.allclose(third.model.ref_logps_cache, table)
 
 
 def test_sequence_logps_do_not_depend_on_right_padding(tiny_model_dir, datamodule):

@@ -5,6 +5,7 @@ subprocess (a hang fails it at the timeout) and compares what each process saw w
 of the same global batch, fitted in this process.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from math import log
 from pathlib import Path
 
+import datasets.config
 import pytest
 import torch
 
@@ -28,7 +30,8 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 def fit_two_processes(args: list[str], out_dir: Path, nan_step: int = -1) -> tuple[dict, dict, float]:
     """Run `fit ARGS` with 2 DDP processes in `out_dir`: the records of ranks 0 and 1, and the wall time in seconds."""
     out_dir.mkdir()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    # a cache of this run's own: its rank 0 tokenizes, its rank 1 reads what rank 0 wrote
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(out_dir / "cache"), PYTHONPATH=str(REPO))
     command = [sys.executable, str(SCRIPT), str(out_dir), str(nan_step), *args, *DDP]
     start = time.monotonic()
     done = subprocess.run(command, cwd=out_dir, env=env, capture_output=True, text=True, timeout=240)
@@ -103,6 +106,35 @@ def test_dpo_two_processes_train_like_one_and_skip_a_nan_together(tiny_model_dir
     assert_each_held_out_row_counted_once(rank0, rank1, one)
     assert rank0["final_metrics"]["val_loss"] == pytest.approx(one["final_metrics"]["val_loss"], abs=1e-5)
     assert rank0["frozen_requires_grad"] == rank1["frozen_requires_grad"] == {"ref_model": False}  # DDP never syncs it
+
+
+def test_dpo_reference_log_probs_split_over_two_processes_and_rows_tokenized_once(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    precompute = ["--model.precompute_ref_logps", "true"]
+    rank0, rank1, _ = fit_two_processes(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 2, 1, *precompute), tmp_path / "ddp")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # computed here, not read from a file
+    one = fit_and_record(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 4, 1, *precompute))
+    # every process ends with the whole table, the one a single process computes
+    assert torch.equal(rank0["ref_logps"], rank1["ref_logps"]) and rank0["ref_logps"].shape == (25, 2)
+    assert not rank0["ref_logps"].isnan().any() and (rank0["ref_logps"] - one["ref_logps"]).abs().max() < 1e-5
+    # each computed its share: 13 rows, and 12 with the last repeated (the same number of batches)
+    share0, share1 = rows(rank0["reference_rows"]), rows(rank1["reference_rows"])
+    assert len(share0) == len(share1) == 13 and not set(share0) & set(share1) and set(share0) | set(share1) == set(range(25))
+    # rank 0 tokenized the rows, rank 1 read them from the cache
+    assert len(rank0["tokenized_rows"]) == 25 and rank1["tokenized_rows"] == []
+    assert rank0["exported"] and not rank1["exported"]
+
+
+def test_a_bad_row_stops_both_processes_with_its_own_message(tiny_reward_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"prompt": "a", "chosen": "b" if n < 6 else "", "rejected": "c"}) + "\n" for n in range(7)))
+    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    args = ["fit", "--model", "lit_rlhf.reward.RewardModule", "--model.model_name_or_path", tiny_reward_dir, "--data.dataset", str(bad),
+            "--data.val_size", "2", *QUIET, *DDP]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "lit_rlhf.commands", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lit-rlhf: error:")]
+    assert done.returncode == 1 and errors  # rank 0 checks the rows first; rank 1, let go, finds the same row
+    assert set(errors) == {f"lit-rlhf: error: {bad}: row 7: field 'chosen' is empty"}, done.stderr[-2000:]
 
 
 def test_ppo_two_processes_sample_apart_whiten_together_and_end_with_the_same_weights(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path):
