@@ -25,13 +25,14 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data import PreferenceDataModule, collate_prompts, collate_sequences, encode_row, load_rows, render_prompt, tokenize
+from lit_rlhf.data import PreferenceDataModule, collate_prompts, collate_sequences, encode_row, render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.forward import sequence_logps, sequence_scores, token_logps
 from lit_rlhf.metrics import bootstrap_ci, distinct_n, has_loop, length_controlled_win_rate, wins
 from lit_rlhf.models import check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX, kl_penalty, truncate_after_eos
 from lit_rlhf.report import write_report
+from lit_rlhf.rows import load_rows
 
 DEFAULT_PROMPTS = [
     "What's your morning routine like?",

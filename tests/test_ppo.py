@@ -7,7 +7,8 @@ import torch
 
 import lit_rlhf.ppo
 from lit_rlhf.cli import cli
-from lit_rlhf.data import PreferenceDataModule, load_rows
+from lit_rlhf.data import PreferenceDataModule
+from lit_rlhf.rows import load_rows
 from lit_rlhf.ppo import PPOModule
 
 

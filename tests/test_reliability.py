@@ -290,7 +290,7 @@ def test_an_unreachable_hub_is_not_retried(monkeypatch):
     import transformers
 
     import lit_rlhf.models
-    from lit_rlhf.data import load_rows
+    from lit_rlhf.rows import load_rows
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # conftest turns it on for every other test
