@@ -54,8 +54,8 @@ def is_boilerplate(text: str) -> bool:
 
 @torch.no_grad()
 def over_batches(fn, model, pairs: Pairs, pad_id: int, batch_size: int) -> torch.Tensor:
-    """`fn(model, batch) -> (B,)` (e.g. `sequence_logps`, `sequence_scores`) over (prompt, completion)
-    token-id pairs in right-padded batches of `batch_size`. -> (N,)"""
+    """`fn(model, batch) -> (B, ...)` (e.g. `sequence_logps`, `sequence_scores`) over (prompt, completion)
+    token-id pairs in right-padded batches of `batch_size`. -> (N, ...)"""
     loader = DataLoader(pairs, batch_size=batch_size, collate_fn=partial(collate_sequences, pad_id=pad_id))
     return torch.cat([fn(model, batch) for batch in loader])
 
@@ -70,10 +70,12 @@ def mean_answer_logprob(model, rows: list[dict], pad_id: int, batch_size: int) -
     return (over_batches(sequence_logps, model, pairs, pad_id, batch_size) / lengths).mean().item()
 
 
-def sequence_kl(model, batch: dict[str, torch.Tensor], base_model, estimator: str) -> torch.Tensor:
-    """Per-token KL(model || base) estimates summed over each completion. -> (B,)"""
+def sequence_kl(model, batch: dict[str, torch.Tensor], base_model) -> torch.Tensor:
+    """Per-token KL(model || base) estimates summed over each completion, from one forward of each
+    model: column 0 the k1 estimate, column 1 k3. -> (B, 2)"""
     mask = (batch["labels"][:, 1:] != IGNORE_INDEX).double()
-    return (kl_penalty(token_logps(model, batch).double(), token_logps(base_model, batch).double(), estimator) * mask).sum(-1)
+    logps, base_logps = token_logps(model, batch).double(), token_logps(base_model, batch).double()
+    return torch.stack([(kl_penalty(logps, base_logps, k) * mask).sum(-1) for k in ("k1", "k3")], 1)
 
 
 @torch.no_grad()
@@ -204,6 +206,7 @@ def evaluate(
         base = base or {"judge_scores": judge_scores, "lengths": lengths}
         win = wins(judge_scores, base["judge_scores"])
         logratio = batches(sequence_logps, model, answered) - batches(sequence_logps, base_model, answered)
+        kl = batches(partial(sequence_kl, base_model=base_model), model, samples)  # (N, 2): k1, k3
         texts = [g["text"] for g in greedy]
         report["models"][name] = {
             "path": models[name],
@@ -211,8 +214,8 @@ def evaluate(
             "proxy_reward": ci(batches(sequence_scores, proxy, answered)),
             "win_rate": ci(win),
             "lc_win_rate": length_controlled_win_rate(win, (lengths - base["lengths"]).double()),
-            "sampled_kl": ci(batches(partial(sequence_kl, base_model=base_model, estimator="k1"), model, samples)),
-            "sampled_kl_k3": ci(batches(partial(sequence_kl, base_model=base_model, estimator="k3"), model, samples)),
+            "sampled_kl": ci(kl[:, 0]),
+            "sampled_kl_k3": ci(kl[:, 1]),
             "greedy_logratio": logratio.mean().item(),
             "loop_share": ci(torch.tensor([float(has_loop(t)) for t in texts])),
             "distinct_2": distinct_n(texts, 2),

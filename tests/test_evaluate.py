@@ -39,8 +39,7 @@ def test_sequence_kl_by_hand():
     # k3 = (r - 1) - log r with r = q / p: (2/3 - 1 - log 2/3) + (2 - 1 - log 2)
     batch = {"input_ids": torch.tensor([[0, 1, 0]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
              "labels": torch.tensor([[-100, 1, 0]])}  # fmt: skip
-    k1 = sequence_kl(UniformLM(), batch, CoinLM(), "k1")
-    k3 = sequence_kl(UniformLM(), batch, CoinLM(), "k3")
+    k1, k3 = sequence_kl(UniformLM(), batch, CoinLM())[0]
     assert k1.item() == pytest.approx(math.log(1.5) + math.log(0.5))
     assert k3.item() == pytest.approx((2 / 3 - 1 - math.log(2 / 3)) + (2 - 1 - math.log(2)))
 
