@@ -8,11 +8,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_rlhf.base import AlignmentModule
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.errors import UserError
+from lit_rlhf.precision import auto_precision
 
 
 class RemoveFailedRunDir(Callback):
@@ -72,7 +73,11 @@ class LitRLHFCLI(LightningCLI):
             rank_zero_warn(f"resuming from {ckpt_path}: the checkpoint's model settings are used; ignored " + ", ".join(ignored))
 
     def instantiate_trainer(self, **kwargs):
-        """Log to `logs/<algorithm>/version_N` unless a logger is configured."""
+        """Log to `logs/<algorithm>/version_N` unless a logger is configured; without
+        `--trainer.precision`, train in the precision this machine runs fast (lit_rlhf/precision.py)."""
+        if self._get(self.config_init, "trainer", default={}).get("precision") is None:
+            kwargs["precision"], reason = auto_precision()
+            rank_zero_info(f"precision {kwargs['precision']}: {reason} (--trainer.precision overrides)")
         default_logger = self._get(self.config_init, "trainer", default={}).get("logger") in (None, True)
         if default_logger:
             kwargs["logger"] = TensorBoardLogger("logs", name=self.model.algorithm)

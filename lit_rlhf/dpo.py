@@ -110,7 +110,9 @@ class DPOModule(AlignmentModule):
                 rank_zero_info(f"reference log-probs of {len(table)} rows read from {path}; reference model freed")
             else:
                 loader = self.trainer.datamodule.every_row_dataloader(self.global_rank, self.trainer.world_size)
-                table = self.trainer.strategy.reduce(self.reference_share(loader), reduce_op="sum")
+                with self.trainer.precision_plugin.forward_context():  # as the policy's log-probs will be computed
+                    share = self.reference_share(loader)
+                table = self.trainer.strategy.reduce(share, reduce_op="sum")
                 if path is not None:
                     save_atomically(table, path)
                 rank_zero_info(f"precomputed reference log-probs of {len(table)} rows, cached in {path}; reference model freed")

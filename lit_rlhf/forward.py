@@ -25,7 +25,7 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
 
 def token_values(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The scalar head of a sequence classifier (reward or value model) at every position. -> (B, T)
+    """The scalar head of a sequence classifier (reward or value model) at every position. -> (B, T), fp32
 
     We run the backbone and the head ourselves: transformers' own pooling finds the last token as
     the last id != pad, which skips the real end-of-turn token when pad == EOS.
@@ -35,7 +35,7 @@ def token_values(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     mask = batch["attention_mask"]
     hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state  # (B, T, H)
     head = inner.score if hasattr(inner, "score") else inner.classifier
-    return head(hidden).squeeze(-1)
+    return head(hidden).squeeze(-1).float()
 
 
 def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -26,11 +26,11 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
         index: (B, T) token ids.
 
     Returns:
-        (B, T) log-probability of each token. `logsumexp` runs one row at a time, so the
-        temporary it needs is (T, V), not (B, T, V).
+        (B, T) fp32 log-probability of each token, whatever the logits' dtype (bf16 under mixed
+        precision). `logsumexp` runs one row at a time, so the temporary it needs is (T, V), not (B, T, V).
     """
-    picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return picked - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+    picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1).float()  # (B, T)
+    return picked - torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
 
 
 def label_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -42,13 +42,13 @@ def label_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float =
         temperature: the logits are divided by it (sampling temperature of PPO rollouts).
 
     Returns:
-        (B, T - 1): entry t is `log p(labels_{t+1} | tokens_<=t)`. Columns before the first scored
+        (B, T - 1) in fp32: entry t is `log p(labels_{t+1} | tokens_<=t)`. Columns before the first scored
         token of any row are not computed (they are 0), so prompts cost no log-softmax.
     """
     labels = labels[:, 1:]  # token t + 1 is predicted by the logits at t
     mask = labels != IGNORE_INDEX  # (B, T-1)
     start = int(mask.any(0).int().argmax())  # first column that any row scores
-    logps = torch.zeros(labels.shape, dtype=logits.dtype, device=logits.device)
+    logps = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
     scored = logits[:, start:-1] / temperature  # (B, T-1-start, V)
     logps[:, start:] = selective_log_softmax(scored, labels[:, start:].clamp(min=0)) * mask[:, start:]
     return logps

@@ -1,16 +1,20 @@
-"""Every config parses; `--help` documents every flag; `fit` without a config makes one pass."""
+"""Every config parses; `--help` documents every flag; `fit` without a config makes one pass; the default precision."""
 
 import inspect
+import logging
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+import lit_rlhf.cli
 from lit_rlhf import DPOModule, PPOModule, RewardModule
 from lit_rlhf.base import AlignmentModule
 from lit_rlhf.cli import cli
 from lit_rlhf.commands import main
 from lit_rlhf.data import PreferenceDataModule
+from lit_rlhf.precision import auto_precision, cpu_flags
 
 REPO = Path(__file__).parents[1]
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
@@ -92,3 +96,29 @@ def test_without_a_config_fit_makes_one_pass_over_the_rows(tiny_model_dir, real_
                "--data.dataset", str(real_rows), "--data.limit", "14", "--data.val_size", "4", "--data.batch_size", "4",
                "--data.max_length", "64", "--data.max_prompt_length", "32", "--trainer.enable_progress_bar", "false"])  # fmt: skip
     assert run.trainer.current_epoch == 1 and run.trainer.global_step == 3  # 10 rows in batches of 4, once
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx512f avx512_bf16\n\nprocessor\t: 1\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "sse2", "avx512f", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"avx512f", "avx512_bf16"}, "bf16-mixed"), ({"amx_bf16"}, "bf16-mixed"),
+                                                 ({"avx2", "avx512f"}, "32-true"), (set(), "32-true")])  # fmt: skip
+def test_auto_precision_is_bf16_only_with_bf16_units(flags, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    precision, reason = auto_precision(flags)
+    assert precision == expected
+    assert ("has bf16 matmul units" in reason) == (expected == "bf16-mixed")
+
+
+def test_precision_is_the_machines_choice_unless_given(tiny_model_dir, real_rows, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lit_rlhf.cli, "auto_precision", lambda: ("bf16-mixed", "the CPU has bf16 matmul units (amx_bf16)"))
+    args = ["--model", "lit_rlhf.reward.RewardModule", "--model.model_name_or_path", tiny_model_dir, "--data.dataset", str(real_rows)]
+    with caplog.at_level(logging.INFO):
+        assert cli(args, run=False).trainer.precision == "bf16-mixed"
+    assert "precision bf16-mixed: the CPU has bf16 matmul units (amx_bf16) (--trainer.precision overrides)" in caplog.text
+    assert cli([*args, "--trainer.precision", "32-true"], run=False).trainer.precision == "32-true"

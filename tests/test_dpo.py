@@ -2,11 +2,13 @@
 
 import math
 import types
+from contextlib import nullcontext
 from pathlib import Path
 
 import datasets.config
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from transformers import AutoModelForCausalLM
 
 from conftest import make_causal_lm
@@ -33,30 +35,37 @@ def other_model_dir(tmp_path_factory, tokenizer) -> str:
     return str(path)
 
 
-def step0_loss(module, batch):
-    with torch.no_grad():
+def in_precision(precision: str):
+    """The context the Trainer runs a forward in (bf16-mixed: Lightning's CPU autocast)."""
+    return MixedPrecision(precision, "cpu").forward_context() if precision != "32-true" else nullcontext()
+
+
+def step0_loss(module, batch, precision="32-true"):
+    with torch.no_grad(), in_precision(precision):
         return module.shared_step(batch, "val").item()
 
 
-def with_precomputed_reference(module, datamodule):
+def with_precomputed_reference(module, datamodule, precision="32-true"):
     """What `fit` does for `precompute_ref_logps` in one process: make room for every row, fill it, free the reference."""
     module.trainer = types.SimpleNamespace(datamodule=datamodule)
     module.setup("fit")
-    module.ref_logps_cache.copy_(module.reference_share(datamodule.every_row_dataloader()))
+    with in_precision(precision):
+        module.ref_logps_cache.copy_(module.reference_share(datamodule.every_row_dataloader()))
     module.ref_model = None
     module.trainer = None
     return module
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("mode", [{}, {"lora_r": 4}, {"precompute_ref_logps": True}, {"precompute_ref_logps": True, "lora_r": 4}])
-def test_step0_loss_is_log_2_in_every_reference_mode(tiny_model_dir, datamodule, mode):
+def test_step0_loss_is_log_2_in_every_reference_mode(tiny_model_dir, datamodule, mode, precision):
     module = DPOModule(model_name_or_path=tiny_model_dir, **mode)
     if mode.get("precompute_ref_logps"):
-        with_precomputed_reference(module, datamodule)
+        with_precomputed_reference(module, datamodule, precision)
         assert module.ref_model is None and module.ref_logps_cache.shape == (10, 2)
         assert not module.ref_logps_cache.isnan().any()
     batch = datamodule.train_dataloader().collate_fn(datamodule.train_rows[:4])
-    assert math.isclose(step0_loss(module, batch), math.log(2), abs_tol=1e-6)
+    assert math.isclose(step0_loss(module, batch, precision), math.log(2), abs_tol=1e-6)
     assert module.val_metrics["val_rewards/chosen"].compute().item() == pytest.approx(0.0, abs=1e-6)
 
 

@@ -87,8 +87,9 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
     assert report["judge"]["independent"] and report["judge"]["accuracy"] != report["proxy"]["accuracy"]
     assert 0 < same["length"][0] <= 6 and same["eos_share"][1] <= same["eos_share"][0] <= same["eos_share"][2]
     # the reward model's accuracy on the same held-out rows, counted by the reward trainer's own validation
-    validated = cli(["validate", "--model", "lit_rlhf.reward.RewardModule", "--model.model_name_or_path", tiny_reward_dir,
-                     *data, "--data.batch_size", "10", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    # (in fp32, as `evaluate` computes)
+    validated = cli(["validate", "--model", "lit_rlhf.reward.RewardModule", "--model.model_name_or_path", tiny_reward_dir, *data,
+                     "--data.batch_size", "10", "--trainer.precision", "32-true", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])  # fmt: skip
     assert report["proxy"]["rows"] == 10
     assert report["proxy"]["accuracy"] == pytest.approx(validated.trainer.callback_metrics["val_accuracy"].item())
     assert report["proxy"]["margin"] == pytest.approx(validated.trainer.callback_metrics["val_margin"].item(), abs=1e-5)

@@ -48,15 +48,16 @@ def test_rollout_starts_with_zero_kl_and_penalises_missing_eos(tiny_model_dir, t
     assert torch.equal(scored, torch.cat([torch.zeros_like(prompt_batch["input_ids"]), rollout["response_mask"]], 1).bool())
 
 
-@pytest.mark.parametrize("checkpointing", ["false", "true"])
-def test_first_minibatch_of_first_update_is_on_policy(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, checkpointing):
+@pytest.mark.parametrize(("checkpointing", "precision"), [("false", "32-true"), ("true", "32-true"), ("false", "bf16-mixed")])
+def test_first_minibatch_of_first_update_is_on_policy(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, checkpointing, precision):
     monkeypatch.chdir(tmp_path)
     calls = []
     original = lit_rlhf.ppo.ppo_policy_loss
     monkeypatch.setattr(lit_rlhf.ppo, "ppo_policy_loss", lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
     run = cli(["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "12", "--model.ppo_epochs", "2",
                "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-2", "--trainer.limit_train_batches", "1",
-               "--model.gradient_checkpointing", checkpointing)])  # fmt: skip
+               "--model.gradient_checkpointing", checkpointing, "--trainer.precision", precision)])  # fmt: skip
+    assert run.trainer.precision == precision
     assert run.trainer.callback_metrics["objective/kl"] == 0.0
     _, first = calls[0]
     assert first["ratio"].item() == pytest.approx(1.0, abs=1e-6) and first["approxkl"].item() < 1e-10
