@@ -198,15 +198,17 @@ def evaluate(
     for name in names:
         model = base_model if name == baseline else load_causal_lm(models[name]).eval()
         greedy = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size)
-        torch.manual_seed(seed)
-        sampled = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size, sample=True)
         answered = [(p, g["response"]) for p, g in zip(gen_prompts, greedy)]
-        samples = [(p, g["response"]) for p, g in zip(gen_prompts, sampled)]
+        if model is base_model:  # KL(base || base) is 0: no samples needed
+            kl = torch.zeros(len(gen_prompts), 2, dtype=torch.float64)
+        else:
+            torch.manual_seed(seed)
+            sampled = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size, sample=True)
+            kl = batches(partial(sequence_kl, base_model=base_model), model, [(p, g["response"]) for p, g in zip(gen_prompts, sampled)])  # (N, 2): k1, k3
         judge_scores, lengths = batches(sequence_scores, judge, answered), torch.tensor([len(g["response"]) for g in greedy])
         base = base or {"judge_scores": judge_scores, "lengths": lengths}
         win = wins(judge_scores, base["judge_scores"])
         logratio = batches(sequence_logps, model, answered) - batches(sequence_logps, base_model, answered)
-        kl = batches(partial(sequence_kl, base_model=base_model), model, samples)  # (N, 2): k1, k3
         texts = [g["text"] for g in greedy]
         report["models"][name] = {
             "path": models[name],

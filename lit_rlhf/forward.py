@@ -7,16 +7,32 @@ elsewhere). Either padding side works: position ids start at 0 on each row's fir
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from lit_rlhf.models import unwrap
 from lit_rlhf.ops import label_logps, last_token_index, position_ids
 
 
-def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """Log-prob of each label token under a causal LM. -> (B, T - 1), entry t scoring token t + 1; 0 off the labels."""
+def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[PreTrainedModel, torch.Tensor]:
+    """The transformers model inside `model` (peft adapters still active) and its backbone's last hidden states (B, T, H)."""
+    inner = unwrap(model)
     mask = batch["attention_mask"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).logits  # (B, T, V)
-    return label_logps(logits, batch["labels"], temperature)
+    backbone = getattr(inner, inner.base_model_prefix)
+    return inner, backbone(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+
+
+def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of each label token under a causal LM. -> (B, T - 1) fp32, entry t scoring token t + 1; 0 off the labels.
+
+    The LM head runs on the label positions only, in chunks (`ops.label_logps`). A model whose logits
+    are more than `head(hidden)` (Gemma's soft-capping, a logit scale) runs its own forward instead.
+    """
+    if any(getattr(unwrap(model).config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        mask = batch["attention_mask"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).logits  # (B, T, V)
+        return label_logps(logits, batch["labels"], temperature)
+    inner, hidden = hidden_states(model, batch)
+    return label_logps(hidden, batch["labels"], temperature, head=inner.get_output_embeddings())
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -30,10 +46,7 @@ def token_values(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     We run the backbone and the head ourselves: transformers' own pooling finds the last token as
     the last id != pad, which skips the real end-of-turn token when pad == EOS.
     """
-    inner = unwrap(model)
-    backbone = getattr(inner, inner.base_model_prefix)
-    mask = batch["attention_mask"]
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state  # (B, T, H)
+    inner, hidden = hidden_states(model, batch)  # (B, T, H)
     head = inner.score if hasattr(inner, "score") else inner.classifier
     return head(hidden).squeeze(-1).float()
 

@@ -1,8 +1,9 @@
 """Shared tensor math: token log-probs, masks, masked statistics, advantages, schedules. Depends on torch only."""
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
 
@@ -18,39 +19,41 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask * positions).argmax(-1)
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`log_softmax(logits).gather(-1, index)` without a second (B, T, V) tensor.
-
-    Args:
-        logits: (B, T, V) unnormalised scores.
-        index: (B, T) token ids.
-
-    Returns:
-        (B, T) fp32 log-probability of each token, whatever the logits' dtype (bf16 under mixed
-        precision). `logsumexp` runs one row at a time, so the temporary it needs is (T, V), not (B, T, V).
-    """
-    picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1).float()  # (B, T)
-    return picked - torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
-
-
-def label_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def label_logps(
+    hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, head: Optional[Callable] = None, chunk_tokens: int = 512
+) -> torch.Tensor:
     """Log-prob of each label token given the tokens before it; 0 where the label is IGNORE_INDEX.
 
     Args:
-        logits: (B, T, V) model outputs for the full sequence.
+        hidden: (B, T, H) last hidden states, turned into logits by `head` (the LM head); or, with
+            `head=None`, (B, T, V) logits.
         labels: (B, T) the sequence's token ids where they are scored, IGNORE_INDEX elsewhere.
         temperature: the logits are divided by it (sampling temperature of PPO rollouts).
+        head: (n, H) -> (n, V), e.g. `model.get_output_embeddings()`.
+        chunk_tokens: scored positions whose logits exist at once.
 
     Returns:
-        (B, T - 1) in fp32: entry t is `log p(labels_{t+1} | tokens_<=t)`. Columns before the first scored
-        token of any row are not computed (they are 0), so prompts cost no log-softmax.
+        (B, T - 1) in fp32 whatever the input dtype (bf16 under mixed precision): entry t is
+        `log p(labels_{t+1} | tokens_<=t)`. The head runs on the scored positions only (no prompt,
+        no padding), `chunk_tokens` at a time, and each chunk is recomputed in the backward pass
+        instead of being kept: the (B, T, V) logits never exist, and the largest temporary is
+        (chunk_tokens, V) in fp32.
     """
-    labels = labels[:, 1:]  # token t + 1 is predicted by the logits at t
-    mask = labels != IGNORE_INDEX  # (B, T-1)
-    start = int(mask.any(0).int().argmax())  # first column that any row scores
-    logps = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    scored = logits[:, start:-1] / temperature  # (B, T-1-start, V)
-    logps[:, start:] = selective_log_softmax(scored, labels[:, start:].clamp(min=0)) * mask[:, start:]
+    labels = labels[:, 1:]  # token t + 1 is predicted by position t
+    scored = labels != IGNORE_INDEX  # (B, T-1)
+    inputs, targets = hidden[:, :-1][scored], labels[scored]  # (N, H or V), (N,)
+
+    def chunk_logps(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (n, H or V), (n,) -> (n,)
+        logits = (x if head is None else head(x)).float() / temperature  # (n, V)
+        return logits.gather(-1, index[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+    chunks = [
+        checkpoint(chunk_logps, inputs[i : i + chunk_tokens], targets[i : i + chunk_tokens], use_reentrant=False)
+        for i in range(0, len(targets), chunk_tokens)
+    ]  # fmt: skip
+    logps = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    if chunks:
+        logps[scored] = torch.cat(chunks)
     return logps
 
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_causal_lm
 from lit_rlhf.cli import cli
 from lit_rlhf import DPOModule, PreferenceDataModule, sequence_logps
+from lit_rlhf.forward import token_logps
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,21 @@ def test_sequence_logps_do_not_depend_on_right_padding(tiny_model_dir, datamodul
     }
     with torch.no_grad():
         assert torch.allclose(sequence_logps(module.model, batch), sequence_logps(module.model, padded), atol=1e-4)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_token_logps_equal_log_softmax_of_the_models_own_logits(tiny_model_dir, datamodule, lora_r):
+    """The head on label positions in chunks (forward.token_logps) against the model's full forward, values and gradients."""
+    module = DPOModule(model_name_or_path=tiny_model_dir, lora_r=lora_r)
+    batch = datamodule.train_dataloader().collate_fn(datamodule.train_rows[:4])
+    labels = batch["labels"][:, 1:]
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]  # (B, T-1, V), left-aligned rows
+    expected = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
+    trained = [p for p in module.model.parameters() if p.requires_grad]
+    expected_grads = torch.autograd.grad(expected.sum(), trained)
+    logps = token_logps(module.model, batch)
+    assert logps.dtype == torch.float32 and torch.allclose(logps, expected, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(torch.autograd.grad(logps.sum(), trained), expected_grads))
 
 
 def dpo_args(model_dir, dataset, *extra):

@@ -16,7 +16,6 @@ from lit_rlhf.ops import (
     linear_warmup_decay,
     masked_whiten,
     position_ids,
-    selective_log_softmax,
     truncate_after_eos,
 )
 
@@ -25,10 +24,19 @@ def completion_logps(logits, labels):
     return label_logps(logits, labels).sum(-1)
 
 
-def test_selective_log_softmax_matches_log_softmax_gather():
-    logits, index = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
-    expected = torch.log_softmax(logits, -1).gather(-1, index[..., None]).squeeze(-1)
-    assert torch.allclose(selective_log_softmax(logits, index), expected, atol=1e-6)
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 512])
+def test_label_logps_through_a_head_in_chunks_equal_log_softmax_of_the_full_logits(chunk_tokens):
+    # the reference computation: the full (B, T, V) logits, log_softmax, gather
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 6, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False)
+    labels = torch.tensor([[IGNORE_INDEX] * 2 + [1, 2, 3, 4], [IGNORE_INDEX] * 4 + [5, 6], [IGNORE_INDEX, 7, 8, 9, 10, IGNORE_INDEX]])
+    full = torch.log_softmax(head(hidden)[:, :-1] / 0.7, -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+    expected = full * (labels[:, 1:] != IGNORE_INDEX)
+    (grad_hidden, grad_head) = torch.autograd.grad(expected.sum(), (hidden, head.weight))
+    chunked = label_logps(hidden, labels, 0.7, head=head, chunk_tokens=chunk_tokens)
+    assert torch.allclose(chunked, expected, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(torch.autograd.grad(chunked.sum(), (hidden, head.weight)), (grad_hidden, grad_head)))
 
 
 def test_completion_logps_by_hand():
