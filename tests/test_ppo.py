@@ -77,7 +77,7 @@ def test_rollout_samples_each_prompt_k_times_in_a_contiguous_group(tiny_model_di
 
 @pytest.mark.parametrize(
     "estimator, checkpointing",
-    [("gae", "false"), ("gae", "true"), ("rloo", "false"), ("grpo", "false"), ("dr_grpo", "false"), ("reinforce_pp", "false")],
+    [("gae", "false"), ("gae", "true"), ("rloo", "true"), ("grpo", "false"), ("dr_grpo", "false"), ("reinforce_pp", "false")],
 )
 def test_first_minibatch_of_first_update_is_on_policy(
     tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, estimator, checkpointing
