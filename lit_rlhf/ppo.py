@@ -133,8 +133,8 @@ class PPOModule(AlignmentModule):
             kl_in_loss: false: the KL is a per-token reward penalty `-kl_coef * KL_t` (rloo, grpo and
                 dr_grpo add its sum over the response to the score). true (GRPO): the reward has no KL,
                 and the loss adds `kl_coef * k3` per response token, aggregated like the policy loss (k3
-                whatever `kl_estimator`: k1's expected gradient is 0). `objective/kl` is the rollout's
-                KL either way.
+                whatever `kl_estimator`: k1's expected gradient is 0). Either way `objective/kl` is the
+                rollout's KL and `objective/rlhf_reward` the score minus `kl_coef` times it.
             gamma: GAE discount (`gae`).
             lam: GAE lambda (`gae`).
             ppo_epochs: Passes over each rollout batch.
