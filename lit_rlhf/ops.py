@@ -125,6 +125,88 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def grouped(scores: torch.Tensor, k: int, estimator: str) -> torch.Tensor:
+    """The scores of `estimator` as one row per prompt. (B * k,) -> (B, k); rows g*k .. g*k + k - 1 form group g.
+
+    Raises ValueError unless there are at least 2 samples per prompt (a group of one has no baseline)."""
+    if k < 2:
+        raise ValueError(f"{estimator} compares the samples of one prompt: it needs k >= 2 samples per prompt, got k={k}")
+    if scores.shape[0] % k:
+        raise ValueError(f"{estimator}: {scores.shape[0]} scores do not split into groups of k={k}")
+    return scores.view(-1, k)
+
+
+def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics"): each sample's score minus the mean
+    score of the other k - 1 samples of its prompt.
+
+    Args:
+        scores: (B * k,) sequence rewards, the k samples of each prompt contiguous.
+        k: samples per prompt, at least 2.
+
+    Returns:
+        (B * k,) `A_i = r_i - (sum_j r_j - r_i) / (k - 1)`.
+    """
+    groups = grouped(scores, k, "RLOO")  # (B, k)
+    baseline = (groups.sum(1, keepdim=True) - groups) / (k - 1)  # (B, k) mean of the others
+    return (groups - baseline).flatten()
+
+
+def grpo_advantages(scores: torch.Tensor, k: int, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages: GRPO (Shao et al. 2024, "DeepSeekMath") and Dr. GRPO (Liu et al. 2025,
+    "Understanding R1-Zero-Like Training").
+
+    Args:
+        scores: (B * k,) sequence rewards, the k samples of each prompt contiguous.
+        k: samples per prompt, at least 2.
+        scale_by_std: True (GRPO): divide by the group's standard deviation (unbiased) plus `eps`;
+            False (Dr. GRPO): no division, the score minus the group mean.
+        eps: keeps a group whose scores are all equal at advantage 0 instead of 0 / 0.
+
+    Returns:
+        (B * k,) `(r_i - mean(r)) / (std(r) + eps)`, or `r_i - mean(r)` without `scale_by_std`.
+    """
+    groups = grouped(scores, k, "GRPO" if scale_by_std else "Dr. GRPO")  # (B, k)
+    advantages = groups - groups.mean(1, keepdim=True)
+    if scale_by_std:
+        advantages = advantages / (groups.std(1, keepdim=True) + eps)
+    return advantages.flatten()
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): the return of each token, whitened over the global batch; no critic.
+
+    Args:
+        rewards: (N, T) per-token rewards (the KL penalty, plus the score on the last real token).
+        mask: (N, T) 1 on response tokens.
+        sum_over_processes: as in `masked_whiten`: mean and std over every process's tokens.
+
+    Returns:
+        (N, T) `G_t = sum_{i >= t} r_i` (gamma 1), whitened over the masked positions; 0 on padding.
+        `G_t` is GAE with V = 0 and lambda = 1.
+    """
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)  # (N, T)
+    return masked_whiten(returns, mask, sum_over_processes=sum_over_processes) * mask
+
+
+def group_minibatches(num_rows: int, k: int, num_minibatches: int, device=None) -> tuple[torch.Tensor, ...]:
+    """Shuffled row indices cut into minibatches of whole groups. -> `num_minibatches` index tensors
+
+    Rows g*k .. g*k + k - 1 are group g (the k samples of one prompt). The groups are shuffled with
+    torch's RNG, each keeping its rows together, and split into `num_minibatches` minibatches whose sizes
+    differ by one group at most (fewer when there are fewer groups: a short last batch of an epoch).
+    With k = 1 this is `randperm(num_rows)` cut into equal parts.
+    """
+    if num_rows % k:
+        raise ValueError(f"{num_rows} rows do not split into groups of k={k}")
+    num_groups = num_rows // k
+    groups = torch.randperm(num_groups, device=device)  # (G,)
+    rows = groups[:, None] * k + torch.arange(k, device=device)  # (G, k)
+    return tuple(minibatch.flatten() for minibatch in rows.tensor_split(min(num_minibatches, num_groups)))
+
+
 def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut each response after its first EOS.
 

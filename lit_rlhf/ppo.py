@@ -1,23 +1,36 @@
-"""PPO for language models, after Huang et al. 2024, "The N+ implementation details of RLHF with PPO".
+"""PPO for language models, after Huang et al. 2024, "The N+ implementation details of RLHF with PPO",
+and the critic-free estimators that share its rollout and clipped update.
 
 One training step reads top to bottom:
-    rollout()            generate responses, score them, old log-probs, reference log-probs, values
-    compute_advantages() per-token reward = -kl_coef * KL_t (+ score on the last token), GAE, whitening
-    update()             ppo_epochs passes over minibatches: clipped policy and value losses
+    rollout()            generate num_generations responses per prompt, score them, old log-probs,
+                         reference log-probs, values (gae only)
+    compute_advantages() per-token KL penalty, then the advantages of `advantage_estimator`
+    update()             ppo_epochs passes over minibatches of whole groups: clipped policy loss
+                         (+ value loss for gae, + KL loss with kl_in_loss)
+
+Only the advantage differs between estimators (pure functions in `ops.py`). `gae` (PPO, the default)
+trains a value model and whitens GAE advantages over the batch. The others load no value model:
+`rloo`, `grpo` and `dr_grpo` sample k = `num_generations` responses per prompt and give each response one
+advantage, its reward minus the mean of the other k - 1 (RLOO), minus the group mean and over the
+group's std (GRPO), or minus the group mean alone with a loss free of length bias (Dr. GRPO);
+`reinforce_pp` (REINFORCE++) whitens each token's sum of future rewards over the global batch. The class
+keeps the name PPOModule, which configs and checkpoints name: every estimator shares PPO's update.
 
 With several processes (DDP, FSDP, DeepSpeed) each process rolls out its own share of the prompts:
 - sampling: at the start of `fit` each process reseeds torch's RNG with one number drawn from the
   common stream plus its rank, so the processes sample different responses. A checkpoint keeps rank
   0's RNG state; a resumed run reseeds each rank from it again, so its samples are deterministic but
   not the ones the uninterrupted run would have drawn (one process resumes exactly);
-- whitening: the advantages' mean and std are all-reduced, those of every process's tokens together,
-  as in one process with all the prompts;
+- whitening (gae, reinforce_pp): the advantages' mean and std are all-reduced, those of every process's
+  tokens together, as in one process with all the prompts. Groups (rloo, grpo, dr_grpo) never span
+  processes: each process samples all k responses of its own prompts;
 - generation: under DDP each process holds the whole policy, so `generate` runs without collectives
   and a process that stops early (every response at EOS) waits for nobody. Under FSDP or DeepSpeed
   ZeRO-3 the parameters are sharded and every forward is a collective: `generate(synced_gpus=True)`
   keeps every process stepping until all are done. (ZeRO-2 shards optimizer state and gradients only.)
 """
 
+import math
 from contextlib import nullcontext
 from typing import Literal, Optional
 
@@ -28,22 +41,34 @@ from transformers import GenerationConfig
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.errors import UserError
-from lit_rlhf.losses import ppo_policy_loss, ppo_value_loss
+from lit_rlhf.losses import aggregate_token_losses, ppo_policy_loss, ppo_value_loss
 from lit_rlhf.forward import sequence_scores, token_logps, token_values
 from lit_rlhf.models import add_lora, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
-from lit_rlhf.ops import IGNORE_INDEX, gae, kl_penalty, masked_whiten, truncate_after_eos
+from lit_rlhf.ops import (
+    IGNORE_INDEX,
+    gae,
+    group_minibatches,
+    grpo_advantages,
+    kl_penalty,
+    masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    truncate_after_eos,
+)
 
 Rollout = dict[str, torch.Tensor]
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (B, P + R), prompts left-padded
+GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo")  # a baseline from the other samples of the prompt: k >= 2
+LOSS_AGGREGATION = {"grpo": "sequence_mean", "dr_grpo": "constant"}  # the others: token_mean (aggregate_token_losses)
 
 
 class PPOModule(AlignmentModule):
     algorithm = "ppo"
     progress_bar_metrics = ("objective/scores", "objective/kl")
     frozen_modules = ("ref_model", "reward_model")
-    trained_modules = ("model", "value_model")
+    trained_modules = ("model", "value_model")  # critic-free estimators: ("model",), set in __init__
     flag_ranges = AlignmentModule.flag_ranges | {
-        "response_length": "> 0", "temperature": "> 0", "kl_coef": ">= 0", "gamma": "in [0, 1]", "lam": "in [0, 1]",
+        "response_length": "> 0", "temperature": "> 0", "num_generations": "> 0", "kl_coef": ">= 0", "gamma": "in [0, 1]", "lam": "in [0, 1]",
         "ppo_epochs": "> 0", "num_minibatches": "> 0", "gradient_accumulation_steps": "> 0", "cliprange": "> 0",
         "cliprange_value": "> 0", "vf_coef": ">= 0", "max_grad_norm": "> 0", "sample_every_n_steps": "> 0",
     }  # fmt: skip
@@ -56,8 +81,11 @@ class PPOModule(AlignmentModule):
         response_length: int = 128,
         temperature: float = 0.7,
         missing_eos_penalty: Optional[float] = None,
+        advantage_estimator: Literal["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp"] = "gae",
+        num_generations: int = 1,
         kl_coef: float = 0.05,
         kl_estimator: Literal["k1", "k3"] = "k1",
+        kl_in_loss: bool = False,
         gamma: float = 1.0,
         lam: float = 0.95,
         ppo_epochs: int = 4,
@@ -70,32 +98,62 @@ class PPOModule(AlignmentModule):
         sample_every_n_steps: int = 10,
         **kwargs,
     ):
-        """PPO with a policy, a frozen reference, a frozen reward model and a value model.
+        """PPO and its critic-free relatives (RLOO, GRPO, Dr. GRPO, REINFORCE++), the estimator a flag.
 
-        One PPO step takes one batch of `--data.batch_size` prompts (prompts mode).
+        A policy, a frozen reference, a frozen reward model and, with `gae`, a value model. One PPO step
+        takes one batch of `--data.batch_size` prompts (prompts mode) and samples `num_generations`
+        responses to each.
 
         Args:
-            reward_model_path: Reward model folder (e.g. `logs/reward/version_0/hf`); also the
+            reward_model_path: Reward model folder (e.g. `logs/reward/version_0/hf`); with `gae` also the
                 initial value model.
             model_name_or_path: Hub id, local folder or .gguf file of the policy to train.
-            learning_rate: Peak AdamW learning rate (policy and value model).
+            learning_rate: Peak AdamW learning rate (policy and, with `gae`, value model).
             response_length: Tokens generated per prompt.
             temperature: Sampling temperature of the rollouts (log-probs use the same one).
             missing_eos_penalty: Subtracted from the score of responses with no EOS (off if null).
-            kl_coef: Weight of the per-token KL penalty to the reference.
-            kl_estimator: `k1` (log p - log q) or `k3` ((r - 1) - log r, r = q / p).
-            gamma: GAE discount.
-            lam: GAE lambda.
+            advantage_estimator: How each response's tokens are credited. `gae` (PPO): a value model,
+                GAE, advantages whitened over the batch, loss averaged over all tokens of the batch.
+                The others load no value model (none trained, none in checkpoints): `rloo` (Ahmadian et
+                al. 2024): the response's reward minus the mean reward of the other k - 1 responses to its
+                prompt, on every token; `grpo` (Shao et al. 2024): reward minus the group's mean, divided
+                by the group's std, loss averaged over each response's tokens, then over responses;
+                `dr_grpo` (Liu et al. 2025): reward minus the group's mean, each response's loss summed
+                over its tokens and divided by `response_length`; `reinforce_pp` (Hu 2025, REINFORCE++):
+                each token's sum of future rewards (gamma 1), whitened over the global batch. rloo, grpo
+                and dr_grpo need `num_generations` >= 2. The papers' KL placement: PPO, RLOO and
+                REINFORCE++ penalise the reward (`kl_in_loss` false), GRPO adds k3 to the loss
+                (`kl_in_loss` true); Dr. GRPO changes GRPO's normalisations only.
+            num_generations: Responses sampled per prompt (k): a batch of B prompts rolls out B * k
+                responses. The k responses of a prompt form a group, kept in one minibatch and on the
+                process that holds the prompt.
+            kl_coef: Weight of the KL to the reference (a reward penalty, or with `kl_in_loss` a loss term).
+            kl_estimator: `k1` (log p - log q) or `k3` ((r - 1) - log r, r = q / p), for the reward
+                penalty and `objective/kl`.
+            kl_in_loss: false: the KL is a per-token reward penalty `-kl_coef * KL_t` (rloo, grpo and
+                dr_grpo add its sum over the response to the score). true (GRPO): the reward has no KL,
+                and the loss adds `kl_coef * k3` per response token, aggregated like the policy loss (k3
+                whatever `kl_estimator`: k1's expected gradient is 0). Either way `objective/kl` is the
+                rollout's KL and `objective/rlhf_reward` the score minus `kl_coef` times it.
+            gamma: GAE discount (`gae`).
+            lam: GAE lambda (`gae`).
             ppo_epochs: Passes over each rollout batch.
-            num_minibatches: Optimizer steps per pass (the batch is split into this many minibatches).
+            num_minibatches: Optimizer steps per pass: the batch's groups are shuffled and split into this
+                many minibatches. `--data.batch_size` must split into them, and each minibatch's rows into
+                `gradient_accumulation_steps` micro-batches.
             gradient_accumulation_steps: Micro-batches per minibatch, gradients accumulated by hand.
             cliprange: Clip range of the policy ratio.
-            cliprange_value: Clip range of the value prediction.
-            vf_coef: Weight of the value loss.
+            cliprange_value: Clip range of the value prediction (`gae`).
+            vf_coef: Weight of the value loss (`gae`).
             max_grad_norm: Gradient norm clip of each optimizer step.
             sample_every_n_steps: Log a table of prompt / response / score to TensorBoard every N PPO steps.
         """
         super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate, **kwargs)
+        if advantage_estimator in GROUP_ESTIMATORS and num_generations < 2:
+            raise UserError(
+                f"--model.advantage_estimator {advantage_estimator} compares the responses to one prompt: it needs"
+                f" --model.num_generations 2 or more (e.g. 4), not {num_generations}"
+            )
         self.automatic_optimization = False
         hp = self.hparams
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
@@ -104,8 +162,11 @@ class PPOModule(AlignmentModule):
         self.ref_model = None if hp.lora_r else load_causal_lm(model_name_or_path, hp.trust_remote_code).requires_grad_(False)
         check_same_vocabulary(self.tokenizer, reward_model_path, "--model.reward_model_path")
         self.reward_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code, trained_head=True).requires_grad_(False)
-        value_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code)
-        self.value_model = add_lora(value_model, **self.lora_args(), task_type="SEQ_CLS")
+        if advantage_estimator == "gae":
+            value_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code)
+            self.value_model = add_lora(value_model, **self.lora_args(), task_type="SEQ_CLS")
+        else:  # critic-free: no value weights to train, optimise or checkpoint
+            self.value_model, self.trained_modules = None, ("model",)
         stop = dict(max_new_tokens=hp.response_length, min_new_tokens=1, pad_token_id=pad_id, eos_token_id=self.tokenizer.eos_token_id)
         # top_k=0, top_p=1: sample from the full distribution, the one the log-probs are computed from
         self.generation_config = GenerationConfig(do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0, **stop)
@@ -115,6 +176,22 @@ class PPOModule(AlignmentModule):
         dm = self.trainer.datamodule
         if dm is not None and dm.hparams.mode != "prompts":
             raise UserError("PPO reads prompts only: set --data.mode prompts")
+        if dm is not None and stage == "fit":
+            self.check_batch_size(dm.hparams.batch_size)
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Refuse a batch of prompts (per process) that does not split evenly: its groups into `num_minibatches`
+        minibatches, each minibatch's rows into `gradient_accumulation_steps` micro-batches."""
+        hp = self.hparams
+        k, steps = hp.num_generations, hp.num_minibatches * hp.gradient_accumulation_steps
+        multiple = math.lcm(hp.num_minibatches, steps // math.gcd(steps, k))  # B % multiple == 0 <=> both splits are even
+        if batch_size % multiple:
+            raise UserError(
+                f"--data.batch_size {batch_size} prompts x --model.num_generations {k} responses do not split into"
+                f" --model.num_minibatches {hp.num_minibatches} minibatches of whole groups of {k}, each of"
+                f" --model.gradient_accumulation_steps {hp.gradient_accumulation_steps} equal micro-batches:"
+                f" use a batch size that is a multiple of {multiple}"
+            )
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -133,7 +210,7 @@ class PPOModule(AlignmentModule):
     # ---- the three phases -------------------------------------------------------------------
 
     def micro_batch_size(self, batch_size: int) -> int:
-        """Rows per forward/backward: batch / (num_minibatches * gradient_accumulation_steps)."""
+        """Rows per forward/backward: rollout rows (B * k) / (num_minibatches * gradient_accumulation_steps)."""
         return max(1, batch_size // (self.hparams.num_minibatches * self.hparams.gradient_accumulation_steps))
 
     def response_logps(self, model, batch: Batch, context_length: int) -> torch.Tensor:
@@ -161,11 +238,14 @@ class PPOModule(AlignmentModule):
 
     @torch.no_grad()
     def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
-        """Generate with the policy, then score, old log-probs, reference log-probs and values."""
-        prompts, prompt_mask = batch["input_ids"], batch["attention_mask"]  # (B, P) left-padded
+        """Generate `num_generations` responses per prompt with the policy, then score, old log-probs, reference
+        log-probs and (gae) values. Rows i*k .. i*k + k - 1 answer prompt i."""
+        k = self.hparams.num_generations
+        prompts = batch["input_ids"].repeat_interleave(k, 0)  # (B * k, P) left-padded, each group contiguous
+        prompt_mask = batch["attention_mask"].repeat_interleave(k, 0)
         P = prompts.shape[1]
-        responses, response_mask, contains_eos = self.generate(prompts, prompt_mask)  # (B, R)
-        sequences = torch.cat([prompts, responses], 1)  # (B, P + R)
+        responses, response_mask, contains_eos = self.generate(prompts, prompt_mask)  # (B * k, R)
+        sequences = torch.cat([prompts, responses], 1)  # (B * k, P + R)
         mask = torch.cat([prompt_mask, response_mask], 1)
         labels = sequences.masked_fill(mask == 0, IGNORE_INDEX)
         labels[:, :P] = IGNORE_INDEX  # only response tokens are scored
@@ -179,9 +259,10 @@ class PPOModule(AlignmentModule):
                     parts["ref_logprobs"].append(self.response_logps(self.model, micro, P))
             else:
                 parts["ref_logprobs"].append(self.response_logps(self.ref_model, micro, P))
-            parts["values"].append(self.values(micro, P))
+            if self.value_model is not None:
+                parts["values"].append(self.values(micro, P))
             parts["scores"].append(self.score(micro, P))
-        rollout |= {k: torch.cat(v) for k, v in parts.items()}
+        rollout |= {name: torch.cat(part) for name, part in parts.items() if part}  # critic-free: no values
         if self.hparams.missing_eos_penalty is not None:
             rollout["scores"] = rollout["scores"] - self.hparams.missing_eos_penalty * (~contains_eos).float()
         return dict(rollout, response_mask=response_mask.float(), contains_eos=contains_eos)
@@ -194,49 +275,81 @@ class PPOModule(AlignmentModule):
 
     @torch.no_grad()
     def compute_advantages(self, rollout: Rollout) -> Rollout:
-        """Per-token rewards (KL penalty + score at the last token), GAE, advantages whitened over every process's tokens."""
+        """The per-token KL penalty, then the advantages (N, R) of `advantage_estimator` (and GAE's returns).
+
+        The penalty `-kl_coef * KL_t` goes into the rewards unless `kl_in_loss`: per token (gae, reinforce_pp,
+        with the score on the last token) or summed over the response and added to its score (rloo, grpo,
+        dr_grpo, whose advantage is one number per response, put on each of its tokens)."""
         hp = self.hparams
-        response_mask = rollout["response_mask"]  # (B, R)
+        response_mask = rollout["response_mask"]  # (N, R), N = B * k
         kl = kl_penalty(rollout["logprobs"], rollout["ref_logprobs"], hp.kl_estimator) * response_mask
-        non_score_reward = -hp.kl_coef * kl  # (B, R)
-        last = response_mask.sum(-1).long() - 1  # (B,) index of the last response token
-        rewards = non_score_reward.clone()
+        non_score_reward = -hp.kl_coef * kl  # (N, R)
+        kl_reward = torch.zeros_like(kl) if hp.kl_in_loss else non_score_reward
+        rollout = dict(rollout, kl=kl, non_score_reward=non_score_reward)
+        if hp.advantage_estimator in GROUP_ESTIMATORS:
+            rewards = rollout["scores"] + kl_reward.sum(1)  # (N,)
+            if hp.advantage_estimator == "rloo":
+                advantages = rloo_advantages(rewards, hp.num_generations)
+            else:
+                advantages = grpo_advantages(rewards, hp.num_generations, scale_by_std=hp.advantage_estimator == "grpo")
+            return rollout | {"advantages": advantages[:, None] * response_mask}
+        last = response_mask.sum(-1).long() - 1  # (N,) index of the last response token
+        rewards = kl_reward.clone()  # (N, R)
         rewards[torch.arange(len(last)), last] += rollout["scores"]
+        if hp.advantage_estimator == "reinforce_pp":
+            return rollout | {"advantages": reinforce_pp_advantages(rewards, response_mask, self.sum_over_processes)}
         advantages, returns = gae(rewards, rollout["values"], response_mask, hp.gamma, hp.lam)
         advantages = masked_whiten(advantages, response_mask, sum_over_processes=self.sum_over_processes) * response_mask
-        return dict(rollout, kl=kl, non_score_reward=non_score_reward, advantages=advantages, returns=returns)
+        return rollout | {"advantages": advantages, "returns": returns}
 
     def no_backward_sync(self, enabled: bool):
         """Skip the DDP gradient all-reduce on accumulation micro-steps."""
         strategy = self.trainer.strategy
         return strategy.block_backward_sync() if enabled and isinstance(strategy, ParallelStrategy) else nullcontext()
 
+    def micro_batch_loss(self, rollout: Rollout, idx: torch.Tensor, batch: Batch, context_length: int) -> tuple[torch.Tensor, dict]:
+        """The loss of rollout rows `idx` (model inputs `batch`): clipped policy loss, + KL loss with `kl_in_loss`,
+        + value loss with a value model; and its statistics."""
+        hp = self.hparams
+        response_mask = rollout["response_mask"][idx]  # (n, R)
+        logprobs = self.response_logps(self.model, batch, context_length)  # (n, R)
+        weighting = {"aggregation": LOSS_AGGREGATION.get(hp.advantage_estimator, "token_mean"), "length": hp.response_length}
+        loss, pg_stats = ppo_policy_loss(
+            logprobs, rollout["logprobs"][idx], rollout["advantages"][idx], response_mask, hp.cliprange, **weighting
+        )
+        stats = {"loss/policy_avg": loss.detach(), "policy/approxkl_avg": pg_stats["approxkl"],
+                 "policy/clipfrac_avg": pg_stats["clipfrac"], "val/ratio": pg_stats["ratio"]}  # fmt: skip
+        if hp.kl_in_loss:  # GRPO: k3 to the reference, per token
+            kl = kl_penalty(logprobs, rollout["ref_logprobs"][idx], "k3")  # (n, R)
+            loss = loss + hp.kl_coef * aggregate_token_losses(kl, response_mask, **weighting)
+        if self.value_model is not None:
+            values = self.values(batch, context_length)
+            vf_loss, vf_clipfrac = ppo_value_loss(
+                values, rollout["values"][idx], rollout["returns"][idx], response_mask, hp.cliprange_value
+            )
+            loss = loss + hp.vf_coef * vf_loss
+            stats |= {"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_clipfrac}
+        return loss, stats
+
     def update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """`ppo_epochs` passes over shuffled minibatches, gradients accumulated over micro-batches."""
+        """`ppo_epochs` passes over shuffled minibatches of whole groups, gradients accumulated over micro-batches."""
         hp = self.hparams
         optimizer = self.optimizers()
         P = rollout["input_ids"].shape[1] - rollout["response_mask"].shape[1]
-        B = len(rollout["input_ids"])
-        mb_size, micro_size = max(1, B // hp.num_minibatches), self.micro_batch_size(B)
+        N = len(rollout["input_ids"])  # B * k rows
+        micro_size = self.micro_batch_size(N)
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(hp.ppo_epochs):
-            order = torch.randperm(B, device=self.device)
-            for start in range(0, B, mb_size):
-                micro = order[start : start + mb_size].split(micro_size)
+            for minibatch in group_minibatches(N, hp.num_generations, hp.num_minibatches, self.device):
+                micro = minibatch.split(micro_size)
                 for i, (idx, batch) in enumerate(zip(micro, self.micro_batches(rollout, micro))):
                     with self.no_backward_sync(enabled=i < len(micro) - 1):
-                        rm = rollout["response_mask"][idx]
-                        logprobs = self.response_logps(self.model, batch, P)
-                        pg_loss, pg_stats = ppo_policy_loss(logprobs, rollout["logprobs"][idx], rollout["advantages"][idx], rm, hp.cliprange)
-                        vf_loss, vf_clipfrac = ppo_value_loss(self.values(batch, P), rollout["values"][idx], rollout["returns"][idx], rm, hp.cliprange_value)
-                        loss = pg_loss + hp.vf_coef * vf_loss
+                        loss, micro_stats = self.micro_batch_loss(rollout, idx, batch, P)
                         if not self.finite_in_every_process(loss):
                             self.non_finite(f"PPO loss ({loss.item()})")
                             break  # this minibatch's update is skipped
                         self.manual_backward(loss / len(micro))
-                    for name, value in {"loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
-                                        "policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
-                                        "val/clipfrac_avg": vf_clipfrac, "val/ratio": pg_stats["ratio"]}.items():  # fmt: skip
+                    for name, value in micro_stats.items():
                         stats.setdefault(name, []).append(value)
                 else:  # every micro-batch had a finite loss (gradients are synced on the last one)
                     if self.gradients_are_finite(optimizer):
@@ -249,7 +362,7 @@ class PPOModule(AlignmentModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         rollout = self.compute_advantages(self.rollout(batch))
         for key in ("scores", "values", "advantages"):
-            if not self.finite_in_every_process(rollout[key]):
+            if key in rollout and not self.finite_in_every_process(rollout[key]):  # no values without a value model
                 return self.non_finite(f"rollout {key}")  # skipped: no update for this batch of prompts
         stats = self.update(rollout)
         scores = rollout["scores"]
@@ -265,7 +378,7 @@ class PPOModule(AlignmentModule):
         }
         self.log_stats(stats, "train", batch_size=len(scores))
         if batch_idx % self.hparams.sample_every_n_steps == 0:
-            self.log_samples(batch["prompt_text"], rollout)
+            self.log_samples([text for text in batch["prompt_text"] for _ in range(self.hparams.num_generations)], rollout)
 
     def log_samples(self, prompt_texts: list[str], rollout: Rollout) -> None:
         """A markdown table of the user's prompt / response / score in TensorBoard's Text tab."""

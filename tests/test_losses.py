@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
-from lit_rlhf.losses import dpo_loss, ppo_policy_loss, ppo_value_loss, reward_loss, rpo_nll_loss
+from lit_rlhf.losses import aggregate_token_losses, dpo_loss, ppo_policy_loss, ppo_value_loss, reward_loss, rpo_nll_loss
 
 
 def softplus(x: float) -> float:  # -log sigmoid(-x) = log(1 + e^x)
@@ -85,6 +86,25 @@ def test_ppo_policy_loss_at_the_clip_edges():
     loss.backward()
     assert logprobs.grad[0, 0] == 0 and logprobs.grad[0, 3] == 0  # clipped terms pass no gradient
     assert torch.isclose(logprobs.grad[0, 1], torch.tensor(1.5 / 4))  # d(-A r)/d log r = -A r, A = -1
+
+
+def test_token_loss_aggregations_by_hand():
+    # a response of 3 tokens (losses 1, 2, 3) and one of 1 token (loss 4), padding holds 9 (must not count)
+    losses, mask = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert aggregate_token_losses(losses, mask, "token_mean") == (1 + 2 + 3 + 4) / 4  # 2.5: every token alike
+    assert aggregate_token_losses(losses, mask, "sequence_mean") == ((1 + 2 + 3) / 3 + 4 / 1) / 2  # 3.0: every response alike
+    assert aggregate_token_losses(losses, mask, "constant", length=4) == ((1 + 2 + 3) / 4 + 4 / 4) / 2  # 1.25: sums over 4
+    with pytest.raises(ValueError, match="unknown loss aggregation 'sum'"):
+        aggregate_token_losses(losses, mask, "sum")
+
+
+def test_ppo_policy_loss_aggregates_like_its_argument():
+    # ratio 1, advantages +1 on a 2-token response and -2 on a 1-token one: per-token losses -1, -1 | 2
+    logprobs, mask = torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    advantages = torch.tensor([[1.0, 1.0], [-2.0, -2.0]])
+    assert ppo_policy_loss(logprobs, logprobs, advantages, mask)[0] == (-1 - 1 + 2) / 3  # token_mean
+    assert ppo_policy_loss(logprobs, logprobs, advantages, mask, aggregation="sequence_mean")[0] == (-1 + 2) / 2
+    assert ppo_policy_loss(logprobs, logprobs, advantages, mask, aggregation="constant", length=2)[0] == (-2 / 2 + 2 / 2) / 2
 
 
 def test_ppo_value_loss_by_hand():

@@ -10,12 +10,16 @@ import torch
 from lit_rlhf.ops import (
     IGNORE_INDEX,
     gae,
+    group_minibatches,
+    grpo_advantages,
     kl_penalty,
     label_logps,
     last_token_index,
     linear_warmup_decay,
     masked_whiten,
     position_ids,
+    reinforce_pp_advantages,
+    rloo_advantages,
     truncate_after_eos,
 )
 
@@ -96,6 +100,74 @@ def test_kl_estimators_by_hand():
     # k3 = r - 1 - log r with r = q / p: e^-1 - 1 + 1 = 0.367879; e - 1 - 1 = 0.718282
     assert torch.allclose(kl_penalty(logprobs, ref_logprobs, "k3"), torch.tensor([[0.367879, 0.718282]]), atol=1e-6)
     assert torch.equal(kl_penalty(logprobs, logprobs, "k3"), torch.zeros(1, 2))
+
+
+def test_rloo_advantages_by_hand():
+    # k = 2, groups (1, 3) and a tie (5, 5): the baseline is the other sample: 1 - 3 = -2, 3 - 1 = 2; 0, 0
+    assert rloo_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), k=2).tolist() == [-2.0, 2.0, 0.0, 0.0]
+    # k = 4, group (1, 2, 3, 6), sum 12: baselines (12 - r) / 3 = 11/3, 10/3, 3, 2 -> -8/3, -4/3, 0, 4
+    assert torch.allclose(rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), k=4), torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0]))
+    # k = 4 with ties (2, 2, 5, 5), sum 14: baselines 12/3 = 4 and 9/3 = 3 -> -2, -2, 2, 2
+    assert rloo_advantages(torch.tensor([2.0, 2.0, 5.0, 5.0]), k=4).tolist() == [-2.0, -2.0, 2.0, 2.0]
+
+
+def test_grpo_and_dr_grpo_advantages_by_hand():
+    # k = 2, group (1, 3): mean 2, unbiased std sqrt((1 + 1) / 1) = sqrt 2 -> -+1 / (sqrt 2 + eps)
+    one_over_std = 1 / (math.sqrt(2) + 1e-4)
+    assert torch.allclose(grpo_advantages(torch.tensor([1.0, 3.0]), k=2), torch.tensor([-one_over_std, one_over_std]))
+    # k = 4, group (1, 2, 3, 6): mean 3, deviations -2, -1, 0, 3, unbiased variance (4 + 1 + 0 + 9) / 3 = 14/3
+    scores, deviations = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([-2.0, -1.0, 0.0, 3.0])
+    assert torch.allclose(grpo_advantages(scores, k=4), deviations / (math.sqrt(14 / 3) + 1e-4))
+    assert grpo_advantages(scores, k=4, scale_by_std=False).tolist() == deviations.tolist()  # Dr. GRPO: no division
+    # k = 2 over two groups, one with a tie (4, 4): std 0, so 0 / (0 + eps) = 0
+    assert torch.allclose(grpo_advantages(torch.tensor([1.0, 3.0, 4.0, 4.0]), k=2), torch.tensor([-one_over_std, one_over_std, 0.0, 0.0]))
+
+
+def test_a_group_whose_scores_are_all_equal_gets_zero_advantage_and_no_nan():
+    scores = torch.full((4,), 0.5)
+    for advantages in (rloo_advantages(scores, 4), grpo_advantages(scores, 4), grpo_advantages(scores, 4, scale_by_std=False)):
+        assert torch.equal(advantages, torch.zeros(4))
+
+
+@pytest.mark.parametrize("estimator, name", [(rloo_advantages, "RLOO"), (grpo_advantages, "GRPO")])
+def test_group_advantages_refuse_one_sample_per_prompt_and_ragged_groups(estimator, name):
+    with pytest.raises(ValueError, match=f"{name} compares the samples of one prompt: it needs k >= 2 samples per prompt, got k=1"):
+        estimator(torch.tensor([1.0, 2.0]), 1)
+    with pytest.raises(ValueError, match="5 scores do not split into groups of k=2"):
+        estimator(torch.arange(5.0), 2)
+
+
+def test_reinforce_pp_advantages_by_hand():
+    # row 0: rewards -0.1, -0.2, 1.0 -> returns (sums of future rewards) 0.7, 0.8, 1.0
+    # row 1: one real token, reward 0.5 -> return 0.5; its padding holds 9s, which must not count
+    rewards = torch.tensor([[-0.1, -0.2, 1.0], [0.5, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # returns 0.7, 0.8, 1.0, 0.5: mean 0.75, deviations -0.05, 0.05, 0.25, -0.25,
+    # unbiased variance (0.0025 + 0.0025 + 0.0625 + 0.0625) / 3 = 0.13 / 3, std 0.2081666
+    std = math.sqrt(0.13 / 3)
+    expected = torch.tensor([[-0.05 / std, 0.05 / std, 0.25 / std], [-0.25 / std, 0.0, 0.0]])
+    assert torch.allclose(reinforce_pp_advantages(rewards, mask), expected, atol=1e-5)
+
+
+def test_group_minibatches_hold_whole_groups():
+    torch.manual_seed(0)
+    draws = [group_minibatches(12, 3, 2) for _ in range(5)]  # 4 groups of 3 into 2 minibatches
+    for minibatches in draws:
+        assert [len(m) for m in minibatches] == [6, 6]
+        assert sorted(torch.cat(minibatches).tolist()) == list(range(12))  # every row once
+        for m in minibatches:  # each minibatch is 2 whole groups: rows 3g, 3g + 1, 3g + 2 together
+            assert sorted(m.tolist()) == sorted(3 * g + i for g in set((m // 3).tolist()) for i in range(3))
+            assert len(set((m // 3).tolist())) == 2
+    assert len({tuple(draws[i][0].tolist()) for i in range(5)}) > 1  # the groups are shuffled
+    # k = 1: the shuffled rows cut into equal parts, as PPO always did
+    torch.manual_seed(1)
+    expected = torch.randperm(8).split(4)
+    torch.manual_seed(1)
+    assert [m.tolist() for m in group_minibatches(8, 1, 2)] == [m.tolist() for m in expected]
+    # a short last batch of an epoch: 1 group for 2 minibatches gives 1 minibatch, not an empty one
+    assert [m.tolist() for m in group_minibatches(3, 3, 2)] == [[0, 1, 2]]
+    with pytest.raises(ValueError, match="7 rows do not split into groups of k=3"):
+        group_minibatches(7, 3, 2)
 
 
 def test_truncate_after_first_eos():

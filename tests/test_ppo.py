@@ -1,4 +1,5 @@
-"""PPO module: the first update is on-policy, EOS handling, a toy task it must learn, resume."""
+"""PPO module and its advantage estimators: the first update is on-policy, EOS handling, groups, a toy task
+each estimator must learn, resume, flag checks."""
 
 import types
 
@@ -8,6 +9,7 @@ import torch
 import lit_rlhf.ppo
 from lit_rlhf.cli import cli
 from lit_rlhf.data import PreferenceDataModule
+from lit_rlhf.errors import UserError
 from lit_rlhf.rows import load_rows
 from lit_rlhf.ppo import PPOModule
 
@@ -21,6 +23,14 @@ def ppo_args(model_dir, reward_dir, dataset, *extra):
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", *extra,
     ]  # fmt: skip
+
+
+def estimator_args(estimator: str, num_generations: int = 2) -> list[str]:
+    """The flags of `estimator`; the group estimators sample `num_generations` responses per prompt, GRPO with
+    its KL in the loss as in the paper."""
+    group = ["--model.num_generations", str(num_generations)] if estimator in ("rloo", "grpo", "dr_grpo") else []
+    kl_in_loss = ["--model.kl_in_loss", "true"] if estimator == "grpo" else []
+    return ["--model.advantage_estimator", estimator, *group, *kl_in_loss]
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +58,45 @@ def test_rollout_starts_with_zero_kl_and_penalises_missing_eos(tiny_model_dir, t
     assert torch.equal(scored, torch.cat([torch.zeros_like(prompt_batch["input_ids"]), rollout["response_mask"]], 1).bool())
 
 
-@pytest.mark.parametrize(("checkpointing", "precision"), [("false", "32-true"), ("true", "32-true"), ("false", "bf16-mixed")])
-def test_first_minibatch_of_first_update_is_on_policy(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, checkpointing, precision):
+def test_rollout_samples_each_prompt_k_times_in_a_contiguous_group(tiny_model_dir, tiny_reward_dir, prompt_batch):
+    module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, response_length=8,
+                       advantage_estimator="rloo", num_generations=3)  # fmt: skip
+    assert module.value_model is None and module.trained_modules == ("model",)
+    torch.manual_seed(0)
+    rollout = module.compute_advantages(module.rollout(prompt_batch))
+    P = prompt_batch["input_ids"].shape[1]
+    assert torch.equal(rollout["input_ids"][:, :P], prompt_batch["input_ids"].repeat_interleave(3, 0))  # (8 * 3, P)
+    assert "values" not in rollout and "returns" not in rollout
+    responses = rollout["input_ids"][:, P:].view(8, 3, -1)
+    assert any(not torch.equal(group[0], group[1]) for group in responses)  # the k samples of a prompt differ
+    # one advantage per response, on each of its tokens; RLOO's advantages of a group sum to 0
+    advantages = rollout["advantages"]  # (24, R)
+    assert torch.equal(advantages, advantages[:, :1] * rollout["response_mask"])
+    assert torch.allclose(advantages[:, 0].view(8, 3).sum(1), torch.zeros(8), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "estimator, checkpointing, precision",
+    [("gae", "false", "32-true"), ("gae", "true", "32-true"), ("gae", "false", "bf16-mixed"), ("rloo", "true", "32-true"),
+     ("grpo", "false", "bf16-mixed"), ("dr_grpo", "false", "32-true"), ("reinforce_pp", "false", "32-true")],
+)  # fmt: skip
+def test_first_minibatch_of_first_update_is_on_policy(
+    tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, estimator, checkpointing, precision
+):
     monkeypatch.chdir(tmp_path)
     calls = []
     original = lit_rlhf.ppo.ppo_policy_loss
     monkeypatch.setattr(lit_rlhf.ppo, "ppo_policy_loss", lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
     run = cli(["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "12", "--model.ppo_epochs", "2",
                "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-2", "--trainer.limit_train_batches", "1",
-               "--model.gradient_checkpointing", checkpointing, "--trainer.precision", precision)])  # fmt: skip
+               "--model.gradient_checkpointing", checkpointing, "--trainer.precision", precision, *estimator_args(estimator))])  # fmt: skip
     assert run.trainer.precision == precision
     assert run.trainer.callback_metrics["objective/kl"] == 0.0
+    # critic-free estimators hold no value model: nothing loaded, optimised or logged for it
+    critic = estimator == "gae"
+    assert (run.model.value_model is not None) == critic and ("loss/value_avg" in run.trainer.callback_metrics) == critic
+    optimised = sum(p.numel() for group in run.trainer.optimizers[0].param_groups for p in group["params"])
+    assert (optimised == sum(p.numel() for p in run.model.model.parameters())) != critic
     _, first = calls[0]
     assert first["ratio"].item() == pytest.approx(1.0, abs=1e-6) and first["approxkl"].item() < 1e-10
     assert first["clipfrac"] == 0.0
@@ -67,12 +105,16 @@ def test_first_minibatch_of_first_update_is_on_policy(tiny_model_dir, tiny_rewar
     assert run.trainer.global_step == 2  # ppo_epochs x num_minibatches optimizer steps
 
 
-def test_toy_reward_is_learned(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
-    """Reward = share of response tokens that are ASCII bytes (ids < 128): about 0.5 at random init."""
+@pytest.mark.parametrize("estimator", ["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp"])
+def test_toy_reward_is_learned(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, estimator):
+    """Reward = share of response tokens that are ASCII bytes (ids < 128): about 0.5 at random init.
+    Every estimator rolls out 16 responses per step: 16 prompts, or 4 prompts x 4 samples."""
     monkeypatch.chdir(tmp_path)
-    run = cli(ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "164", "--data.batch_size", "16",
+    prompts = "4" if estimator in ("rloo", "grpo", "dr_grpo") else "16"
+    run = cli(ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "164", "--data.batch_size", prompts,
                        "--model.learning_rate", "1e-2", "--model.kl_coef", "0.01", "--model.temperature", "1.0",
-                       "--model.gradient_accumulation_steps", "1", "--model.ppo_epochs", "4", "--seed_everything", "0"), run=False)  # fmt: skip
+                       "--model.gradient_accumulation_steps", "1", "--model.ppo_epochs", "4", "--seed_everything", "0",
+                       "--trainer.limit_train_batches", "10", *estimator_args(estimator, num_generations=4)), run=False)  # fmt: skip
     scores = []
 
     def toy_score(self, batch, context_length):
@@ -87,18 +129,38 @@ def test_toy_reward_is_learned(tiny_model_dir, tiny_reward_dir, real_rows, tmp_p
     assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.15, scores
 
 
-def test_resume_from_a_mid_run_checkpoint(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_resume_from_a_mid_run_checkpoint(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, estimator):
     monkeypatch.chdir(tmp_path)
     args = ["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "36", "--model.ppo_epochs", "1",
             "--model.gradient_accumulation_steps", "1", "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1")]  # fmt: skip
-    cli([*args, "--trainer.max_steps", "2"])  # interrupted after 2 of 4 PPO steps
+    cli([*args, *estimator_args(estimator), "--trainer.max_steps", "2"])  # interrupted after 2 of 4 PPO steps
     ckpt = tmp_path / "logs/ppo/version_0/checkpoints/epoch=0-step=1.ckpt"
     state = torch.load(ckpt, weights_only=False)
     assert not any(k.startswith(("ref_model.", "reward_model.")) for k in state["state_dict"])
-    assert any(k.startswith("value_model.") for k in state["state_dict"])
-    resumed = cli([*args, "--ckpt_path", str(ckpt)])
+    assert any(k.startswith("model.") for k in state["state_dict"])
+    assert any(k.startswith("value_model.") for k in state["state_dict"]) == (estimator == "gae")  # critic-free: no value weights
+    resumed = cli([*args, "--ckpt_path", str(ckpt)])  # the estimator comes from the checkpoint
+    assert resumed.model.hparams.advantage_estimator == estimator
     assert resumed.trainer.global_step == 4
     assert resumed.model.lr_schedulers().last_epoch == 4  # the scheduler was restored, then stepped 3 more times
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "dr_grpo"])
+def test_group_estimators_refuse_one_response_per_prompt(estimator):
+    with pytest.raises(UserError, match=f"--model.advantage_estimator {estimator} compares the responses to one prompt: it needs"
+                                        " --model.num_generations 2 or more"):  # fmt: skip
+        PPOModule(reward_model_path="unused", model_name_or_path="unused", advantage_estimator=estimator)  # before any model loads
+
+
+def test_a_batch_that_does_not_split_into_whole_groups_is_refused(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # 6 prompts x 2 responses: 6 groups do not split into 4 minibatches; batch 4 or 8 would (8 rows per micro-batch step)
+    args = ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "12", "--data.batch_size", "6", "--model.num_minibatches", "4",
+                    "--model.gradient_accumulation_steps", "1", *estimator_args("rloo"))  # fmt: skip
+    with pytest.raises(UserError, match=r"--data.batch_size 6 prompts x --model.num_generations 2 responses do not split into"
+                                        r" --model.num_minibatches 4 minibatches .* use a batch size that is a multiple of 4"):  # fmt: skip
+        cli(["fit", *args])
 
 
 def test_sample_table_shows_the_users_prompt(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
