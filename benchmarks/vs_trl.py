@@ -17,7 +17,8 @@ tokens (attention mask) and the padded tokens (batch x length) of its forwards w
 (not the reference's). Printed per library:
 seconds per optimizer step (median), real and padded tokens/s, peak RSS, and the loss both compute
 on the file's first batch of rows at the start, in fp32, with no training (`--check-model`: the
-weights to start from there, e.g. a trained reward model so both score heads are the same).
+weights to start from there: a trained reward model, so both score heads are the same; for DPO a
+trained policy, with `--model` as its reference, so the loss is not simply log 2).
 """
 
 import argparse
@@ -92,12 +93,13 @@ def lit_flags(algorithm: str, model: str, steps: int, precision: str | None, che
     return flags
 
 
-def lit_start_loss(algorithm: str, model: str) -> float:
-    """The module's loss on the file's first batch of rows, fp32, before any training."""
+def lit_start_loss(algorithm: str, model: str, reference: str) -> float:
+    """The module's loss on the file's first batch of rows, fp32, before any training (DPO: against `reference`)."""
     from lit_rlhf.cli import cli
     from lit_rlhf.data import collate_pairs
 
-    run = cli(lit_flags(algorithm, model, 1, "32-true", None), run=False)
+    flags = lit_flags(algorithm, model, 1, "32-true", None) + (["--model.ref_model_name_or_path", reference] if algorithm == "dpo" else [])
+    run = cli(flags, run=False)
     run.datamodule.setup("fit")
     rows = sorted(run.datamodule.train_rows + run.datamodule.val_rows, key=lambda r: r["index"])[: SIZES[algorithm]["batch_size"]]
     with torch.no_grad():
@@ -128,9 +130,9 @@ def run_lit(algorithm: str, model: str, steps: int, precision: str | None, check
 # ---------------------------------------------------------------- TRL
 
 
-def trl_trainer(algorithm: str, model: str, steps: int, overrides: dict):
+def trl_trainer(algorithm: str, model: str, steps: int, overrides: dict, reference: str | None = None):
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
     size = SIZES[algorithm]
@@ -140,16 +142,22 @@ def trl_trainer(algorithm: str, model: str, steps: int, overrides: dict):
         max_steps=steps, report_to="none", save_strategy="no", logging_strategy="no", seed=0, use_cpu=True, **overrides,
     )  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model)
-    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows_as_messages(NUM_ROWS)), processing_class=tokenizer)
+    extra = {"ref_model": AutoModelForCausalLM.from_pretrained(reference)} if reference else {}
+    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows_as_messages(NUM_ROWS)), processing_class=tokenizer, **extra)
     return trainer, TrainerCallback
 
 
-def trl_start_loss(algorithm: str, model: str) -> float:
-    trainer, _ = trl_trainer(algorithm, model, 1, {"bf16": False})
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(SIZES[algorithm]["batch_size"])])
+def trl_start_loss(algorithm: str, model: str, reference: str) -> dict:
+    """TRL's loss on the file's first batch of rows, fp32, before any training: on its own tokens, and on
+    this project's (each completion cut after its end-of-turn token, where TRL keeps the template's "\n")."""
+    trainer, _ = trl_trainer(algorithm, model, 1, {"bf16": False}, reference if algorithm == "dpo" else None)
+    rows = [trainer.train_dataset[i] for i in range(SIZES[algorithm]["batch_size"])]
+    eos = trainer.processing_class.eos_token_id
+    cut = [{k: v[: v.index(eos) + 1] if k.endswith("_ids") and k != "prompt_ids" and eos in v else v for k, v in row.items()} for row in rows]
     trainer.model.eval()
     with torch.no_grad():
-        return trainer.compute_loss(trainer.model, batch).item()
+        return {"own tokens": trainer.compute_loss(trainer.model, trainer.data_collator(rows)).item(),
+                "cut after EOS": trainer.compute_loss(trainer.model, trainer.data_collator(cut)).item()}  # fmt: skip
 
 
 def run_trl(algorithm: str, model: str, steps: int, precision: str | None, checkpointing: bool | None) -> dict:
@@ -193,7 +201,7 @@ def one(args) -> None:
 
 
 def start_losses(args) -> None:
-    loss = {"lit": lit_start_loss, "trl": trl_start_loss}[args.library](args.algorithm, args.model)
+    loss = {"lit": lit_start_loss, "trl": trl_start_loss}[args.library](args.algorithm, args.check_model, args.model)
     print(json.dumps({"loss": loss}))
 
 
@@ -203,7 +211,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="causal LM folder (SmolLM2-135M-Instruct: `lit-rlhf fetch-smollm2`)")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per library, the first a warm-up")
     parser.add_argument("--modes", default="defaults,matched", help="comma-separated: defaults, matched")
-    parser.add_argument("--check-model", help="weights for the start-loss check (default: --model)")
+    parser.add_argument("--check-model", help="weights for the start-loss check (default: --model); DPO: the policy, --model the reference")
     args = parser.parse_args()
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
@@ -225,9 +233,10 @@ def main() -> None:
     check = args.check_model or args.model
     losses = {}
     for library in ("lit", "trl"):
-        done = subprocess.run([sys.executable, __file__, "_loss", library, args.algorithm, "--model", check], capture_output=True, text=True)
+        command = [sys.executable, __file__, "_loss", library, args.algorithm, "--model", args.model, "--check-model", check]
+        done = subprocess.run(command, capture_output=True, text=True)
         losses[library] = json.loads(done.stdout.strip().splitlines()[-1])["loss"] if not done.returncode else done.stderr[-500:]
-    print(f"\nstart loss on the first {SIZES[args.algorithm]['batch_size']} rows (fp32, weights {check}): "
+    print(f"\nstart loss on the first {SIZES[args.algorithm]['batch_size']} rows (fp32, weights {check}, reference {args.model}): "
           f"lit-rlhf {losses['lit']}, TRL {losses['trl']}")  # fmt: skip
 
 
@@ -241,6 +250,7 @@ if __name__ == "__main__":
         inner.add_argument("--steps", type=int)
         inner.add_argument("--mode")
         inner.add_argument("--settings")
+        inner.add_argument("--check-model")
         parsed = inner.parse_args()
         one(parsed) if parsed.command == "_one" else start_losses(parsed)
     else:
