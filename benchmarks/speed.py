@@ -6,8 +6,9 @@
     python benchmarks/speed.py dpo --model $(lit-rlhf fetch-smollm2) --model.lora_r 16   # any further flags
 
 Runs `--steps` training batches through the real Trainer (the first is a warm-up and is not
-counted) and prints one markdown table row for the README. Peak memory is the process's peak
-resident set size, models and optimizer state included. Run one benchmark at a time: two
+counted) and prints one markdown table row for the README: seconds per step, real tokens/s, peak
+memory (the process's peak resident set size, models and optimizer state included), minor page
+faults per step (fresh memory the allocator asked the kernel for) and the precision. Run one benchmark at a time: two
 processes on 2 cores slow each other down many times over.
 """
 
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from lit_rlhf.cli import cli
 
@@ -33,16 +33,17 @@ SETTINGS = {  # the sizes the README reports
 
 
 class StepTimer(L.Callback):
-    """Wall time and real (unpadded) tokens of each training batch."""
+    """Wall time, minor page faults and real (unpadded) tokens of each training batch."""
 
     def __init__(self):
-        self.seconds, self.tokens, self.shapes = [], [], []
+        self.seconds, self.faults, self.tokens, self.shapes = [], [], [], []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.start = time.perf_counter()
+        self.start, self.start_faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.seconds.append(time.perf_counter() - self.start)
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.start_faults)
         self.tokens.append(int(batch["attention_mask"].sum()))
         self.shapes.append(tuple(batch["input_ids"].shape))
 
@@ -75,7 +76,8 @@ def main() -> None:
     setting = " ".join(SETTINGS[args.algorithm][2:] + extra)
     lengths = [t for _, t in timer.shapes[1:]]
     batch = f"{timer.shapes[0][0]} × {min(lengths)}–{max(lengths)}"  # rows × padded length of the timed batches
-    print(f"| {args.algorithm} | `{setting}` | {batch} | {seconds:.1f} s | {rate} | {peak_gib:.1f} GiB | torch {torch.__version__}, {torch.get_num_threads()} threads |")
+    faults = statistics.median(timer.faults[1:])
+    print(f"| {args.algorithm} | `{setting}` | {batch} | {seconds:.1f} s | {rate} | {peak_gib:.1f} GiB | {faults / 1e3:.0f}k | {run.trainer.precision} |")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,11 @@ def collate_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int) -> d
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def padded_length(row: dict) -> int:
+    """The length a row pads its batch to: prompt plus the longer completion (pairs), or the prompt."""
+    return len(row["prompt"]) + max((len(row[c]) for c in ("chosen", "rejected") if c in row), default=0)
+
+
 def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `[chosen; rejected]` batch (`collate_sequences` of 2B rows).
 
@@ -234,6 +239,7 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int = 42,
         num_workers: int = 0,
         num_proc: int = 1,
+        group_by_length: bool = False,
     ):
         """Preference data for every algorithm.
 
@@ -261,6 +267,8 @@ class PreferenceDataModule(L.LightningDataModule):
                 (in `HF_DATASETS_CACHE`, under `lit_rlhf/tokenized`), keyed by the rows, tokenizer and
                 length settings: a later run with the same ones, and every process of a multi-process run
                 but the first, read the cache instead.
+            group_by_length: Training batches of rows of similar length (less padding, so fewer tokens
+                computed), still shuffled; see `loader.ResumableBatchSampler`.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -306,7 +314,8 @@ class PreferenceDataModule(L.LightningDataModule):
         order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(hp.seed)).tolist()
         self.val_rows = [kept[i] for i in order[: hp.val_size]]
         self.train_rows = [kept[i] for i in order[hp.val_size :]]
-        self.train_sampler = ResumableBatchSampler(len(self.train_rows), hp.batch_size, shuffle=True, seed=hp.seed)
+        lengths = [padded_length(row) for row in self.train_rows] if hp.group_by_length else None
+        self.train_sampler = ResumableBatchSampler(len(self.train_rows), hp.batch_size, shuffle=True, seed=hp.seed, lengths=lengths)
 
     def rank_and_world_size(self, rows: list[dict], stage: str) -> tuple[int, int]:
         """`(rank, world_size)` of this process in the attached trainer, `(0, 1)` without one; every

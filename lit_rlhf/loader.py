@@ -11,7 +11,7 @@ its own share of it: Lightning cannot put its `DistributedSampler` inside a cust
 so the CLI turns that off (`use_distributed_sampler: false`) and this sampler shards by itself.
 """
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -28,13 +28,22 @@ class ResumableBatchSampler(Sampler[list[int]]):
     ..., so the union of the processes' i-th batches is positions i*W*B to (i+1)*W*B - 1: the i-th
     batch of one process with batch size W*B.
 
+    With `lengths` (each row's padded length in tokens) training batches are grouped by length, as
+    transformers' `LengthGroupedSampler` does: the permutation is cut into mega-batches of 50 global
+    batches, each sorted by length (longest first) and cut into global batches (W*B rows), and the
+    global batches are shuffled under the same seed. A batch then holds rows of similar length, so
+    little of it is padding; which rows share a batch is still random, and resuming still works.
+
     Without `shuffle` (validation) the rows stay in order and process r takes rows r, r + W, ...:
     every row is served exactly once (nothing cut, nothing repeated), and batch counts may differ
     by one between processes.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.num_rows, self.batch_size, self.shuffle, self.seed = num_rows, batch_size, shuffle, seed
+    MEGA_BATCH = 50  # global batches sorted together by length
+
+    def __init__(self, num_rows: int, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 lengths: Optional[list[int]] = None):  # fmt: skip
+        self.num_rows, self.batch_size, self.shuffle, self.seed, self.lengths = num_rows, batch_size, shuffle, seed, lengths
         self.rank, self.world_size = rank, world_size
         self.epoch = -1  # the epoch being served
         self.batches_done = 0  # batches of that epoch the training loop has taken
@@ -59,12 +68,24 @@ class ResumableBatchSampler(Sampler[list[int]]):
             self.epoch, self.batches_done = self.epoch + 1, 0
         self.resuming = False
         if self.shuffle:
-            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_rows, generator=generator)[: self.served_rows()]
+            if self.lengths is not None:
+                order = self.grouped_by_length(order, generator)
         else:
             order = torch.arange(self.num_rows)
-        share = order[: self.served_rows()][self.rank :: self.world_size]  # (num_rows // W,) in training
+        share = order[self.rank :: self.world_size]  # (num_rows // W,) in training
         for batch in share.split(self.batch_size)[self.batches_done :]:
             yield batch.tolist()
+
+
+    def grouped_by_length(self, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """`order` (a multiple of W rows) with each global batch's rows of similar length; the global batches shuffled."""
+        global_batch = self.batch_size * self.world_size
+        lengths = torch.tensor(self.lengths)
+        sorted_mega = [mega[lengths[mega].argsort(descending=True, stable=True)] for mega in order.split(global_batch * self.MEGA_BATCH)]
+        batches = torch.cat(sorted_mega).split(global_batch)
+        return torch.cat([batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])
 
 
 class CountingDataLoader(DataLoader):
