@@ -31,6 +31,7 @@ With several processes (DDP, FSDP, DeepSpeed) each process rolls out its own sha
 """
 
 import math
+import time
 from contextlib import nullcontext
 from typing import Literal, Optional
 
@@ -244,7 +245,9 @@ class PPOModule(AlignmentModule):
         prompts = batch["input_ids"].repeat_interleave(k, 0)  # (B * k, P) left-padded, each group contiguous
         prompt_mask = batch["attention_mask"].repeat_interleave(k, 0)
         P = prompts.shape[1]
+        start = time.perf_counter()
         responses, response_mask, contains_eos = self.generate(prompts, prompt_mask)  # (B * k, R)
+        self.generation_seconds = time.perf_counter() - start
         sequences = torch.cat([prompts, responses], 1)  # (B * k, P + R)
         mask = torch.cat([prompt_mask, response_mask], 1)
         labels = sequences.masked_fill(mask == 0, IGNORE_INDEX)
@@ -360,11 +363,18 @@ class PPOModule(AlignmentModule):
         return {name: torch.stack(values).mean() for name, values in stats.items()}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        start = time.perf_counter()
         rollout = self.compute_advantages(self.rollout(batch))
         for key in ("scores", "values", "advantages"):
             if key in rollout and not self.finite_in_every_process(rollout[key]):  # no values without a value model
                 return self.non_finite(f"rollout {key}")  # skipped: no update for this batch of prompts
+        rollout_seconds = time.perf_counter() - start
         stats = self.update(rollout)
+        stats |= {  # where the step's wall time goes
+            "time/generation": self.generation_seconds, "time/rollout": rollout_seconds,
+            "time/update": time.perf_counter() - start - rollout_seconds,
+            "time/generated_tokens_per_s": rollout["response_mask"].sum() / self.generation_seconds,
+        }  # fmt: skip
         scores = rollout["scores"]
         non_score = rollout["non_score_reward"].sum(1)  # (B,)
         stats |= {

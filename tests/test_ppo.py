@@ -92,6 +92,8 @@ def test_first_minibatch_of_first_update_is_on_policy(
                "--model.gradient_checkpointing", checkpointing, "--trainer.precision", precision, *estimator_args(estimator))])  # fmt: skip
     assert run.trainer.precision == precision
     assert run.trainer.callback_metrics["objective/kl"] == 0.0
+    times = {k: run.trainer.callback_metrics[f"time/{k}"].item() for k in ("generation", "rollout", "update")}
+    assert 0 < times["generation"] < times["rollout"] and times["update"] > 0  # rollout = generation + scoring
     # critic-free estimators hold no value model: nothing loaded, optimised or logged for it
     critic = estimator == "gae"
     assert (run.model.value_model is not None) == critic and ("loss/value_avg" in run.trainer.callback_metrics) == critic
