@@ -20,8 +20,11 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
+from transformers import AutoModelForCausalLM
 
 from lit_rlhf.cli import cli
+from lit_rlhf.ops import truncate_after_eos
 
 ROWS = Path(__file__).resolve().parents[1] / "lit_rlhf" / "assets" / "human_like_dpo_1k.jsonl"
 SETTINGS = {  # the sizes the README reports
@@ -36,7 +39,7 @@ class StepTimer(L.Callback):
     """Wall time, minor page faults and real (unpadded) tokens of each training batch."""
 
     def __init__(self):
-        self.seconds, self.faults, self.tokens, self.shapes = [], [], [], []
+        self.seconds, self.faults, self.tokens, self.shapes, self.ppo_times = [], [], [], [], []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.start, self.start_faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -44,6 +47,7 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.seconds.append(time.perf_counter() - self.start)
         self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.start_faults)
+        self.ppo_times.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("time/")})  # PPO only
         self.tokens.append(int(batch["attention_mask"].sum()))
         self.shapes.append(tuple(batch["input_ids"].shape))
 
@@ -78,6 +82,26 @@ def main() -> None:
     batch = f"{timer.shapes[0][0]} × {min(lengths)}–{max(lengths)}"  # rows × padded length of the timed batches
     faults = statistics.median(timer.faults[1:])
     print(f"| {args.algorithm} | `{setting}` | {batch} | {seconds:.1f} s | {rate} | {peak_gib:.1f} GiB | {faults / 1e3:.0f}k | {run.trainer.precision} |")
+    if args.algorithm == "ppo":
+        print_ppo_phases(run, timer, args.model)
+
+
+def print_ppo_phases(run, timer: StepTimer, model_dir: str) -> None:
+    """Median seconds of each PPO phase, and the rollout's generated tokens/s against a plain fp32
+    `model.generate` of the same model on the same prompts with the same sampling settings."""
+    phase = {k: statistics.median(t[f"time/{k}"] for t in timer.ppo_times[1:]) for k in ("generation", "rollout", "update")}
+    rate = statistics.median(t["time/generated_tokens_per_s"] for t in timer.ppo_times[1:])
+    step = phase["rollout"] + phase["update"]
+    batch = next(iter(run.datamodule.train_dataloader()))
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = plain.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=run.model.generation_config)
+    seconds = time.perf_counter() - start
+    _, mask, _ = truncate_after_eos(out[:, batch["input_ids"].shape[1] :], run.model.tokenizer.eos_token_id, run.model.tokenizer.pad_token_id)
+    print(f"PPO step {step:.1f} s: generation {phase['generation']:.1f} s ({phase['generation'] / step:.0%} of the step), rest of the"
+          f" rollout {phase['rollout'] - phase['generation']:.1f} s, update {phase['update']:.1f} s; generated {rate:.0f} tokens/s"
+          f" ({run.trainer.precision}); plain fp32 model.generate on the same prompts: {mask.sum().item() / seconds:.0f} tokens/s")  # fmt: skip
 
 
 if __name__ == "__main__":
