@@ -13,13 +13,14 @@ under `output_dir`; every per-prompt mean with a bootstrap 95 % interval):
 7. greedy generations side by side, and judge reward against KL for every model (the frontier).
 """
 
+import copy
 import glob
 import re
 import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -31,6 +32,7 @@ from lit_rlhf.forward import sequence_logps, sequence_scores, token_logps
 from lit_rlhf.metrics import bootstrap_ci, distinct_n, has_loop, length_controlled_win_rate, wins
 from lit_rlhf.models import check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX, kl_penalty, truncate_after_eos
+from lit_rlhf.precision import auto_precision
 from lit_rlhf.report import write_report
 from lit_rlhf.rows import load_rows
 
@@ -129,6 +131,7 @@ def evaluate(
     num_logprob_rows: int = 200,
     batch_size: int = 8,
     seed: int = 0,
+    generation_precision: Optional[Literal["bf16", "fp32"]] = None,
 ) -> dict:
     """Evaluate causal LMs side by side and write report.md / report.json / frontier.png / TensorBoard to `output_dir`.
 
@@ -155,6 +158,9 @@ def evaluate(
         num_logprob_rows: Rows of each set for the mean answer log-prob.
         batch_size: Rows per forward pass.
         seed: Seed of the sampled responses (KL) and of the bootstrap.
+        generation_precision: Weights the answers are generated with: `bf16` (a bf16 copy of each
+            model: decoding reads half the bytes per token) or `fp32`. Default: bf16 where the machine
+            has bf16 units (lit_rlhf/precision.py), else fp32. Scores, log-probs and KL are fp32 always.
     """
     check_ranges("", locals(), {"num_generation_prompts": "> 0", "max_new_tokens": "> 0", "num_rows": "> 0",
                                 "num_logprob_rows": "> 0", "batch_size": "> 0"})  # fmt: skip
@@ -192,18 +198,21 @@ def evaluate(
         "models": {},
     }  # fmt: skip
     base_model = load_causal_lm(models[baseline]).eval()
+    generation_precision = generation_precision or ("bf16" if auto_precision()[0] == "bf16-mixed" else "fp32")
+    generation_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[generation_precision]
     batches = partial(over_batches, pad_id=pad_id, batch_size=batch_size)
     ci = partial(bootstrap_ci, seed=seed)
     base = None
     for name in names:
         model = base_model if name == baseline else load_causal_lm(models[name]).eval()
-        greedy = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size)
+        generator = copy.deepcopy(model).to(torch.bfloat16) if generation_dtype == torch.bfloat16 else model
+        greedy = generate(generator, tokenizer, gen_prompts, max_new_tokens, batch_size)
         answered = [(p, g["response"]) for p, g in zip(gen_prompts, greedy)]
         if model is base_model:  # KL(base || base) is 0: no samples needed
             kl = torch.zeros(len(gen_prompts), 2, dtype=torch.float64)
         else:
             torch.manual_seed(seed)
-            sampled = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size, sample=True)
+            sampled = generate(generator, tokenizer, gen_prompts, max_new_tokens, batch_size, sample=True)
             kl = batches(partial(sequence_kl, base_model=base_model), model, [(p, g["response"]) for p, g in zip(gen_prompts, sampled)])  # (N, 2): k1, k3
         judge_scores, lengths = batches(sequence_scores, judge, answered), torch.tensor([len(g["response"]) for g in greedy])
         base = base or {"judge_scores": judge_scores, "lengths": lengths}
@@ -230,6 +239,7 @@ def evaluate(
         }
         print(f"evaluated {name}: judge reward {report['models'][name]['judge_reward'][0]:.3f}", file=sys.stderr)
     report["seconds"] = round(time.time() - start, 1)
+    report["generation_precision"] = generation_precision
     write_report(report, output_dir, baseline, unseen_dataset, data["dataset"])
     return report
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -10,13 +11,33 @@ from lit_rlhf.cli import cli
 from lit_rlhf.evaluate import is_boilerplate, main, mean_answer_logprob, sequence_kl
 
 
-class UniformLM(torch.nn.Module):
-    """Logits that put 3/4 of the mass on token 1 and 1/4 on token 0 (vocab 2), everywhere."""
+class ConstantLM(torch.nn.Module):
+    """A causal LM with the logits `logits` (V,) at every position, shaped like a transformers model
+    (`forward.token_logps` runs its backbone, then its head): hidden state 1 everywhere, a bias-free head."""
 
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        logits = torch.zeros(*input_ids.shape, 2)
-        logits[..., 1] = math.log(3.0)
-        return type("Out", (), {"logits": logits})()
+    base_model_prefix = "backbone"
+
+    def __init__(self, logits: list[float]):
+        super().__init__()
+        self.config = types.SimpleNamespace()
+        self.head = torch.nn.Linear(1, len(logits), bias=False)
+        self.head.weight.data = torch.tensor(logits)[:, None]
+
+    def backbone(self, input_ids, **kwargs):
+        return types.SimpleNamespace(last_hidden_state=torch.ones(*input_ids.shape, 1))
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def UniformLM():
+    """3/4 of the mass on token 1 and 1/4 on token 0 (vocab 2), everywhere."""
+    return ConstantLM([0.0, math.log(3.0)])
+
+
+def CoinLM():
+    """Uniform over a vocab of 2."""
+    return ConstantLM([0.0, 0.0])
 
 
 def test_mean_answer_logprob_by_hand():
@@ -24,13 +45,6 @@ def test_mean_answer_logprob_by_hand():
     # row 1: mean(log 3/4, log 3/4) = log 0.75; row 2: (log 1/4 + 3 log 3/4) / 4
     expected = (math.log(0.75) + (math.log(0.25) + 3 * math.log(0.75)) / 4) / 2
     assert math.isclose(mean_answer_logprob(UniformLM(), rows, pad_id=0, batch_size=2), expected, rel_tol=1e-5)
-
-
-class CoinLM(torch.nn.Module):
-    """Uniform logits over a vocab of 2."""
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 2)})()
 
 
 def test_sequence_kl_by_hand():
