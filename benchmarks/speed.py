@@ -17,6 +17,7 @@ import resource
 import statistics
 import tempfile
 import time
+from typing import Optional
 from pathlib import Path
 
 import lightning as L
@@ -52,6 +53,21 @@ class StepTimer(L.Callback):
         self.shapes.append(tuple(batch["input_ids"].shape))
 
 
+def build_run(algorithm: str, model: str, steps: int, reward_model: Optional[str], extra: list[str]):
+    """The Trainer, module and data of one benchmark setting (`SETTINGS`), without logging, checkpoints or export."""
+    flags = [*SETTINGS[algorithm], "--model.model_name_or_path", model, "--data.dataset", str(ROWS),
+             "--data.limit", "200", "--data.val_size", "8", "--trainer.limit_train_batches", str(steps),
+             "--trainer.max_epochs", "1", "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0",
+             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tempfile.mkdtemp(), "--seed_everything", "0"]  # fmt: skip
+    if reward_model:
+        flags += ["--model.reward_model_path", reward_model]
+    run = cli(flags + extra, run=False)
+    run.model.on_fit_end = lambda: None  # no export: only the steps are measured
+    L.seed_everything(0)  # the same PPO samples whatever the flags (LoRA's init draws from the RNG)
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("algorithm", choices=SETTINGS)
@@ -59,19 +75,9 @@ def main() -> None:
     parser.add_argument("--reward-model", help="reward model folder (PPO)")
     parser.add_argument("--steps", type=int, default=4, help="training batches, the first one a warm-up")
     args, extra = parser.parse_known_args()  # any further lit-rlhf flags, e.g. --model.lora_r 16
-    flags = [*SETTINGS[args.algorithm], "--model.model_name_or_path", args.model, "--data.dataset", str(ROWS),
-             "--data.limit", "200", "--data.val_size", "8", "--trainer.limit_train_batches", str(args.steps),
-             "--trainer.max_epochs", "1", "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0",
-             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
-             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tempfile.mkdtemp(), "--seed_everything", "0"]  # fmt: skip
-    if args.reward_model:
-        flags += ["--model.reward_model_path", args.reward_model]
-    flags += extra
-    run = cli(flags, run=False)
-    run.model.on_fit_end = lambda: None  # no export: only the steps are measured
+    run = build_run(args.algorithm, args.model, args.steps, args.reward_model, extra)
     timer = StepTimer()
     run.trainer.callbacks.append(timer)
-    L.seed_everything(0)  # the same PPO samples whatever the flags (LoRA's init draws from the RNG)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     seconds = statistics.median(timer.seconds[1:])
     # PPO's batch holds prompts only; its step time is reported without a token rate
