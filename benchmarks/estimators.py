@@ -4,7 +4,7 @@
 
 (the two reward models `lit-rlhf demo` trains: the proxy PPO optimises and the judge). Each
 estimator trains in a process of its own from lit_rlhf/configs/demo/ppo.yaml with 8 responses per
-PPO step and the same number of PPO steps: `gae` 8 prompts x 1 response, `rloo` and `grpo` 2 prompts
+PPO step and the same number of PPO steps (`--steps`, 8): `gae` 8 prompts x 1 response, `rloo` and `grpo` 2 prompts
 x 4 responses (`grpo` with its KL in the loss, as in its paper). Then one `lit-rlhf evaluate` judges
 base and the three policies on the demo's held-out prompts. Prints one markdown table: judge
 reward, win-rate against base, sampled KL to base, seconds per PPO step (median after the first),
@@ -13,6 +13,7 @@ and peak RSS of the training process. Run it alone on the machine: it measures t
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -44,16 +45,15 @@ class StepTimer(L.Callback):
         self.seconds.append(time.perf_counter() - self.start)
 
 
-def fit(estimator: str, model: str, reward_model: str, out_dir: Path) -> None:
+def fit(estimator: str, model: str, reward_model: str, out_dir: Path, steps: int) -> None:
     """Train one estimator in `out_dir`; print its export folder, seconds per PPO step and peak RSS as JSON."""
-    import os
-
     from lit_rlhf.cli import cli
 
     out_dir.mkdir(parents=True, exist_ok=True)
     os.chdir(out_dir)
     run = cli(["-c", str(DEMO_CONFIGS / "ppo.yaml"), "--model.model_name_or_path", model, "--model.reward_model_path", reward_model,
-               "--data.dataset", str(SHIPPED_ROWS), "--trainer.enable_progress_bar", "false", *ESTIMATORS[estimator]], run=False)  # fmt: skip
+               "--data.dataset", str(SHIPPED_ROWS), "--trainer.enable_progress_bar", "false", "--trainer.limit_train_batches", str(steps),
+               *ESTIMATORS[estimator]], run=False)  # fmt: skip
     timer = StepTimer()
     run.trainer.callbacks.append(timer)
     run.trainer.fit(run.model, datamodule=run.datamodule)
@@ -66,11 +66,13 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEFAULT_DIR), help="the policy to start from (default: `lit-rlhf fetch-smollm2`'s folder)")
     parser.add_argument("--reward-model", required=True, help="the proxy reward model PPO optimises")
     parser.add_argument("--judge-model", required=True, help="the judge reward model (trained on other rows)")
+    parser.add_argument("--steps", type=int, default=8, help="PPO steps of each estimator")
     parser.add_argument("--out", type=Path, default=Path("logs/estimators"), help="where runs and the report go")
     args = parser.parse_args()
     runs = {}
     for estimator in ESTIMATORS:
-        command = [sys.executable, __file__, "_fit", estimator, args.model, str(Path(args.reward_model).resolve()), str((args.out / estimator).resolve())]
+        command = [sys.executable, __file__, "_fit", estimator, args.model, str(Path(args.reward_model).resolve()),
+                   str((args.out / estimator).resolve()), str(args.steps)]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{estimator} failed:\n{done.stderr[-3000:]}")
@@ -93,6 +95,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_fit"]:
-        fit(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]))
+        fit(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]), int(sys.argv[6]))
     else:
         main()

@@ -131,7 +131,7 @@ def test_toy_reward_is_learned(tiny_model_dir, tiny_reward_dir, real_rows, tmp_p
     assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.15, scores
 
 
-@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+@pytest.mark.parametrize("estimator", ["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp"])
 def test_resume_from_a_mid_run_checkpoint(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, estimator):
     monkeypatch.chdir(tmp_path)
     args = ["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "36", "--model.ppo_epochs", "1",
