@@ -13,7 +13,10 @@ class RewardModule(AlignmentModule):
     progress_bar_metrics = ("loss", "accuracy")
     flag_ranges = AlignmentModule.flag_ranges | {"margin": ">= 0"}
 
-    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, learning_rate: float = 3e-4, margin: float = 0.0, **kwargs):
+    def __init__(
+        self, model_name_or_path: str = DEFAULT_MODEL, learning_rate: float = 3e-4, margin: float = 0.0,
+        gradient_checkpointing: bool = True, **kwargs,
+    ):  # fmt: skip
         """Bradley-Terry reward model; the score is the head's output at the last real token.
 
         Args:
@@ -21,8 +24,12 @@ class RewardModule(AlignmentModule):
                 new) or an existing reward model.
             learning_rate: Peak AdamW learning rate.
             margin: Loss margin: `-log sigmoid(r_chosen - r_rejected - margin)`.
+            gradient_checkpointing: On by default for the reward model: at batch 8, max length 512,
+                bf16-mixed on 2 CPU cores it cut peak memory from 9.4 to 4.1 GiB for 16 % fewer
+                tokens/s (README, Speed and memory).
         """
-        super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate, **kwargs)
+        super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate,
+                         gradient_checkpointing=gradient_checkpointing, **kwargs)  # fmt: skip
         self.tokenizer = load_tokenizer(model_name_or_path, self.hparams.trust_remote_code)
         model = load_scalar_model(model_name_or_path, self.tokenizer.pad_token_id, self.hparams.trust_remote_code)
         self.model = add_lora(model, **self.lora_args(), task_type="SEQ_CLS")
