@@ -18,31 +18,18 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import lightning as L
 
 from lit_rlhf import evaluate
 from lit_rlhf.demo import DEMO_CONFIGS, SHIPPED_ROWS, UNSEEN_ROWS
 from lit_rlhf.smollm2 import DEFAULT_DIR
+from speed import StepTimer
 
 ESTIMATORS = {
     "gae": [],
     "rloo": ["--model.advantage_estimator", "rloo", "--model.num_generations", "4", "--data.batch_size", "2"],
     "grpo": ["--model.advantage_estimator", "grpo", "--model.num_generations", "4", "--data.batch_size", "2", "--model.kl_in_loss", "true"],
 }  # fmt: skip
-
-
-class StepTimer(L.Callback):
-    def __init__(self):
-        self.seconds = []
-
-    def on_train_batch_start(self, *args):
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, *args):
-        self.seconds.append(time.perf_counter() - self.start)
 
 
 def fit(estimator: str, model: str, reward_model: str, out_dir: Path, steps: int) -> None:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-ROWS = Path(__file__).resolve().parents[1] / "lit_rlhf" / "assets" / "human_like_dpo_1k.jsonl"
+from speed import ROWS, build_run
+
 NUM_ROWS = 200
 SIZES = {"reward": {"batch_size": 8, "max_length": 512}, "dpo": {"batch_size": 4, "max_length": 512}}
 
@@ -78,28 +79,22 @@ def rows_as_messages(n: int) -> list[dict]:
 # ---------------------------------------------------------------- this project
 
 
-def lit_flags(algorithm: str, model: str, steps: int, precision: str | None, checkpointing: bool | None) -> list[str]:
-    size = SIZES[algorithm]
-    module = {"reward": "lit_rlhf.reward.RewardModule", "dpo": "lit_rlhf.dpo.DPOModule"}[algorithm]
-    flags = ["--model", module, "--model.model_name_or_path", model, "--data.dataset", str(ROWS), "--data.limit", str(NUM_ROWS),
-             "--data.val_size", "8", "--data.batch_size", str(size["batch_size"]), "--data.max_length", str(size["max_length"]),
-             "--trainer.limit_train_batches", str(steps), "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0",
-             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
-             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tempfile.mkdtemp(), "--seed_everything", "0"]  # fmt: skip
+def lit_run(algorithm: str, model: str, steps: int, precision: str | None, checkpointing: bool | None, *extra: str):
+    """`benchmarks/speed.py`'s run of `algorithm` (the same rows, batch size and max length as SIZES), its
+    precision and checkpointing set only where given."""
+    flags = list(extra)
     if precision:
         flags += ["--trainer.precision", precision]
     if checkpointing is not None:
         flags += ["--model.gradient_checkpointing", str(checkpointing).lower()]
-    return flags
+    return build_run(algorithm, model, steps, None, flags)
 
 
 def lit_start_loss(algorithm: str, model: str, reference: str) -> float:
     """The module's loss on the file's first batch of rows, fp32, before any training (DPO: against `reference`)."""
-    from lit_rlhf.cli import cli
     from lit_rlhf.data import collate_pairs
 
-    flags = lit_flags(algorithm, model, 1, "32-true", None) + (["--model.ref_model_name_or_path", reference] if algorithm == "dpo" else [])
-    run = cli(flags, run=False)
+    run = lit_run(algorithm, model, 1, "32-true", None, *(["--model.ref_model_name_or_path", reference] if algorithm == "dpo" else []))
     run.datamodule.setup("fit")
     rows = sorted(run.datamodule.train_rows + run.datamodule.val_rows, key=lambda r: r["index"])[: SIZES[algorithm]["batch_size"]]
     with torch.no_grad():
@@ -109,10 +104,7 @@ def lit_start_loss(algorithm: str, model: str, reference: str) -> float:
 def run_lit(algorithm: str, model: str, steps: int, precision: str | None, checkpointing: bool | None) -> dict:
     import lightning as L
 
-    from lit_rlhf.cli import cli
-
-    run = cli(lit_flags(algorithm, model, steps, precision, checkpointing), run=False)
-    run.model.on_fit_end = lambda: None  # no export: only the steps are measured
+    run = lit_run(algorithm, model, steps, precision, checkpointing)
     steps_timer = Steps(backbone(run.model.model))
 
     class Timer(L.Callback):
