@@ -36,11 +36,20 @@ SETTINGS = {  # the sizes the README reports
 }  # fmt: skip
 
 
+def resident_gib() -> float:
+    """The process's resident set size now (ru_maxrss is its peak)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**30
+
+
 class StepTimer(L.Callback):
-    """Wall time, minor page faults and real (unpadded) tokens of each training batch."""
+    """Wall time, minor page faults and real (unpadded) tokens of each training batch; resident memory
+    when training starts (models, data) and after the first batch (optimizer state allocated)."""
 
     def __init__(self):
         self.seconds, self.faults, self.tokens, self.shapes, self.ppo_times = [], [], [], [], []
+
+    def on_train_start(self, trainer, module):
+        self.start_gib = resident_gib()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.start, self.start_faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -51,6 +60,8 @@ class StepTimer(L.Callback):
         self.ppo_times.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("time/")})  # PPO only
         self.tokens.append(int(batch["attention_mask"].sum()))
         self.shapes.append(tuple(batch["input_ids"].shape))
+        if batch_idx == 0:
+            self.first_step_gib = resident_gib()
 
 
 def build_run(algorithm: str, model: str, steps: int, reward_model: Optional[str], extra: list[str]):
@@ -88,26 +99,29 @@ def main() -> None:
     batch = f"{timer.shapes[0][0]} × {min(lengths)}–{max(lengths)}"  # rows × padded length of the timed batches
     faults = statistics.median(timer.faults[1:])
     print(f"| {args.algorithm} | `{setting}` | {batch} | {seconds:.1f} s | {rate} | {peak_gib:.1f} GiB | {faults / 1e3:.0f}k | {run.trainer.precision} |")
+    print(f"resident memory: {timer.start_gib:.2f} GiB when training starts (models, data), {timer.first_step_gib:.2f} GiB after"
+          f" the first batch (optimizer state allocated), peak {peak_gib:.2f} GiB")
     if args.algorithm == "ppo":
         print_ppo_phases(run, timer, args.model)
 
 
 def print_ppo_phases(run, timer: StepTimer, model_dir: str) -> None:
-    """Median seconds of each PPO phase, and the rollout's generated tokens/s against a plain fp32
-    `model.generate` of the same model on the same prompts with the same sampling settings."""
+    """Median seconds of each PPO phase, and the rollout's generated tokens/s against a plain
+    `model.generate` of the same model on the same prompts with the same sampling settings and precision."""
     phase = {k: statistics.median(t[f"time/{k}"] for t in timer.ppo_times[1:]) for k in ("generation", "rollout", "update")}
-    rate = statistics.median(t["time/generated_tokens_per_s"] for t in timer.ppo_times[1:])
+    rate, update_rate = (statistics.median(t[f"time/{k}_tokens_per_s"] for t in timer.ppo_times[1:]) for k in ("generated", "update"))
     step = phase["rollout"] + phase["update"]
     batch = next(iter(run.datamodule.train_dataloader()))
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), run.trainer.precision_plugin.forward_context():
         out = plain.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=run.model.generation_config)
     seconds = time.perf_counter() - start
     _, mask, _ = truncate_after_eos(out[:, batch["input_ids"].shape[1] :], run.model.tokenizer.eos_token_id, run.model.tokenizer.pad_token_id)
     print(f"PPO step {step:.1f} s: generation {phase['generation']:.1f} s ({phase['generation'] / step:.0%} of the step), rest of the"
-          f" rollout {phase['rollout'] - phase['generation']:.1f} s, update {phase['update']:.1f} s; generated {rate:.0f} tokens/s"
-          f" ({run.trainer.precision}); plain fp32 model.generate on the same prompts: {mask.sum().item() / seconds:.0f} tokens/s")  # fmt: skip
+          f" rollout {phase['rollout'] - phase['generation']:.1f} s, update {phase['update']:.1f} s ({update_rate:.0f} real tokens/s,"
+          f" every epoch counted: compare with DPO's tokens/s); generated {rate:.0f} tokens/s"
+          f" ({run.trainer.precision}); plain model.generate on the same prompts, same precision: {mask.sum().item() / seconds:.0f} tokens/s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 What it measures: TRL's own `PPOTrainer.train()` loop, unchanged, with the settings of this project's
 PPO recipe (configs/ppo.yaml): 16 prompts per rollout (per-device batch 4 x gradient accumulation 4,
 one minibatch), 128-token responses sampled at temperature 0.7, 4 PPO epochs, KL coefficient 0.05
-(k1), stop at EOS, fp32, no evaluation, no checkpoints. One TRL "update" (its loop's unit) is one
+(k1), stop at EOS, bf16 autocast (TRL's default; `--precision fp32` for a matched fp32 run), no evaluation, no checkpoints. One TRL "update" (its loop's unit) is one
 PPO step: one rollout of 16 prompts (generation, reference log-probs, values, scores, GAE) and then
 `num_ppo_epochs` passes over it, each one optimizer step over 4 micro-batches of 4. `--steps` updates
 run; the first is a warm-up and is not counted. Policy and reference are the `--model` causal LM,
@@ -249,6 +249,7 @@ def main() -> None:
     parser.add_argument("--max-prompt-length", type=int, default=128, help="prompts keep their last N tokens")
     parser.add_argument("--rows", type=int, default=200, help="first rows of the shipped prompts file to sample from")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16: TRL's default (OnPolicyConfig bf16=True, autocast on CPU with use_cpu); fp32: matched against a 32-true run")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="trl-ppo-bench-"))
@@ -303,7 +304,7 @@ def run(args, tmp: Path) -> None:
         save_strategy="no",
         logging_strategy="no",
         disable_tqdm=True,
-        bf16=False,  # OnPolicyConfig defaults to bf16=True
+        bf16=args.precision == "bf16",  # OnPolicyConfig's default is True
         fp16=False,
         use_cpu=True,
         seed=args.seed,
@@ -366,7 +367,7 @@ def run(args, tmp: Path) -> None:
             "stop_token": config.stop_token,
             "missing_eos_penalty": config.missing_eos_penalty,
             "total_episodes": config.total_episodes,
-            "precision": "fp32",
+            "precision": args.precision,
             "gradient_checkpointing": False,  # PPOTrainer.train() never turns it on
             "device": str(trainer.accelerator.device),
             "seed": args.seed,

@@ -370,10 +370,11 @@ class PPOModule(AlignmentModule):
                 return self.non_finite(f"rollout {key}")  # skipped: no update for this batch of prompts
         rollout_seconds = time.perf_counter() - start
         stats = self.update(rollout)
-        stats |= {  # where the step's wall time goes
-            "time/generation": self.generation_seconds, "time/rollout": rollout_seconds,
-            "time/update": time.perf_counter() - start - rollout_seconds,
+        update_seconds = time.perf_counter() - start - rollout_seconds
+        stats |= {  # where the step's wall time goes; update tokens: real prompt + response tokens, every epoch
+            "time/generation": self.generation_seconds, "time/rollout": rollout_seconds, "time/update": update_seconds,
             "time/generated_tokens_per_s": rollout["response_mask"].sum() / self.generation_seconds,
+            "time/update_tokens_per_s": self.hparams.ppo_epochs * rollout["attention_mask"].sum() / update_seconds,
         }  # fmt: skip
         scores = rollout["scores"]
         non_score = rollout["non_score_reward"].sum(1)  # (B,)

@@ -94,6 +94,8 @@ def test_first_minibatch_of_first_update_is_on_policy(
     assert run.trainer.callback_metrics["objective/kl"] == 0.0
     times = {k: run.trainer.callback_metrics[f"time/{k}"].item() for k in ("generation", "rollout", "update")}
     assert 0 < times["generation"] < times["rollout"] and times["update"] > 0  # rollout = generation + scoring
+    updated_tokens = run.trainer.callback_metrics["time/update_tokens_per_s"].item() * times["update"] / 2  # 2 epochs
+    assert updated_tokens == pytest.approx(round(updated_tokens), abs=0.05) and updated_tokens >= 12  # a count, >= 1 per row
     # critic-free estimators hold no value model: nothing loaded, optimised or logged for it
     critic = estimator == "gae"
     assert (run.model.value_model is not None) == critic and ("loss/value_avg" in run.trainer.callback_metrics) == critic
