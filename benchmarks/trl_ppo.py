@@ -8,7 +8,9 @@
 What it measures: TRL's own `PPOTrainer.train()` loop, unchanged, with the settings of this project's
 PPO recipe (configs/ppo.yaml): 16 prompts per rollout (per-device batch 4 x gradient accumulation 4,
 one minibatch), 128-token responses sampled at temperature 0.7, 4 PPO epochs, KL coefficient 0.05
-(k1), stop at EOS, bf16 autocast (TRL's default; `--precision fp32` for a matched fp32 run), no evaluation, no checkpoints. One TRL "update" (its loop's unit) is one
+(k1), stop at EOS, no evaluation, no checkpoints; `--precision bf16` (TRL's default: accelerate
+autocasts the prepared policy-and-value model, so the update runs in bf16 while generation and the
+reference and reward forwards stay fp32) or `fp32`. One TRL "update" (its loop's unit) is one
 PPO step: one rollout of 16 prompts (generation, reference log-probs, values, scores, GAE) and then
 `num_ppo_epochs` passes over it, each one optimizer step over 4 micro-batches of 4. `--steps` updates
 run; the first is a warm-up and is not counted. Policy and reference are the `--model` causal LM,
