@@ -1,5 +1,6 @@
 """Shared tensor math: token log-probs, masks, masked statistics, advantages, schedules. Depends on torch only."""
 
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -36,9 +37,9 @@ def label_logps(
     Returns:
         (B, T - 1) in fp32 whatever the input dtype (bf16 under mixed precision): entry t is
         `log p(labels_{t+1} | tokens_<=t)`. The head runs on the scored positions only (no prompt,
-        no padding), `chunk_tokens` at a time, and each chunk is recomputed in the backward pass
-        instead of being kept: the (B, T, V) logits never exist, and the largest temporary is
-        (chunk_tokens, V) in fp32.
+        no padding), `chunk_tokens` at a time, and each chunk but the last is recomputed in the
+        backward pass instead of being kept: the (B, T, V) logits never exist, and the largest
+        temporary is (chunk_tokens, V) in fp32.
     """
     labels = labels[:, 1:]  # token t + 1 is predicted by position t
     scored = labels != IGNORE_INDEX  # (B, T-1)
@@ -51,10 +52,14 @@ def label_logps(
         # cross_entropy's fused log-softmax: half the time of gather - logsumexp, forward and backward
         return -F.cross_entropy(logits, index, reduction="none")
 
+    starts = range(0, len(targets), chunk_tokens)
+    # the last chunk's backward runs first: keeping its logits costs one chunk's memory and saves recomputing it
     chunks = [
-        checkpoint(chunk_logps, inputs[i : i + chunk_tokens], targets[i : i + chunk_tokens], use_reentrant=False)
-        for i in range(0, len(targets), chunk_tokens)
-    ]  # fmt: skip
+        (chunk_logps if i == starts[-1] else partial(checkpoint, chunk_logps, use_reentrant=False))(
+            inputs[i : i + chunk_tokens], targets[i : i + chunk_tokens]
+        )
+        for i in starts
+    ]
     logps = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
     if chunks:
         logps[scored] = torch.cat(chunks)

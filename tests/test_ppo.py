@@ -58,6 +58,20 @@ def test_rollout_starts_with_zero_kl_and_penalises_missing_eos(tiny_model_dir, t
     assert torch.equal(scored, torch.cat([torch.zeros_like(prompt_batch["input_ids"]), rollout["response_mask"]], 1).bool())
 
 
+def test_rollout_scoring_does_not_depend_on_its_batch_size(tiny_model_dir, tiny_reward_dir, prompt_batch):
+    module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, response_length=8)
+    rollouts = []
+    for size in (64, 3, 1):  # one forward of all 8 rows; 3 + 3 + 2; one row at a time
+        module.hparams.rollout_batch_size = size
+        torch.manual_seed(0)  # the same samples
+        rollouts.append(module.rollout(prompt_batch))
+    for rollout in rollouts[1:]:
+        assert torch.equal(rollout["input_ids"], rollouts[0]["input_ids"])
+        for key in ("logprobs", "ref_logprobs", "values", "scores"):
+            assert torch.allclose(rollout[key], rollouts[0][key], atol=1e-5), key
+    assert not torch.equal(rollouts[0]["logprobs"], torch.zeros_like(rollouts[0]["logprobs"]))
+
+
 def test_rollout_samples_each_prompt_k_times_in_a_contiguous_group(tiny_model_dir, tiny_reward_dir, prompt_batch):
     module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, response_length=8,
                        advantage_estimator="rloo", num_generations=3)  # fmt: skip
