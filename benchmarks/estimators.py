@@ -14,7 +14,6 @@ and peak RSS of the training process. Run it alone on the machine: it measures t
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 from lit_rlhf import evaluate
 from lit_rlhf.demo import DEMO_CONFIGS, SHIPPED_ROWS, UNSEEN_ROWS
 from lit_rlhf.smollm2 import DEFAULT_DIR
-from speed import StepTimer
+from speed import StepTimer, peak_gib
 
 ESTIMATORS = {
     "gae": [],
@@ -45,7 +44,7 @@ def fit(estimator: str, model: str, reward_model: str, out_dir: Path, steps: int
     run.trainer.callbacks.append(timer)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     print(json.dumps({"hf": str(Path(run.trainer.log_dir).resolve() / "hf"), "seconds": statistics.median(timer.seconds[1:]),
-                      "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))  # fmt: skip
+                      "peak_gib": peak_gib()}))  # fmt: skip
 
 
 def main() -> None:

@@ -37,8 +37,13 @@ SETTINGS = {  # the sizes the README reports
 
 
 def resident_gib() -> float:
-    """The process's resident set size now (ru_maxrss is its peak)."""
+    """The process's resident set size now."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**30
+
+
+def peak_gib() -> float:
+    """The process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class StepTimer(L.Callback):
@@ -93,14 +98,14 @@ def main() -> None:
     seconds = statistics.median(timer.seconds[1:])
     # PPO's batch holds prompts only; its step time is reported without a token rate
     rate = "—" if args.algorithm == "ppo" else f"{statistics.median(timer.tokens[1:]) / seconds:.0f}"
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_gib()
     setting = " ".join(SETTINGS[args.algorithm][2:] + extra)
     lengths = [t for _, t in timer.shapes[1:]]
     batch = f"{timer.shapes[0][0]} × {min(lengths)}–{max(lengths)}"  # rows × padded length of the timed batches
     faults = statistics.median(timer.faults[1:])
-    print(f"| {args.algorithm} | `{setting}` | {batch} | {seconds:.1f} s | {rate} | {peak_gib:.1f} GiB | {faults / 1e3:.0f}k | {run.trainer.precision} |")
+    print(f"| {args.algorithm} | `{setting}` | {batch} | {seconds:.1f} s | {rate} | {peak:.1f} GiB | {faults / 1e3:.0f}k | {run.trainer.precision} |")
     print(f"resident memory: {timer.start_gib:.2f} GiB when training starts (models, data), {timer.first_step_gib:.2f} GiB after"
-          f" the first batch (optimizer state allocated), peak {peak_gib:.2f} GiB")
+          f" the first batch (optimizer state allocated), peak {peak:.2f} GiB")
     if args.algorithm == "ppo":
         print_ppo_phases(run, timer, args.model)
 

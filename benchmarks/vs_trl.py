@@ -24,7 +24,6 @@ trained policy, with `--model` as its reference, so the loss is not simply log 2
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from speed import ROWS, build_run
+from speed import ROWS, build_run, peak_gib
 
 NUM_ROWS = 200
 SIZES = {"reward": {"batch_size": 8, "max_length": 512}, "dpo": {"batch_size": 4, "max_length": 512}}
@@ -189,7 +188,7 @@ def one(args) -> None:
     settings = json.loads(args.settings) if args.settings else {}
     run = {"lit": run_lit, "trl": run_trl}[args.library]
     result = run(args.algorithm, args.model, args.steps, settings.get("precision"), settings.get("checkpointing"))
-    print(json.dumps(result | {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    print(json.dumps(result | {"peak_gib": peak_gib()}))
 
 
 def start_losses(args) -> None:

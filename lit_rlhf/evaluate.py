@@ -201,13 +201,12 @@ def evaluate(
     }  # fmt: skip
     base_model = load_causal_lm(models[baseline]).eval()
     generation_precision = generation_precision or ("bf16" if auto_precision()[0] == "bf16-mixed" else "fp32")
-    generation_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[generation_precision]
     batches = partial(over_batches, pad_id=pad_id, batch_size=batch_size)
     ci = partial(bootstrap_ci, seed=seed)
     base = None
     for name in names:
         model = base_model if name == baseline else load_causal_lm(models[name]).eval()
-        generator = copy.deepcopy(model).to(torch.bfloat16) if generation_dtype == torch.bfloat16 else model
+        generator = copy.deepcopy(model).to(torch.bfloat16) if generation_precision == "bf16" else model
         greedy = generate(generator, tokenizer, gen_prompts, max_new_tokens, batch_size)
         answered = [(p, g["response"]) for p, g in zip(gen_prompts, greedy)]
         if model is base_model:  # KL(base || base) is 0: no samples needed

@@ -43,7 +43,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __init__(self, num_rows: int, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
                  lengths: Optional[list[int]] = None):  # fmt: skip
-        self.num_rows, self.batch_size, self.shuffle, self.seed, self.lengths = num_rows, batch_size, shuffle, seed, lengths
+        self.num_rows, self.batch_size, self.shuffle, self.seed = num_rows, batch_size, shuffle, seed
+        self.lengths = None if lengths is None else torch.tensor(lengths)  # (num_rows,)
         self.rank, self.world_size = rank, world_size
         self.epoch = -1  # the epoch being served
         self.batches_done = 0  # batches of that epoch the training loop has taken
@@ -78,12 +79,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         for batch in share.split(self.batch_size)[self.batches_done :]:
             yield batch.tolist()
 
-
     def grouped_by_length(self, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """`order` (a multiple of W rows) with each global batch's rows of similar length; the global batches shuffled."""
         global_batch = self.batch_size * self.world_size
-        lengths = torch.tensor(self.lengths)
-        sorted_mega = [mega[lengths[mega].argsort(descending=True, stable=True)] for mega in order.split(global_batch * self.MEGA_BATCH)]
+        sorted_mega = [mega[self.lengths[mega].argsort(descending=True, stable=True)] for mega in order.split(global_batch * self.MEGA_BATCH)]
         batches = torch.cat(sorted_mega).split(global_batch)
         return torch.cat([batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])
 
