@@ -174,18 +174,25 @@ class AlignmentModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"logs and checkpoints: {Path(self.trainer.log_dir).resolve()}")
-        bad = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise UserError(f"{len(bad)} weight tensors hold NaN or infinite values before training (first: {bad[0]})")
         if self.hparams.gradient_checkpointing:
             for name in self.trained_modules:
                 module = getattr(self, name)
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 module.train()  # transformers checkpoints in train mode only; dropout is 0, outputs are unchanged
 
+    def on_train_start(self) -> None:
+        self.start_step = self.global_step  # after a checkpoint was restored
+
     def on_fit_end(self) -> None:
-        """Export the trained model to `<log_dir>/hf` on rank 0. Every rank reads `trainer.log_dir`: in a
-        multi-process run it is a broadcast from rank 0, which hangs if rank 0 calls it alone."""
+        """Export the trained model to `<log_dir>/hf` on rank 0; a fit that took no optimizer step exports
+        nothing and fails. Every rank reads `trainer.log_dir`: in a multi-process run it is a broadcast from
+        rank 0, which hangs if rank 0 calls it alone."""
+        if self.global_step == getattr(self, "start_step", 0):
+            raise UserError(
+                f"this run took no optimizer step (global step {self.global_step}, epoch {self.current_epoch}), so"
+                " nothing was exported: a resumed checkpoint that had finished its --trainer.max_epochs /"
+                " max_steps, or no training batch (--trainer.limit_train_batches, too few rows)"
+            )
         path = (Path(self.trainer.log_dir) / "hf").resolve()
         if self.trainer.is_global_zero:
             export_pretrained(self.model, self.tokenizer, path, readme=self.model_card(path))

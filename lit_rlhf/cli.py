@@ -1,29 +1,29 @@
 """The trainer entry: LightningCLI over the alignment modules and the preference DataModule."""
 
-import shutil
+import difflib
+import inspect
+import re
 import warnings
+from argparse import ArgumentError
+from importlib import import_module
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_rlhf.base import AlignmentModule
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.errors import UserError
 from lit_rlhf.precision import auto_precision
+from lit_rlhf.runs import AtomicCheckpointIO, Preemption, RemoveFailedRunDir, RunLogger, newest_checkpoint, version_folder
 
 
-class RemoveFailedRunDir(Callback):
-    """A run that fails before its first optimizer step (bad data, bad weights, a NaN at step 0) removes
-    the `logs/<algorithm>/version_N` folder it created, so it does not shift later version numbers."""
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        log_dir = Path(trainer.logger.log_dir)
-        if trainer.global_step == 0 and trainer.is_global_zero and not any(log_dir.rglob("*.ckpt")):
-            shutil.rmtree(log_dir, ignore_errors=True)
+#: DataModule flags that decide which rows train and validate, and in which order: a resumed run refuses
+#: to change them (`--resume_with_changed_data true` accepts it)
+ROW_FLAGS = ("dataset", "mode", "tokenizer_name_or_path", "max_length", "max_prompt_length", "truncation", "batch_size",
+             "val_size", "limit", "offset", "seed", "group_by_length", "dedupe")  # fmt: skip
 
 
 class LitRLHFCLI(LightningCLI):
@@ -39,24 +39,41 @@ class LitRLHFCLI(LightningCLI):
         # the DataModule's batch sampler shards the rows over processes itself (lit_rlhf/loader.py);
         # Lightning cannot put its DistributedSampler inside a custom batch sampler
         parser.set_defaults({"trainer.use_distributed_sampler": False})
+        parser.add_argument(
+            "--resume_with_changed_data", type=bool, default=False,
+            help="With --ckpt_path: accept data flags that differ from the checkpoint's (" + ", ".join(ROW_FLAGS) + ")."
+            " Without it such a resume is refused: it would train other rows than the interrupted run.",
+        )  # fmt: skip
+
+    def parse_arguments(self, parser, args) -> None:
+        """A typo in a flag or a config key is one line naming the key and the nearest valid one."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise UserError(config_error(err, self._subcommand_parsers)) from None
 
     def _parse_ckpt_path(self) -> None:
         """With `--ckpt_path`, the model settings come from the checkpoint (as in LightningCLI), after
-        checks: the file must be a readable checkpoint of the configured module, and every
-        `--model.*` value the checkpoint overrides is named in a warning."""
+        checks: the file must be a readable checkpoint of the configured module, every `--model.*` value
+        the checkpoint overrides is named in a warning, and data flags that would change the rows refuse.
+        `--ckpt_path last` is the newest checkpoint under `<root>/logs/<algorithm>`."""
         subcommand = self.config.get("subcommand")
+        self.resume_folder = None  # the version folder a resumed run continues in
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        if ckpt_path == "last":
+            ckpt_path = self.resolve_last(subcommand)
+        if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
             return
         if not Path(ckpt_path).is_file():
             raise UserError(f"--ckpt_path {ckpt_path}: no such file")
         try:
-            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
         except Exception as err:
             raise UserError(
                 f"--ckpt_path {ckpt_path}: not a readable checkpoint ({str(err).split('. ')[0]}); a run killed while"
                 " saving leaves such a file: resume from an earlier checkpoint"
             ) from None
+        hparams = ckpt.get("hyper_parameters", {})
         model = self.config[subcommand].model
         written_by = hparams.pop("_class_path", model.class_path)
         hparams.pop("_instantiator", None)
@@ -65,26 +82,111 @@ class LitRLHFCLI(LightningCLI):
                 f"--ckpt_path {ckpt_path} was written by {written_by.rsplit('.', 1)[-1]}, but this run trains"
                 f" {model.class_path.rsplit('.', 1)[-1]}; resume with the config that wrote the checkpoint"
             )
+        if subcommand == "fit" and not self.config.fit.resume_with_changed_data:
+            check_same_rows(ckpt_path, ckpt.get("datamodule_hyper_parameters", {}), self.config.fit.data.as_dict())
         given = model.init_args.as_dict()
         self.config = self.parser.parse_object({subcommand: {"model": {"class_path": written_by, "init_args": hparams}}}, self.config)
+        self.config[subcommand].ckpt_path = str(ckpt_path)
         used = self.config[subcommand].model.init_args.as_dict()
         ignored = [f"--model.{k} {given[k]!r} (checkpoint: {used[k]!r})" for k in given if k in used and given[k] != used[k]]
         if ignored:
             rank_zero_warn(f"resuming from {ckpt_path}: the checkpoint's model settings are used; ignored " + ", ".join(ignored))
+        folder = version_folder(Path(ckpt_path))
+        if subcommand == "fit" and folder is not None and not (folder / "hf").exists():
+            self.resume_folder = folder  # TensorBoard curves and checkpoints go on where they stopped
+
+    @staticmethod
+    def run_root(config) -> Path:
+        """`<default_root_dir>/logs/<algorithm>`: where the default logger puts the version folders of a run
+        configured by `config` (one subcommand's section)."""
+        algorithm = import_object(config.model.class_path).algorithm
+        return Path(config.trainer.default_root_dir or ".") / "logs" / algorithm
+
+    def resolve_last(self, subcommand: str):
+        """`--ckpt_path last`: the newest checkpoint of this algorithm's log folder; None (a new run) if it has none."""
+        run_root = self.run_root(self.config[subcommand])
+        newest = newest_checkpoint(run_root)
+        if newest is None:
+            rank_zero_info(f"--ckpt_path last: no checkpoint under {run_root.resolve()}; starting a new run")
+            self.config[subcommand].ckpt_path = None
+        return newest
+
+    def before_instantiate_classes(self) -> None:
+        """Checks that need no model: data flag ranges, and a training run that would take no step."""
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        PreferenceDataModule.check_flags(self.config[subcommand].data.as_dict())
+        trainer = self.config[subcommand].trainer
+        if subcommand == "fit":
+            for flag in ("max_steps", "max_epochs", "limit_train_batches"):
+                if trainer.get(flag) == 0:
+                    raise UserError(f"--trainer.{flag} 0: the run would train no step and export an untrained model")
 
     def instantiate_trainer(self, **kwargs):
-        """Log to `logs/<algorithm>/version_N` unless a logger is configured; without
-        `--trainer.precision`, train in the precision this machine runs fast (lit_rlhf/precision.py)."""
-        if self._get(self.config_init, "trainer", default={}).get("precision") is None:
+        """Log to `<default_root_dir>/logs/<algorithm>/version_N` unless a logger is configured (a resumed run
+        goes on in its checkpoint's folder); checkpoints are written atomically and SIGTERM / Ctrl-C end
+        the run with a checkpoint (lit_rlhf/runs.py); without `--trainer.precision`, train in the precision
+        this machine runs fast (lit_rlhf/precision.py)."""
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("precision") is None:
             kwargs["precision"], reason = auto_precision()
             rank_zero_info(f"precision {kwargs['precision']}: {reason} (--trainer.precision overrides)")
-        default_logger = self._get(self.config_init, "trainer", default={}).get("logger") in (None, True)
+        default_logger = trainer_config.get("logger") in (None, True)
         if default_logger:
-            kwargs["logger"] = TensorBoardLogger("logs", name=self.model.algorithm)
+            if self.resume_folder is not None:
+                save_dir, name, version = self.resume_folder.parent.parent, self.resume_folder.parent.name, self.resume_folder.name
+            else:
+                save_dir, name, version = self.run_root(self.config[self.subcommand] if self.subcommand else self.config).parent, self.model.algorithm, None
+            kwargs["logger"] = RunLogger(str(save_dir), name=name, version=version)
+        if not trainer_config.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
-        if default_logger:  # a fresh version folder of ours: safe to remove when the run fails at once
+        trainer.callbacks.append(Preemption())
+        if default_logger and self.resume_folder is None:  # a fresh version folder of ours: safe to remove when the run fails at once
             trainer.callbacks.append(RemoveFailedRunDir())
         return trainer
+
+
+def import_object(path: str):
+    """The class or function a dotted `module.name` path names."""
+    module, _, name = path.rpartition(".")
+    return getattr(import_module(module), name)
+
+
+def check_same_rows(ckpt_path, saved: dict, given: dict) -> None:
+    """Refuse a resume whose data flags would train or validate other rows than the checkpoint's run."""
+    changed = [f"--data.{k} {given.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in ROW_FLAGS if k in saved and saved.get(k) != given.get(k)]
+    if changed:
+        raise UserError(
+            f"resuming from {ckpt_path} with other data flags than it was trained with: {', '.join(changed)}; they change"
+            " which rows train and in which order. Resume with the checkpoint's values, or pass"
+            " --resume_with_changed_data true if you mean it"
+        )
+
+
+def config_error(err: ArgumentError, parsers: dict) -> str:
+    """One line for what the config parser refused: an unknown key with the nearest valid one, else the
+    parser's innermost message."""
+    chain = [err]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+        chain.append(cause)
+    text = " ".join(str(chain[-1]).split())
+    option = re.search(r"Option '([\w.]+)' is not accepted", text)
+    class_path = next((m.group(1) for e in chain if (m := re.search(r"class_path '([\w.]+)'", str(e)))), None)
+    if option and class_path:
+        cls = import_object(class_path)
+        names = {p for klass in cls.__mro__ if "__init__" in vars(klass) for p in inspect.signature(klass.__init__).parameters}
+        return unknown_key(f"{cls.__name__} option", option.group(1), names - {"self", "args", "kwargs"})
+    refused = re.search(r"Subcommand '(\w+)' does not accept option '([\w.]+)'", text)
+    if refused:
+        return unknown_key("key", refused.group(2), {action.dest for action in parsers[refused.group(1)]._actions})
+    return f"{text} (--help lists every flag)"
+
+
+def unknown_key(what: str, key: str, valid: set[str]) -> str:
+    nearest = difflib.get_close_matches(key, sorted(valid), n=1)
+    return f"unknown {what} '{key}'" + (f"; did you mean '{nearest[0]}'?" if nearest else "") + " (--help lists every flag)"
 
 
 # `demo`, the tests and `--help` pass their own args on purpose
@@ -103,4 +205,5 @@ def cli(args=None, run: bool = True) -> LitRLHFCLI:
         run=run,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in ("fit", "validate", "test")}},
     )

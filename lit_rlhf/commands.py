@@ -4,6 +4,7 @@ Every command exits 0 on success. A failure prints one line, `lit-rlhf: error: .
 `--debug` (anywhere on the command line) or `LIT_RLHF_DEBUG=1` shows the traceback instead.
 """
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -29,11 +30,17 @@ def configured_model_class(args: list[str]):
 
 def root_cause(err: BaseException) -> BaseException:
     """The error a user can act on: our own UserError anywhere in the chain (the config parser wraps
-    what a class raises while it is built), else the innermost error."""
+    what a class raises while it is built), else the innermost explicit cause (`raise ... from`). An
+    error raised while another was being handled (`__context__`) is the one that stopped the run:
+    the handled one is not followed."""
     chain = [err]
     while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
         chain.append(cause)
-    return next((e for e in chain if isinstance(e, UserError)), chain[-1])
+    if user_error := next((e for e in chain if isinstance(e, UserError)), None):
+        return user_error
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 def one_line(err: BaseException) -> str:
@@ -41,6 +48,8 @@ def one_line(err: BaseException) -> str:
     text = " ".join(str(cause).split()) or "(no message)"
     if isinstance(cause, UserError):
         return text
+    if isinstance(cause, OSError) and cause.errno in errno.errorcode:  # ENOSPC: no space left on device: PATH
+        text = f"{errno.errorcode[cause.errno]}: {(cause.strerror or text).lower()}" + (f": {cause.filename}" if cause.filename else "")
     return f"{type(cause).__name__}: {text} (run again with --debug for the traceback)"
 
 

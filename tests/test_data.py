@@ -72,7 +72,7 @@ ROW = {"prompt": "hello there", "chosen": "hi! :)", "rejected": "As an AI, I can
 
 
 def test_datamodule_tokenizes_completion_only_labels(tiny_model_dir, tokenizer, tmp_path):
-    dm = make_dm(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", [ROW] * 3), val_size=1, batch_size=2)
+    dm = make_dm(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", [ROW] * 3), val_size=0, batch_size=2)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -94,7 +94,7 @@ def test_truncation_keeps_prompt_end_and_completion_start(tiny_model_dir, tokeni
 
 
 def test_drop_policy_counts_dropped_rows(tiny_model_dir, tmp_path, caplog):
-    rows = [ROW] * 4 + [{"prompt": "x" * 300, "chosen": "a", "rejected": "b"}]
+    rows = [dict(ROW, prompt=f"question {i}") for i in range(4)] + [{"prompt": "x" * 300, "chosen": "a", "rejected": "b"}]
     dm = make_dm(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), val_size=1, truncation="drop", max_prompt_length=100)
     with caplog.at_level("INFO"):
         dm.setup("fit")

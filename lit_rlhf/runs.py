@@ -1,0 +1,144 @@
+"""A run's folder and checkpoints on a cluster: claimed atomically, written atomically, resumed from the newest.
+
+- `RunLogger` claims `logs/<algorithm>/version_N` with one `mkdir`, so two runs started together
+  in one folder never share a version.
+- `AtomicCheckpointIO` writes each checkpoint beside its target and renames it into place: a full
+  disk or a kill mid-write leaves the earlier checkpoints and no truncated file.
+- `RemoveFailedRunDir` gives back the version folder of a run that fails before its first step.
+- `Preemption` turns SIGTERM (a scheduler's preemption) and a first Ctrl-C into a checkpoint at the
+  end of the step in progress and a non-zero exit that names it.
+- `newest_checkpoint` is what `--ckpt_path last` means: the newest checkpoint of the run's log folder.
+"""
+
+import errno
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_rlhf.errors import UserError
+
+
+def os_error_text(err: OSError, action: str) -> str:
+    """`ENOSPC: no space left on device while writing PATH`: the errno's name, its text, what was being done."""
+    name = errno.errorcode.get(err.errno, "OSError")
+    return f"{name}: {(err.strerror or str(err)).lower()} while {action}"
+
+
+class RunLogger(TensorBoardLogger):
+    """TensorBoard logs in `<save_dir>/<name>/version_N`; a new N is claimed by creating its folder (one
+    atomic `mkdir` on the first process), so concurrent runs in one folder get distinct versions."""
+
+    def _get_next_version(self) -> int:
+        if rank_zero_only.rank != 0:  # the others read rank 0's folder through `trainer.log_dir`
+            return super()._get_next_version()
+        os.makedirs(self.root_dir, exist_ok=True)
+        while True:
+            version = super()._get_next_version()
+            try:
+                os.mkdir(os.path.join(self.root_dir, f"version_{version}"))
+                return version
+            except FileExistsError:  # another run claimed it between the listing and the mkdir
+                continue
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`torch.save` to `<path>.partial` in the target's folder, then an atomic rename onto `<path>`.
+
+    An error while writing (ENOSPC, EDQUOT, a read-only folder) removes the partial file and stops the
+    run with one line naming the errno, the checkpoint and that the earlier checkpoints are intact."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[dict] = None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            raise UserError(
+                f"{os_error_text(err, f'writing checkpoint {path}')}; nothing half-written was left, earlier"
+                " checkpoints are intact"
+            ) from err
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+
+class RemoveFailedRunDir(Callback):
+    """A run that fails before its first optimizer step (bad data, bad weights, a NaN at step 0) removes
+    the `logs/<algorithm>/version_N` folder it created, so it does not shift later version numbers."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        log_dir = Path(trainer.logger.log_dir)
+        if trainer.global_step == 0 and trainer.is_global_zero and not any(log_dir.rglob("*.ckpt")):
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def newest_checkpoint(run_root: Path) -> Optional[Path]:
+    """The most recently written `.ckpt` under `run_root` (`logs/<algorithm>`), or None."""
+    found = [p for p in run_root.glob("version_*/checkpoints/*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def version_folder(ckpt_path: Path) -> Optional[Path]:
+    """The `.../version_N` folder a checkpoint at `.../version_N/checkpoints/x.ckpt` belongs to, else None."""
+    folder = ckpt_path.resolve().parent.parent
+    return folder if ckpt_path.resolve().parent.name == "checkpoints" and folder.name.startswith("version_") else None
+
+
+class Preemption(Callback):
+    """SIGTERM, or a first Ctrl-C, ends the run at the end of the step in progress with a checkpoint.
+
+    Lightning's own signal handling marks a SIGTERM and raises `SIGTERMException` (a `SystemExit` with
+    status 0) once the current step is done; a first SIGINT is turned into the same mark here (a
+    second one interrupts at once, without a checkpoint). On that exception every process writes
+    `checkpoints/last.ckpt` (the newest state: `--ckpt_path last` resumes it) and the run exits 1
+    with one line that names the checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.previous_sigint = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        def first_sigint(signum, frame):
+            rank_zero_info("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)")
+            trainer._signal_connector.received_sigterm = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        try:
+            self.previous_sigint = signal.signal(signal.SIGINT, first_sigint)
+        except ValueError:  # not the main thread: Ctrl-C keeps its usual meaning
+            self.previous_sigint = None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.previous_sigint is not None:
+            signal.signal(signal.SIGINT, self.previous_sigint)
+            self.previous_sigint = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        checkpoint = trainer.checkpoint_callback
+        folder = Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else Path(trainer.log_dir) / "checkpoints"
+        path = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        exception.code = (
+            f"lit-rlhf: error: interrupted (SIGTERM or Ctrl-C) at step {trainer.global_step}, epoch {trainer.current_epoch}:"
+            f" checkpoint written to {path.resolve()}; resume with --ckpt_path {path.resolve()} (or --ckpt_path last)"
+        )
