@@ -71,6 +71,7 @@ class AlignmentModule(L.LightningModule):
         self.strict_loading = False  # checkpoints leave out `frozen_modules`
         self.val_metrics = nn.ModuleDict()  # filled by log_stats
         self.non_finite_skips = 0
+        self.start_step = 0  # the global step this fit starts from (a checkpoint's)
         self.skip_update = False  # set by a non-finite training loss: the next optimizer step is dropped
 
     def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -167,8 +168,16 @@ class AlignmentModule(L.LightningModule):
         prefixes = tuple(f"{name}." for name in self.frozen_modules)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
         checkpoint["torch_rng_state"] = torch.get_rng_state()  # PPO sampling and shuffling continue where they stopped
+        sampler = getattr(self.trainer.datamodule, "train_sampler", None)
+        epoch = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+        if sampler is not None and epoch["current"]["processed"] > epoch["current"]["completed"] and sampler.batches_done < len(sampler):
+            # `max_steps` ended the epoch early: Lightning marks it processed, which would make a resume skip its
+            # remaining batches; marked as in progress, the resume continues it row for row
+            for counts in (epoch["current"], epoch["total"]):
+                counts["processed"] = counts["completed"]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.start_step = checkpoint["global_step"]  # a resumed fit that takes no step from here exports nothing
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
 
@@ -180,14 +189,11 @@ class AlignmentModule(L.LightningModule):
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 module.train()  # transformers checkpoints in train mode only; dropout is 0, outputs are unchanged
 
-    def on_train_start(self) -> None:
-        self.start_step = self.global_step  # after a checkpoint was restored
-
     def on_fit_end(self) -> None:
         """Export the trained model to `<log_dir>/hf` on rank 0; a fit that took no optimizer step exports
         nothing and fails. Every rank reads `trainer.log_dir`: in a multi-process run it is a broadcast from
         rank 0, which hangs if rank 0 calls it alone."""
-        if self.global_step == getattr(self, "start_step", 0):
+        if self.global_step == self.start_step:
             raise UserError(
                 f"this run took no optimizer step (global step {self.global_step}, epoch {self.current_epoch}), so"
                 " nothing was exported: a resumed checkpoint that had finished its --trainer.max_epochs /"

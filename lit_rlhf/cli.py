@@ -50,7 +50,7 @@ class LitRLHFCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise UserError(config_error(err, self._subcommand_parsers)) from None
+            raise UserError(config_error(err, getattr(self, "_subcommand_parsers", None) or {"": parser})) from None
 
     def _parse_ckpt_path(self) -> None:
         """With `--ckpt_path`, the model settings come from the checkpoint (as in LightningCLI), after
@@ -171,17 +171,19 @@ def config_error(err: ArgumentError, parsers: dict) -> str:
     chain = [err]
     while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
         chain.append(cause)
-    text = " ".join(str(chain[-1]).split())
+    text = " ".join(" ".join(str(e).split()) for e in chain)
     option = re.search(r"Option '([\w.]+)' is not accepted", text)
-    class_path = next((m.group(1) for e in chain if (m := re.search(r"class_path '([\w.]+)'", str(e)))), None)
+    class_path = re.search(r"class_path '([\w.]+)'", text)
     if option and class_path:
-        cls = import_object(class_path)
+        cls = import_object(class_path.group(1))
         names = {p for klass in cls.__mro__ if "__init__" in vars(klass) for p in inspect.signature(klass.__init__).parameters}
         return unknown_key(f"{cls.__name__} option", option.group(1), names - {"self", "args", "kwargs"})
     refused = re.search(r"Subcommand '(\w+)' does not accept option '([\w.]+)'", text)
     if refused:
-        return unknown_key("key", refused.group(2), {action.dest for action in parsers[refused.group(1)]._actions})
-    return f"{text} (--help lists every flag)"
+        parser = parsers.get(refused.group(1), next(iter(parsers.values())))
+        return unknown_key("key", refused.group(2), {action.dest for action in parser._actions})
+    keyed = next((e for e in chain if str(e).startswith("Parser key")), chain[-1])  # names the flag
+    return " ".join(str(keyed).split()) + " (--help lists every flag)"
 
 
 def unknown_key(what: str, key: str, valid: set[str]) -> str:

@@ -10,6 +10,7 @@ token is its EOS (`<|im_end|>`), and a mask built from the pad id would drop the
 end-of-turn token of every completion.
 """
 
+import os
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -135,14 +136,20 @@ def tokenize_cached(rows: list[tuple[str, dict]], tokenizer, completions: tuple[
     source = datasets.Dataset.from_dict(columns)
     fingerprint = Hasher.hash([source._fingerprint, Hasher.hash(tokenizer), completions, sorted(limits.items()), CODE])
     cache_file = cache_dir("tokenized") / f"{fingerprint}.arrow"
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    from_cache = datasets.is_caching_enabled() and any(cache_file.parent.glob(f"{fingerprint}*.arrow"))
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        writable = os.access(cache_file.parent, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:  # a shared, read-only cache: tokenize in memory
+        rank_zero_warn(f"{cache_file.parent} is not writable: the rows are tokenized in memory and not cached (set HF_DATASETS_CACHE to a writable folder)")
+    from_cache = writable and datasets.is_caching_enabled() and any(cache_file.parent.glob(f"{fingerprint}*.arrow"))
     ids, truncated, text = datasets.List(datasets.Value("int32")), datasets.Value("bool"), datasets.Value("string")
     features = datasets.Features({"prompt": ids, **{k: ids for k in completions}, "truncated": truncated, "prompt_text": text})
     encoded = source.map(
         partial(encode_batch, tokenizer=tokenizer, **limits), batched=True, remove_columns=source.column_names, features=features,
         num_proc=num_proc if num_proc > 1 else None,  # None: in this process (1 would start one worker)
-        cache_file_name=str(cache_file), new_fingerprint=fingerprint, desc="Tokenizing",
+        cache_file_name=str(cache_file) if writable else None, keep_in_memory=not writable, new_fingerprint=fingerprint, desc="Tokenizing",
     )  # fmt: skip
     return encoded, fingerprint, from_cache
 
@@ -166,23 +173,22 @@ def local_rank_zero_first(trainer):
 def split_by_prompt(rows: list[dict], val_size: int, seed: int) -> tuple[list[int], list[int]]:
     """Positions of the validation and of the training rows, each in a seeded random order.
 
-    Rows are visited in that order, each taking every row of its prompt to validation, until at least
-    `val_size` are held out: rows that share a prompt stay on one side, so validation never scores a
-    prompt that training saw. With distinct prompts exactly the first `val_size` rows of the order are
-    held out."""
+    Rows are visited in that order, each taking every row of its prompt to validation unless that
+    would pass `val_size`: rows that share a prompt stay on one side, so validation never scores a
+    prompt that training saw. With enough distinct prompts exactly `val_size` rows are held out (with
+    distinct prompts only, the first `val_size` rows of the order)."""
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(tuple(row["prompt"]), []).append(i)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     held_out: dict[int, None] = {}  # an ordered set
     for i in order:
-        if len(held_out) >= val_size:
+        group = groups[tuple(rows[i]["prompt"])]
+        if len(held_out) == val_size:
             break
-        held_out.update(dict.fromkeys(groups[tuple(rows[i]["prompt"])]))
-    train = [i for i in order if i not in held_out]
-    if not train:
-        raise UserError(f"--data.val_size {val_size}: the validation rows take every prompt, none is left for training")
-    return list(held_out), train
+        if i not in held_out and len(held_out) + len(group) <= val_size:
+            held_out.update(dict.fromkeys(group))
+    return list(held_out), [i for i in order if i not in held_out]
 
 
 def collate_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -279,7 +285,8 @@ class PreferenceDataModule(L.LightningDataModule):
                 their first tokens up to `max_length`; `drop`: rows over a limit are dropped. Both
                 counts are logged.
             batch_size: Rows (pairs or prompts) per batch.
-            val_size: Rows held out for validation (a seeded random split).
+            val_size: Rows held out for validation (a seeded random split that keeps the rows of one
+                prompt on one side).
             limit: Use only the first N rows of the dataset (after `offset`, before the split).
             offset: Skip the first N rows of the dataset: e.g. a judge reward model trained on rows
                 that no other stage reads.

@@ -291,3 +291,16 @@ def test_length_grouped_batches_cover_every_row_once_with_less_padding_and_resum
     resumed = ResumableBatchSampler(400, 4, seed=3, lengths=lengths)
     resumed.load_state_dict({"seed": 3, "epoch": 0, "batches_done": 7})
     assert list(resumed) == batches[7:]
+
+
+def test_split_by_prompt_keeps_each_prompt_on_one_side_and_holds_out_val_size_rows():
+    from lit_rlhf.data import split_by_prompt
+
+    rows = [{"prompt": [p]} for p in [1, 1, 1, 2, 3, 4, 4, 5, 6, 7]]
+    for seed in range(20):
+        val, train = split_by_prompt(rows, 4, seed)
+        assert len(val) == 4 and sorted(val + train) == list(range(10))
+        assert not {rows[i]["prompt"][0] for i in val} & {rows[i]["prompt"][0] for i in train}
+    distinct = [{"prompt": [i]} for i in range(10)]  # distinct prompts: the first val_size rows of the seeded order
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
+    assert split_by_prompt(distinct, 4, 3) == (order[:4], order[4:])

@@ -235,7 +235,10 @@ def test_a_broken_or_foreign_checkpoint_is_one_line(tiny_model_dir, tiny_reward_
     ],
 )
 def test_numeric_flags_are_checked_before_anything_loads(tiny_model_dir, real_rows, tmp_path, monkeypatch, flag, value, expected):
+    import lit_rlhf.models
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lit_rlhf.models, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
     assert fail(reward_args(tiny_model_dir, real_rows, f"{flag}={value}")) == f"lit-rlhf: error: {expected}"
 
 
