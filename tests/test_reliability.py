@@ -90,7 +90,7 @@ def test_a_nan_loss_stops_with_step_and_batch_and_keeps_the_last_checkpoint(tiny
     assert "non-finite loss (nan) at step 2 (epoch 0, batch 2)" in message
     run_dir = tmp_path / "logs/reward/version_0"
     assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
-    assert not (run_dir / "hf").exists() and not (run_dir / "hf.partial").exists()
+    assert not (run_dir / "hf").exists() and not list(run_dir.glob(".hf.*"))
 
 
 def test_skip_mode_skips_the_nan_batch_and_counts_it(tiny_model_dir, real_rows, tmp_path, monkeypatch):
@@ -331,10 +331,10 @@ def test_an_interrupted_export_leaves_no_folder_that_looks_complete(tiny_model_d
     monkeypatch.setattr(type(tok), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         export_pretrained(model, tok, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists() and (tmp_path / "hf.partial" / "model.safetensors").is_file()
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.iterdir())  # the half-written copy was removed too
     monkeypatch.undo()
     export_pretrained(model, tok, tmp_path / "hf", readme="card")
-    assert (tmp_path / "hf/README.md").read_text() == "card" and not (tmp_path / "hf.partial").exists()
+    assert (tmp_path / "hf/README.md").read_text() == "card" and [p.name for p in tmp_path.iterdir()] == ["hf"]
     with pytest.raises(ValueError, match="exists already; the export does not overwrite it"):
         export_pretrained(model, tok, tmp_path / "hf")
 
