@@ -14,6 +14,7 @@ import errno
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -99,40 +100,45 @@ def version_folder(ckpt_path: Path) -> Optional[Path]:
 class Preemption(Callback):
     """SIGTERM, or a first Ctrl-C, ends the run at the end of the step in progress with a checkpoint.
 
-    Lightning's own signal handling marks a SIGTERM and raises `SIGTERMException` (a `SystemExit` with
-    status 0) once the current step is done; a first SIGINT is turned into the same mark here (a
-    second one interrupts at once, without a checkpoint). On that exception every process writes
-    `checkpoints/last.ckpt` (the newest state: `--ckpt_path last` resumes it) and the run exits 1
-    with one line that names the checkpoint.
+    The signal handler only notes the signal. At the end of each training step every process asks
+    whether any process was signalled (one all-reduce of a boolean, at the same point in all of them),
+    and if so all mark the run as SIGTERMed, upon which Lightning raises `SIGTERMException` when the
+    step is done. (Lightning's own SIGTERM handler broadcasts from inside the handler, at whatever
+    collective the other processes are in, which breaks a multi-process run.) On that exception
+    every process writes `checkpoints/last.ckpt` (the newest state: `--ckpt_path last` resumes it) and
+    the run exits 1 with one line that names the checkpoint. A second Ctrl-C stops at once, without one.
     """
 
     def __init__(self) -> None:
-        self.previous_sigint = None
+        self.requested: Optional[int] = None  # the signal that asked the run to stop
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        def first_sigint(signum, frame):
-            rank_zero_info("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)")
-            trainer._signal_connector.received_sigterm = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Replace the handlers Lightning registered when `fit` started (its teardown restores the originals)."""
 
-        try:
-            self.previous_sigint = signal.signal(signal.SIGINT, first_sigint)
-        except ValueError:  # not the main thread: Ctrl-C keeps its usual meaning
-            self.previous_sigint = None
+        def stop_after_this_step(signum, frame):
+            if signum == signal.SIGINT and self.requested == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = signum
+            again = " (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""
+            rank_zero_info(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint{again}")
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self.previous_sigint is not None:
-            signal.signal(signal.SIGINT, self.previous_sigint)
-            self.previous_sigint = None
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, stop_after_this_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
+            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException once this step is done
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
         checkpoint = trainer.checkpoint_callback
         folder = Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else Path(trainer.log_dir) / "checkpoints"
-        path = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        path = (folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}").resolve()
         trainer.save_checkpoint(path)
         exception.code = (
-            f"lit-rlhf: error: interrupted (SIGTERM or Ctrl-C) at step {trainer.global_step}, epoch {trainer.current_epoch}:"
-            f" checkpoint written to {path.resolve()}; resume with --ckpt_path {path.resolve()} (or --ckpt_path last)"
+            f"lit-rlhf: error: interrupted by {signal.Signals(self.requested or signal.SIGTERM).name} at step"
+            f" {trainer.global_step}, epoch {trainer.current_epoch}: checkpoint written to {path}; resume with"
+            f" --ckpt_path {path} (or --ckpt_path last)"
         )

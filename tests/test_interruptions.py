@@ -82,20 +82,30 @@ def test_resuming_a_finished_run_trains_nothing_and_fails(tiny_model_dir, real_r
 
 # ---- preemption: a real signal to a real process --------------------------------------------
 
+# `python SCRIPT SIGNUM ARGS`: `lit-rlhf ARGS` whose process of rank 0 sends itself SIGNUM (0: none) during its
+# 3rd training step; each process writes the row indices of its batches to `rows<rank>.json`
 SIGNALLED_RUN = """
-import json, os, signal, sys
+import json, os, sys
 from lit_rlhf.base import AlignmentModule
 from lit_rlhf.commands import main
 rows = []
 def on_train_batch_start(self, batch, batch_idx):
     rows.append(batch["index"].tolist())
-    with open("rows.json", "w") as f:
+    with open(f"rows{self.global_rank}.json", "w") as f:
         json.dump(rows, f)
-    if len(rows) == 3:
-        os.kill(os.getpid(), int(sys.argv[1]))  # during the 3rd step
+    if len(rows) == 3 and self.global_rank == 0 and int(sys.argv[1]):
+        os.kill(os.getpid(), int(sys.argv[1]))
 AlignmentModule.on_train_batch_start = on_train_batch_start
-main(sys.argv[2:])
+if __name__ == "__main__":  # the DDP launcher runs this file again for process 1
+    main(sys.argv[2:])
 """
+
+
+def signalled_run(tmp_path, signum: int, args: list[str]) -> subprocess.CompletedProcess:
+    script = tmp_path / "signalled_run.py"
+    script.write_text(SIGNALLED_RUN)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, str(script), str(signum), *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.mark.parametrize(
@@ -113,14 +123,13 @@ def test_a_signal_ends_the_step_writes_a_checkpoint_and_the_resume_is_row_exact(
         args = ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "24", "--data.batch_size", "4")
     uninterrupted, _ = fit_recording(monkeypatch, args)
     assert len(uninterrupted) == (5 if algorithm == "ppo" else 6)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    killed = subprocess.run([sys.executable, "-c", SIGNALLED_RUN, str(int(signum)), *args], capture_output=True, text=True, env=env, timeout=300)
+    killed = signalled_run(tmp_path, int(signum), args)
     ckpt = (tmp_path / f"logs/{algorithm}/version_1/checkpoints/last.ckpt").resolve()
     assert killed.returncode == 1, killed.stderr[-3000:]
     last_line = killed.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("lit-rlhf: error: interrupted (SIGTERM or Ctrl-C)") and f"checkpoint written to {ckpt}" in last_line
+    assert last_line.startswith(f"lit-rlhf: error: interrupted by {signum.name}") and f"checkpoint written to {ckpt};" in last_line
     assert not (tmp_path / f"logs/{algorithm}/version_1/hf").exists()
-    killed_rows = json.loads((tmp_path / "rows.json").read_text())
+    killed_rows = json.loads((tmp_path / "rows0.json").read_text())
     assert killed_rows == uninterrupted[:3]  # the step in progress finished, nothing after it started
     resumed, run = fit_recording(monkeypatch, [*args, "--ckpt_path", "last"])
     assert killed_rows + resumed == uninterrupted
@@ -139,6 +148,25 @@ def test_concurrent_atomic_writers_leave_one_whole_copy_and_nothing_else(tmp_pat
         third.write_text("half")
         raise KeyboardInterrupt
     assert target.read_text() == "first run's table" and [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
+
+
+@pytest.mark.multiprocess
+def test_a_signal_to_one_process_of_a_ddp_run_stops_all_at_the_same_step(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = reward_args(tiny_model_dir, real_rows, "--data.limit", "40", "--data.batch_size", "2", "--trainer.limit_val_batches", "0",
+                       "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.precision", "32-true")  # fmt: skip
+    killed = signalled_run(tmp_path, int(signal.SIGTERM), args)  # to process 0 only
+    assert killed.returncode == 1, killed.stderr[-3000:]
+    assert killed.stderr.strip().splitlines()[-1].startswith("lit-rlhf: error: interrupted by SIGTERM at step 3, epoch 0")
+    assert torch.load(tmp_path / "logs/reward/version_0/checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
+    killed_rows = [json.loads((tmp_path / f"rows{rank}.json").read_text()) for rank in (0, 1)]
+    assert [len(rows) for rows in killed_rows] == [3, 3]
+    resumed = signalled_run(tmp_path, 0, [*args, "--ckpt_path", "last"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_rows = [json.loads((tmp_path / f"rows{rank}.json").read_text()) for rank in (0, 1)]
+    seen = [i for rows in killed_rows + resumed_rows for batch in rows for i in batch]
+    assert len(seen) == 36 and len(set(seen)) == 36  # the 36 training rows, each once: none lost, none repeated
+    assert (tmp_path / "logs/reward/version_0/hf/model.safetensors").is_file()
 
 
 # ---- data flags on resume -------------------------------------------------------------------
