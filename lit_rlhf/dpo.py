@@ -1,8 +1,9 @@
-"""DPO (Rafailov et al. 2023): the policy learns from preference pairs against a frozen reference."""
+"""DPO (Rafailov et al. 2023) and the preference losses of its family: the policy learns from (chosen,
+rejected) pairs, against a frozen reference when the loss reads one (`losses.PREFERENCE_LOSSES`)."""
 
 import hashlib
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -11,24 +12,32 @@ from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.atomic import written_atomically
 from lit_rlhf.data import cache_dir
 from lit_rlhf.forward import sequence_logps
-from lit_rlhf.losses import dpo_loss, rpo_nll_loss
+from lit_rlhf.errors import UserError
+from lit_rlhf.losses import PREFERENCE_LOSS_ARGUMENTS, PREFERENCE_LOSSES, rpo_nll_loss
 from lit_rlhf.models import add_lora, load_causal_lm, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
+from lit_rlhf.plugins import declared_arguments, resolve
+
+LOSS_CONTRACT = (
+    "a preference loss is called with any of the keyword arguments " + ", ".join(PREFERENCE_LOSS_ARGUMENTS)
+    + " that it declares and returns the (B,) per-pair losses (lit_rlhf/losses.py)"
+)
 
 
 class DPOModule(AlignmentModule):
     algorithm = "dpo"
     progress_bar_metrics = ("loss", "rewards/accuracies")
     frozen_modules = ("ref_model",)
-    flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "label_smoothing": "in [0, 0.5)", "rpo_alpha": ">= 0"}
+    flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "label_smoothing": "in [0, 0.5)", "rpo_alpha": ">= 0", "simpo_gamma": ">= 0"}
 
     def __init__(
         self,
         model_name_or_path: str = DEFAULT_MODEL,
         learning_rate: float = 1e-6,
         beta: float = 0.1,
-        loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid",
+        loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
         ref_model_name_or_path: Optional[str] = None,
         precompute_ref_logps: bool = False,
         rpo_alpha: Optional[float] = None,
@@ -41,8 +50,11 @@ class DPOModule(AlignmentModule):
             model_name_or_path: Hub id, local folder or .gguf file of the policy to train.
             learning_rate: Peak AdamW learning rate (DPO work uses 5e-7 to 5e-6; TRL's default is 1e-6).
             beta: Strength of the implicit KL penalty to the reference.
-            loss_type: `sigmoid` (DPO), `ipo`, `hinge` (SLiC) or `robust` (Chowdhury et al. 2024).
+            loss_type: The preference loss: LOSS_TYPES; or `module:function` / `file.py:function`, a
+                function of your own with the same contract (lit_rlhf/losses.py). A loss that reads no
+                reference log-probs loads no reference model.
             label_smoothing: Assumed share of flipped preference labels (sigmoid and robust losses).
+            simpo_gamma: SimPO's target reward margin gamma.
             ref_model_name_or_path: Reference model (e.g. an SFT checkpoint). Default: a frozen copy of
                 the starting policy; with LoRA, the policy with its adapter disabled (no second copy).
             precompute_ref_logps: Compute the reference log-probs of every row once before training (each
@@ -58,10 +70,16 @@ class DPOModule(AlignmentModule):
         super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate,
                          gradient_checkpointing=gradient_checkpointing, **kwargs)  # fmt: skip
         hp = self.hparams
+        entry = resolve(loss_type, PREFERENCE_LOSSES, "--model.loss_type")
+        self.preference_loss = entry[0] if isinstance(entry, tuple) else entry
+        self.loss_arguments = declared_arguments(self.preference_loss, PREFERENCE_LOSS_ARGUMENTS, "--model.loss_type", LOSS_CONTRACT)
+        self.needs_reference = any(name.startswith("ref_") for name in self.loss_arguments)
+        if precompute_ref_logps and not self.needs_reference:
+            raise UserError(f"--model.precompute_ref_logps: --model.loss_type {loss_type} reads no reference log-probs")
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
         self.model = add_lora(load_causal_lm(model_name_or_path, hp.trust_remote_code), **self.lora_args(), task_type="CAUSAL_LM")
         self.ref_model = None
-        if hp.ref_model_name_or_path or not hp.lora_r:
+        if self.needs_reference and (hp.ref_model_name_or_path or not hp.lora_r):
             self.ref_model = load_causal_lm(hp.ref_model_name_or_path or model_name_or_path, hp.trust_remote_code)
             self.ref_model.eval().requires_grad_(False)
 
@@ -140,15 +158,23 @@ class DPOModule(AlignmentModule):
         return cache_dir("ref_logps") / f"{key.hexdigest()}.pt"
 
     def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        policy_chosen, policy_rejected = sequence_logps(self.model, batch).chunk(2)
-        ref_chosen, ref_rejected = self.reference_logps(batch).chunk(2)
         hp = self.hparams
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, hp.beta, hp.loss_type, hp.label_smoothing
-        )
+        policy_chosen, policy_rejected = sequence_logps(self.model, batch).chunk(2)  # (B,) each
+        chosen_lengths, rejected_lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).chunk(2)  # (B,) each
+        values = {"chosen_logps": policy_chosen, "rejected_logps": policy_rejected, "chosen_lengths": chosen_lengths,
+                  "rejected_lengths": rejected_lengths, "beta": hp.beta, "label_smoothing": hp.label_smoothing,
+                  "simpo_gamma": hp.simpo_gamma}  # fmt: skip
+        if self.needs_reference:
+            values["ref_chosen_logps"], values["ref_rejected_logps"] = self.reference_logps(batch).chunk(2)
+            # implicit rewards, beta * (log pi - log ref), as DPO defines them
+            chosen_rewards = hp.beta * (policy_chosen - values["ref_chosen_logps"]).detach()
+            rejected_rewards = hp.beta * (policy_rejected - values["ref_rejected_logps"]).detach()
+        else:  # without a reference, SimPO's: beta times the mean token log-prob
+            chosen_rewards = hp.beta * (policy_chosen / chosen_lengths).detach()
+            rejected_rewards = hp.beta * (policy_rejected / rejected_lengths).detach()
+        losses = self.preference_loss(**{name: values[name] for name in self.loss_arguments})  # (B,)
         loss = losses.mean()
         if hp.rpo_alpha is not None:
-            chosen_lengths = (batch["labels"][: len(losses), 1:] != IGNORE_INDEX).sum(-1)  # (B,)
             nll = rpo_nll_loss(policy_chosen, chosen_lengths)
             loss = loss + hp.rpo_alpha * nll
         stats = {
@@ -163,3 +189,8 @@ class DPOModule(AlignmentModule):
         }
         self.log_stats(stats, stage, batch_size=len(losses))
         return stats["loss"]
+
+
+DPOModule.__init__.__doc__ = DPOModule.__init__.__doc__.replace(
+    "LOSS_TYPES", "; ".join(f"`{name}` ({paper})" for name, (_, paper) in PREFERENCE_LOSSES.items())
+)

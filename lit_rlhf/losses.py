@@ -20,50 +20,78 @@ def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, ma
     return -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()
 
 
-def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Direct Preference Optimization loss (Rafailov et al. 2023) and its variants.
+# ---- preference losses -------------------------------------------------------------------------
+# One function each, called with the keyword arguments it declares out of `PREFERENCE_LOSS_ARGUMENTS`:
+#   chosen_logps, rejected_logps          (B,) summed log-probs of each completion under the policy
+#   chosen_lengths, rejected_lengths      (B,) their token counts
+#   ref_chosen_logps, ref_rejected_logps  (B,) the same under the reference (declaring them loads one)
+#   beta, label_smoothing, simpo_gamma    the module's flags
+# and returning the (B,) per-pair losses. `PREFERENCE_LOSSES` names them for `--model.loss_type`.
 
-    With `h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))` per pair:
-    - `sigmoid`: `-log sigmoid(beta h)`; with `label_smoothing` e, conservative DPO
-      `-(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)`;
-    - `robust` (Chowdhury et al. 2024): `(-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)) / (1 - 2e)`;
-    - `hinge` (SLiC): `relu(1 - beta h)`;
-    - `ipo` (Azar et al. 2023): `(h - 1 / (2 beta))^2`.
+PREFERENCE_LOSS_ARGUMENTS = ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "ref_chosen_logps",
+                             "ref_rejected_logps", "beta", "label_smoothing", "simpo_gamma")  # fmt: skip
 
-    Args:
-        policy_chosen_logps, policy_rejected_logps: (B,) sequence log-probs under the policy.
-        ref_chosen_logps, ref_rejected_logps: (B,) sequence log-probs under the reference.
-        beta: strength of the implicit KL penalty.
-        loss_type: one of `sigmoid`, `robust`, `hinge`, `ipo`.
-        label_smoothing: assumed share of flipped labels (sigmoid and robust), in [0, 0.5).
 
-    Returns:
-        losses (B,), chosen_rewards (B,), rejected_rewards (B,); the implicit rewards
-        `beta * (log pi - log ref)` are detached.
-    """
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    h = chosen_logratios - rejected_logratios
+def dpo_sigmoid(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float, label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023, eq. 7): `-log sigmoid(beta h)`, `h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) -
+    log ref(y_l))`; with `label_smoothing` e, conservative DPO `-(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)`.
+    At policy == reference every pair's loss is log 2."""
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def dpo_robust(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float, label_smoothing: float = 0.0):
+    """Robust DPO (Chowdhury et al. 2024): `(-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)) / (1 - 2e)`,
+    unbiased under a share e of flipped labels."""
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
     e = label_smoothing
-    if loss_type == "sigmoid":
-        losses = -(1 - e) * F.logsigmoid(beta * h) - e * F.logsigmoid(-beta * h)
-    elif loss_type == "robust":
-        losses = (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use sigmoid, robust, hinge or ipo")
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    return (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
+
+
+def dpo_hinge(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+    """SLiC's hinge on the DPO log-ratio (Zhao et al. 2023): `relu(1 - beta h)`."""
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
+    return torch.relu(1 - beta * h)
+
+
+def ipo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+    """IPO (Azar et al. 2023, eq. 17): `(h - 1 / (2 beta))^2`, h the DPO log-ratio difference."""
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def apo_zero(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", eq. 7): push the chosen
+    likelihood up and the rejected one down, each against the reference:
+    `1 - sigmoid(beta (log pi(y_w) - log ref(y_w))) + sigmoid(beta (log pi(y_l) - log ref(y_l)))`; 1 at policy == reference."""
+    return 1 - torch.sigmoid(beta * (chosen_logps - ref_chosen_logps)) + torch.sigmoid(beta * (rejected_logps - ref_rejected_logps))
+
+
+def simpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta: float, simpo_gamma: float = 0.5):
+    """SimPO (Meng et al. 2024, eq. 6), no reference: `-log sigmoid(beta |y_w|^-1 log pi(y_w) - beta |y_l|^-1 log pi(y_l) - gamma)`,
+    the length-normalised log-likelihoods and a target margin gamma (`simpo_gamma`)."""
+    return -F.logsigmoid(beta * (chosen_logps / chosen_lengths - rejected_logps / rejected_lengths) - simpo_gamma)
+
+
+def orpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta: float):
+    """ORPO (Hong et al. 2024, eqs. 6-7), no reference: the chosen answer's NLL per token plus
+    `-beta log sigmoid(log odds(y_w) - log odds(y_l))`, where `odds(y) = p / (1 - p)` of the per-token mean
+    likelihood `p = exp(log pi(y) / |y|)` (beta is the paper's lambda)."""
+    chosen, rejected = chosen_logps / chosen_lengths, rejected_logps / rejected_lengths  # (B,) mean token log-probs < 0
+    log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+    return -chosen - beta * F.logsigmoid(log_odds)
+
+
+#: `--model.loss_type` name -> (function, paper)
+PREFERENCE_LOSSES = {
+    "sigmoid": (dpo_sigmoid, "DPO, Rafailov et al. 2023"),
+    "ipo": (ipo, "IPO, Azar et al. 2023"),
+    "hinge": (dpo_hinge, "SLiC hinge, Zhao et al. 2023"),
+    "robust": (dpo_robust, "robust DPO, Chowdhury et al. 2024"),
+    "apo_zero": (apo_zero, "APO-zero, D'Oosterlinck et al. 2024"),
+    "simpo": (simpo, "SimPO, Meng et al. 2024 (no reference)"),
+    "orpo": (orpo, "ORPO, Hong et al. 2024 (no reference)"),
+}
 
 
 def rpo_nll_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:

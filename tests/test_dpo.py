@@ -1,6 +1,7 @@
 """DPO module: the loss at the start, reference modes, padding, LoRA, and fit -> export -> reload."""
 
 import math
+import sys
 import types
 from contextlib import nullcontext
 from pathlib import Path
@@ -219,3 +220,61 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tiny_model
     assert mlp_calls[1] == mlp_calls[0] + 1  # the policy's layer ran again in the backward pass
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
+
+
+# ---- the preference-loss table and plug-ins ---------------------------------------------------
+
+
+def test_apo_zero_starts_at_1_and_reference_free_losses_load_no_reference(tiny_model_dir, datamodule):
+    batch = datamodule.train_dataloader().collate_fn(datamodule.train_rows[:4])
+    assert math.isclose(step0_loss(DPOModule(model_name_or_path=tiny_model_dir, loss_type="apo_zero"), batch), 1.0, abs_tol=1e-6)
+    for loss_type in ("simpo", "orpo"):
+        module = DPOModule(model_name_or_path=tiny_model_dir, loss_type=loss_type)
+        assert module.ref_model is None and not module.needs_reference
+        assert not any(name.startswith("ref_model") for name, _ in module.named_parameters())
+
+
+def test_a_reference_free_loss_uses_less_memory_than_dpo(tiny_model_dir):
+    dpo, simpo = DPOModule(model_name_or_path=tiny_model_dir), DPOModule(model_name_or_path=tiny_model_dir, loss_type="simpo")
+    weights = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert weights(simpo) * 2 == weights(dpo)  # DPO holds a frozen copy of the policy, SimPO holds none
+
+
+PLUGIN = '''
+import torch.nn.functional as F
+
+
+def margin_loss(chosen_logps, rejected_logps, beta):
+    """A reference-free logistic loss on the log-likelihood difference."""
+    return -F.logsigmoid(beta * (chosen_logps - rejected_logps))
+
+
+def bad_loss(chosen, rejected):
+    return chosen - rejected
+'''
+
+
+@pytest.mark.parametrize("spec", ["my_losses:margin_loss", "plugins/my_losses.py:margin_loss"])
+def test_a_loss_from_the_users_own_file_trains_by_flag(tiny_model_dir, real_rows, tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / ("plugins" if "/" in spec else "")
+    folder.mkdir(exist_ok=True)
+    (folder / "my_losses.py").write_text(PLUGIN)
+    monkeypatch.delitem(sys.modules, "my_losses", raising=False)  # imported from this test's folder, not an earlier one's
+    run = cli(dpo_args(tiny_model_dir, real_rows, "--model.loss_type", spec, "--trainer.limit_val_batches", "0"))
+    assert run.trainer.global_step == 3 and run.model.ref_model is None  # it declares no reference log-probs
+    assert run.model.preference_loss.__name__ == "margin_loss"
+    assert run.trainer.callback_metrics["rewards/margins"] > 0  # chosen pulled above rejected
+
+
+def test_a_loss_with_a_wrong_signature_says_what_is_provided(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    from test_reliability import fail
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_losses.py").write_text(PLUGIN)
+    message = fail(dpo_args(tiny_model_dir, real_rows, "--model.loss_type", "my_losses.py:bad_loss"))
+    assert "--model.loss_type: bad_loss(chosen, rejected) requires chosen, rejected, which is not provided; a preference loss is" in message
+    assert "called with any of the keyword arguments chosen_logps, rejected_logps, chosen_lengths" in message
+    assert fail(dpo_args(tiny_model_dir, real_rows, "--model.loss_type", "simpoo")).endswith(
+        "--model.loss_type simpoo: not one of sigmoid, ipo, hinge, robust, apo_zero, simpo, orpo, nor an import path module:function"
+    )

@@ -1,11 +1,22 @@
 """Every loss against values worked out by hand."""
 
+import inspect
 import math
 
 import pytest
 import torch
 
-from lit_rlhf.losses import aggregate_token_losses, dpo_loss, ppo_policy_loss, ppo_value_loss, reward_loss, rpo_nll_loss
+from lit_rlhf.losses import (
+    PREFERENCE_LOSSES,
+    aggregate_token_losses,
+    apo_zero,
+    orpo,
+    ppo_policy_loss,
+    ppo_value_loss,
+    reward_loss,
+    rpo_nll_loss,
+    simpo,
+)
 
 
 def softplus(x: float) -> float:  # -log sigmoid(-x) = log(1 + e^x)
@@ -34,36 +45,72 @@ REF = (torch.tensor([-2.0]), torch.tensor([-2.0]))
 
 
 def dpo(beta, loss_type, label_smoothing=0.0):
-    losses, chosen, rejected = dpo_loss(*POLICY, *REF, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    return losses.item(), chosen.item(), rejected.item()
+    function = PREFERENCE_LOSSES[loss_type][0]
+    options = {"label_smoothing": label_smoothing} if loss_type in ("sigmoid", "robust") else {}
+    return function(*POLICY, *REF, beta=beta, **options).item()
 
 
 def test_dpo_sigmoid_by_hand():
     # beta h = 1: -log sigmoid(1) = log(1 + e^-1) = 0.313262
-    assert math.isclose(dpo(0.5, "sigmoid")[0], 0.313262, abs_tol=1e-6)
+    assert math.isclose(dpo(0.5, "sigmoid"), 0.313262, abs_tol=1e-6)
     # label smoothing 0.1: 0.9 * 0.313262 + 0.1 * 1.313262
-    assert math.isclose(dpo(0.5, "sigmoid", 0.1)[0], 0.413262, abs_tol=1e-6)
-    assert dpo(0.5, "sigmoid")[1:] == (0.5, -0.5)  # implicit rewards beta * log-ratio
+    assert math.isclose(dpo(0.5, "sigmoid", 0.1), 0.413262, abs_tol=1e-6)
 
 
 def test_dpo_robust_by_hand():
     # (0.9 * 0.313262 - 0.1 * 1.313262) / 0.8
-    assert math.isclose(dpo(0.5, "robust", 0.1)[0], 0.188262, abs_tol=1e-6)
-    assert math.isclose(dpo(0.5, "robust", 0.0)[0], dpo(0.5, "sigmoid")[0], abs_tol=1e-7)
+    assert math.isclose(dpo(0.5, "robust", 0.1), 0.188262, abs_tol=1e-6)
+    assert math.isclose(dpo(0.5, "robust", 0.0), dpo(0.5, "sigmoid"), abs_tol=1e-7)
 
 
 def test_dpo_hinge_and_ipo_by_hand():
-    assert math.isclose(dpo(0.25, "hinge")[0], 0.5)  # relu(1 - 0.25 * 2)
-    assert dpo(0.5, "hinge")[0] == 0.0  # relu(1 - 1)
-    assert math.isclose(dpo(0.5, "ipo")[0], 1.0)  # (2 - 1 / (2 * 0.5))^2
-    assert math.isclose(dpo(0.25, "ipo")[0], 0.0)  # (2 - 2)^2
+    assert math.isclose(dpo(0.25, "hinge"), 0.5)  # relu(1 - 0.25 * 2)
+    assert dpo(0.5, "hinge") == 0.0  # relu(1 - 1)
+    assert math.isclose(dpo(0.5, "ipo"), 1.0)  # (2 - 1 / (2 * 0.5))^2
+    assert math.isclose(dpo(0.25, "ipo"), 0.0)  # (2 - 2)^2
 
 
-def test_dpo_at_policy_equal_reference_is_log_2():
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
+def test_dpo_at_policy_equal_reference_is_log_2(loss_type):
     logps = torch.tensor([-5.0, -7.0])
-    losses, chosen, rejected = dpo_loss(logps, logps + 1, logps, logps + 1)
+    losses = PREFERENCE_LOSSES[loss_type][0](logps, logps + 1, logps, logps + 1, beta=0.1)
     assert torch.equal(losses, torch.full((2,), math.log(2)))
-    assert torch.equal(chosen, torch.zeros(2)) and torch.equal(rejected, torch.zeros(2))
+
+
+def test_apo_zero_by_hand():
+    # chosen log-ratio +1, rejected -1, beta 0.5: 1 - sigmoid(0.5) + sigmoid(-0.5) = 2 sigmoid(-0.5) = 0.755081
+    assert math.isclose(apo_zero(*POLICY, *REF, beta=0.5).item(), 2 / (1 + math.exp(0.5)), abs_tol=1e-6)
+    assert apo_zero(*REF, *REF, beta=0.5).item() == 1.0  # policy == reference
+
+
+# SimPO and ORPO read length-normalised log-likelihoods: chosen -2 over 2 tokens (-1 each), rejected -6 over 3 (-2 each)
+LOGPS, LENGTHS = (torch.tensor([-2.0]), torch.tensor([-6.0])), (torch.tensor([2]), torch.tensor([3]))
+
+
+def test_simpo_by_hand():
+    # -log sigmoid(beta (-1 - -2) - gamma) with beta 2, gamma 0.5: -log sigmoid(1.5) = log(1 + e^-1.5) = 0.201413
+    assert math.isclose(simpo(*LOGPS, *LENGTHS, beta=2.0, simpo_gamma=0.5).item(), softplus(-1.5), abs_tol=1e-6)
+    # equal normalised likelihoods and no margin: log 2
+    assert math.isclose(simpo(torch.tensor([-2.0]), torch.tensor([-3.0]), *LENGTHS, beta=2.0, simpo_gamma=0.0).item(), math.log(2), abs_tol=1e-7)
+
+
+def test_orpo_by_hand():
+    # p_w = e^-1, p_l = e^-2; log odds = log(p / (1 - p)): -1 - log(1 - e^-1) = -0.541325, -2 - log(1 - e^-2) = -1.854683
+    log_odds = (-1 - math.log(1 - math.exp(-1))) - (-2 - math.log(1 - math.exp(-2)))  # 1.313358
+    expected = 1.0 + 0.1 * softplus(-log_odds)  # NLL per chosen token (1) - 0.1 log sigmoid(log_odds)
+    assert math.isclose(orpo(*LOGPS, *LENGTHS, beta=0.1).item(), expected, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", list(PREFERENCE_LOSSES))
+def test_every_preference_loss_pushes_chosen_up_and_rejected_down(loss_type):
+    function = PREFERENCE_LOSSES[loss_type][0]
+    chosen, rejected = torch.tensor([-4.0, -6.0], requires_grad=True), torch.tensor([-5.0, -5.0], requires_grad=True)
+    values = {"chosen_logps": chosen, "rejected_logps": rejected, "chosen_lengths": torch.tensor([4, 6]),
+              "rejected_lengths": torch.tensor([5, 5]), "ref_chosen_logps": torch.tensor([-4.0, -6.0]),
+              "ref_rejected_logps": torch.tensor([-5.0, -5.0]), "beta": 0.5}  # fmt: skip
+    names = [n for n in inspect.signature(function).parameters if n in values]
+    function(**{n: values[n] for n in names}).sum().backward()
+    assert (chosen.grad < 0).all() and (rejected.grad > 0).all()  # a gradient step raises chosen, lowers rejected
 
 
 def test_ppo_policy_loss_at_ratio_one():

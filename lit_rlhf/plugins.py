@@ -1,0 +1,69 @@
+"""Losses and estimators by name: a built-in from its table, or `module:function` from the user's own file.
+
+A flag such as `--model.loss_type` takes a table key (`simpo`) or an import path: `my_losses:my_loss`
+(a module importable from the working directory) or `path/to/my_losses.py:my_loss` (a file). The
+function is called with the keyword arguments it declares, out of the ones its kind provides, so it
+names what it needs and nothing more (a preference loss that declares no reference log-probs loads no
+reference model).
+"""
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Callable, Mapping
+
+from lit_rlhf.errors import UserError
+
+
+def import_function(spec: str, flag: str) -> Callable:
+    """The function an import path `module:function` or `file.py:function` names."""
+    module_name, _, name = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser().resolve()
+            if not path.is_file():
+                raise UserError(f"{flag} {spec}: no such file {path}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            sys.path.insert(0, str(Path.cwd()))  # a console script's path lacks the working directory
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                sys.path.remove(str(Path.cwd()))
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"{flag} {spec}: could not import {module_name} ({type(err).__name__}: {err})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise UserError(f"{flag} {spec}: {module_name} has no function {name!r}")
+    return function
+
+
+def resolve(name: str, table: Mapping[str, object], flag: str):
+    """The table entry `name`, or the function its import path names."""
+    if name in table:
+        return table[name]
+    if ":" in name:
+        return import_function(name, flag)
+    raise UserError(f"{flag} {name}: not one of {', '.join(table)}, nor an import path module:function")
+
+
+def declared_arguments(function: Callable, provided: tuple[str, ...], flag: str, contract: str) -> tuple[str, ...]:
+    """The names of `provided` that `function` declares (all of them if it takes **kwargs); a UserError if it
+    requires an argument outside `provided`, stating the contract."""
+    parameters = inspect.signature(function).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return provided
+    unknown = [p.name for p in parameters if p.name not in provided and p.default is p.empty and p.kind is not p.VAR_POSITIONAL]
+    if unknown:
+        name = getattr(function, "__qualname__", str(function))
+        raise UserError(
+            f"{flag}: {name}({', '.join(p.name for p in parameters)}) requires {', '.join(unknown)}, which is not"
+            f" provided; {contract}"
+        )
+    return tuple(p.name for p in parameters if p.name in provided)
