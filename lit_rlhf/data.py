@@ -298,9 +298,8 @@ class PreferenceDataModule(L.LightningDataModule):
                 length settings: a later run with the same ones, and every process of a multi-process run
                 but the first, read the cache instead.
             group_by_length: Training batches of rows of similar length, still shuffled (see
-                `loader.ResumableBatchSampler`). On the shipped rows (batch 4 pairs, max length 512) it
-                raises the real share of the computed tokens from 64 % to 83 %. `false`: batches of
-                random rows.
+                `loader.ResumableBatchSampler`): less of each batch is padding (docs/speed.md measures
+                it). `false`: batches of random rows.
             dedupe: Drop exact copies of an earlier row (after tokenization) and pairs whose chosen and
                 rejected answers are the same. Without it both are kept and counted in a warning.
         """

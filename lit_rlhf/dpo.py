@@ -64,8 +64,8 @@ class DPOModule(AlignmentModule):
             rpo_alpha: Weight of the per-token NLL of the chosen answers added to the loss (RPO, Pang et
                 al. 2024; TRL's `rpo_alpha`): keeps the likelihood of preferred answers from falling,
                 which guards against degenerate, repetitive text. Off if null; 1.0 in the RPO paper.
-            gradient_checkpointing: On by default for DPO: at batch 4, max length 512, bf16-mixed on 2
-                CPU cores it cut peak memory from 6.2 to 4.4 GiB for 5 % fewer tokens/s.
+            gradient_checkpointing: On by default for DPO: at the recipe's batch 4 and max length 512 it
+                cuts peak memory by about a quarter for a few percent of speed (docs/speed.md).
         """
         super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate,
                          gradient_checkpointing=gradient_checkpointing, **kwargs)  # fmt: skip
