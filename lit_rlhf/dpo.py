@@ -72,6 +72,8 @@ class DPOModule(AlignmentModule):
         hp = self.hparams
         entry = resolve(loss_type, PREFERENCE_LOSSES, "--model.loss_type")
         self.preference_loss = entry[0] if isinstance(entry, tuple) else entry
+        if not callable(self.preference_loss):
+            raise UserError(f"--model.loss_type {loss_type}: not a function")
         self.loss_arguments = declared_arguments(self.preference_loss, PREFERENCE_LOSS_ARGUMENTS, "--model.loss_type", LOSS_CONTRACT)
         self.needs_reference = any(name.startswith("ref_") for name in self.loss_arguments)
         if precompute_ref_logps and not self.needs_reference:

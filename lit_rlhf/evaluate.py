@@ -31,7 +31,7 @@ from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.forward import sequence_logps, sequence_scores, token_logps
 from lit_rlhf.metrics import bootstrap_ci, distinct_n, has_loop, length_controlled_win_rate, wins
 from lit_rlhf.models import check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
-from lit_rlhf.ops import IGNORE_INDEX, kl_penalty, truncate_after_eos
+from lit_rlhf.ops import IGNORE_INDEX, kl_estimate, truncate_after_eos
 from lit_rlhf.precision import auto_precision
 from lit_rlhf.report import write_report
 from lit_rlhf.rows import load_rows
@@ -77,7 +77,7 @@ def sequence_kl(model, batch: dict[str, torch.Tensor], base_model) -> torch.Tens
     model: column 0 the k1 estimate, column 1 k3. -> (B, 2)"""
     mask = (batch["labels"][:, 1:] != IGNORE_INDEX).double()
     logps, base_logps = token_logps(model, batch).double(), token_logps(base_model, batch).double()
-    return torch.stack([(kl_penalty(logps, base_logps, k) * mask).sum(-1) for k in ("k1", "k3")], 1)
+    return torch.stack([(kl_estimate(logps, base_logps, k) * mask).sum(-1) for k in ("k1", "k3")], 1)
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ def masked_whiten(
     return whitened if shift_mean else whitened + mean
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman 2020, "Approximating KL").
 
     Args:
@@ -180,24 +180,6 @@ def grpo_advantages(scores: torch.Tensor, k: int, scale_by_std: bool = True, eps
     if scale_by_std:
         advantages = advantages / (groups.std(1, keepdim=True) + eps)
     return advantages.flatten()
-
-
-def reinforce_pp_advantages(
-    rewards: torch.Tensor, mask: torch.Tensor, sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-) -> torch.Tensor:
-    """REINFORCE++ (Hu 2025): the return of each token, whitened over the global batch; no critic.
-
-    Args:
-        rewards: (N, T) per-token rewards (the KL penalty, plus the score on the last real token).
-        mask: (N, T) 1 on response tokens.
-        sum_over_processes: as in `masked_whiten`: mean and std over every process's tokens.
-
-    Returns:
-        (N, T) `G_t = sum_{i >= t} r_i` (gamma 1), whitened over the masked positions; 0 on padding.
-        `G_t` is GAE with V = 0 and lambda = 1.
-    """
-    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)  # (N, T)
-    return masked_whiten(returns, mask, sum_over_processes=sum_over_processes) * mask
 
 
 def group_minibatches(num_rows: int, k: int, num_minibatches: int, device=None) -> tuple[torch.Tensor, ...]:

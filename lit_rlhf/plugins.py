@@ -17,8 +17,8 @@ from typing import Callable, Mapping
 from lit_rlhf.errors import UserError
 
 
-def import_function(spec: str, flag: str) -> Callable:
-    """The function an import path `module:function` or `file.py:function` names."""
+def import_function(spec: str, flag: str):
+    """What an import path `module:function` or `file.py:function` names (a function, or a table entry)."""
     module_name, _, name = spec.rpartition(":")
     try:
         if module_name.endswith(".py"):
@@ -39,13 +39,13 @@ def import_function(spec: str, flag: str) -> Callable:
     except Exception as err:
         raise UserError(f"{flag} {spec}: could not import {module_name} ({type(err).__name__}: {err})") from None
     function = getattr(module, name, None)
-    if not callable(function):
-        raise UserError(f"{flag} {spec}: {module_name} has no function {name!r}")
+    if function is None:
+        raise UserError(f"{flag} {spec}: {module_name} has no {name!r}")
     return function
 
 
 def resolve(name: str, table: Mapping[str, object], flag: str):
-    """The table entry `name`, or the function its import path names."""
+    """The table entry `name`, or what its import path names: a function, or an entry of the table's kind."""
     if name in table:
         return table[name]
     if ":" in name:

@@ -8,13 +8,11 @@ One training step reads top to bottom:
     update()             ppo_epochs passes over minibatches of whole groups: clipped policy loss
                          (+ value loss for gae, + KL loss with kl_in_loss)
 
-Only the advantage differs between estimators (pure functions in `ops.py`). `gae` (PPO, the default)
-trains a value model and whitens GAE advantages over the batch. The others load no value model:
-`rloo`, `grpo` and `dr_grpo` sample k = `num_generations` responses per prompt and give each response one
-advantage, its reward minus the mean of the other k - 1 (RLOO), minus the group mean and over the
-group's std (GRPO), or minus the group mean alone with a loss free of length bias (Dr. GRPO);
-`reinforce_pp` (REINFORCE++) whitens each token's sum of future rewards over the global batch. The class
-keeps the name PPOModule, which configs and checkpoints name: every estimator shares PPO's update.
+Only the advantage differs between estimators: one function each in `estimators.ESTIMATORS`, which
+also says whether it compares the k = `num_generations` responses of a prompt (rloo, grpo, dr_grpo)
+and how the per-token losses are aggregated. An estimator that declares `values` (gae) gets a value
+model; the others load none. The class keeps the name PPOModule, which configs and checkpoints name:
+every estimator shares PPO's update.
 
 With several processes (DDP, FSDP, DeepSpeed) each process rolls out its own share of the prompts:
 - sampling: at the start of `fit` each process reseeds torch's RNG with one number drawn from the
@@ -42,25 +40,19 @@ from transformers import GenerationConfig
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.errors import UserError
+from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator
 from lit_rlhf.losses import aggregate_token_losses, ppo_policy_loss, ppo_value_loss
 from lit_rlhf.forward import sequence_scores, token_logps, token_values
 from lit_rlhf.models import add_lora, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
-from lit_rlhf.ops import (
-    IGNORE_INDEX,
-    gae,
-    group_minibatches,
-    grpo_advantages,
-    kl_penalty,
-    masked_whiten,
-    reinforce_pp_advantages,
-    rloo_advantages,
-    truncate_after_eos,
-)
+from lit_rlhf.ops import IGNORE_INDEX, group_minibatches, kl_estimate, truncate_after_eos
+from lit_rlhf.plugins import declared_arguments, resolve
 
 Rollout = dict[str, torch.Tensor]
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (B, P + R), prompts left-padded
-GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo")  # a baseline from the other samples of the prompt: k >= 2
-LOSS_AGGREGATION = {"grpo": "sequence_mean", "dr_grpo": "constant"}  # the others: token_mean (aggregate_token_losses)
+ESTIMATOR_CONTRACT = (
+    "an advantage estimator is called with any of the keyword arguments " + ", ".join(ESTIMATOR_ARGUMENTS)
+    + " that it declares and returns (advantages, returns or None) (lit_rlhf/estimators.py)"
+)
 
 
 class PPOModule(AlignmentModule):
@@ -82,7 +74,7 @@ class PPOModule(AlignmentModule):
         response_length: int = 128,
         temperature: float = 0.7,
         missing_eos_penalty: Optional[float] = None,
-        advantage_estimator: Literal["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp"] = "gae",
+        advantage_estimator: str = "gae",
         num_generations: int = 1,
         kl_coef: float = 0.05,
         kl_estimator: Literal["k1", "k3"] = "k1",
@@ -114,18 +106,12 @@ class PPOModule(AlignmentModule):
             response_length: Tokens generated per prompt.
             temperature: Sampling temperature of the rollouts (log-probs use the same one).
             missing_eos_penalty: Subtracted from the score of responses with no EOS (off if null).
-            advantage_estimator: How each response's tokens are credited. `gae` (PPO): a value model,
-                GAE, advantages whitened over the batch, loss averaged over all tokens of the batch.
-                The others load no value model (none trained, none in checkpoints): `rloo` (Ahmadian et
-                al. 2024): the response's reward minus the mean reward of the other k - 1 responses to its
-                prompt, on every token; `grpo` (Shao et al. 2024): reward minus the group's mean, divided
-                by the group's std, loss averaged over each response's tokens, then over responses;
-                `dr_grpo` (Liu et al. 2025): reward minus the group's mean, each response's loss summed
-                over its tokens and divided by `response_length`; `reinforce_pp` (Hu 2025, REINFORCE++):
-                each token's sum of future rewards (gamma 1), whitened over the global batch. rloo, grpo
-                and dr_grpo need `num_generations` >= 2. The papers' KL placement: PPO, RLOO and
-                REINFORCE++ penalise the reward (`kl_in_loss` false), GRPO adds k3 to the loss
-                (`kl_in_loss` true); Dr. GRPO changes GRPO's normalisations only.
+            advantage_estimator: How each response's tokens are credited: ESTIMATOR_NAMES; or
+                `module:function` / `file.py:function`, a function of your own with the same contract, or
+                an `Estimator` (lit_rlhf/estimators.py). `gae` trains a value model; the others load none
+                (none trained, none in checkpoints). rloo, grpo and dr_grpo need `num_generations` >= 2.
+                The papers' KL placement: PPO, RLOO and REINFORCE++ penalise the reward (`kl_in_loss`
+                false), GRPO adds k3 to the loss (`kl_in_loss` true).
             num_generations: Responses sampled per prompt (k): a batch of B prompts rolls out B * k
                 responses. The k responses of a prompt form a group, kept in one minibatch and on the
                 process that holds the prompt.
@@ -154,7 +140,11 @@ class PPOModule(AlignmentModule):
             sample_every_n_steps: Log a table of prompt / response / score to TensorBoard every N PPO steps.
         """
         super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate, **kwargs)
-        if advantage_estimator in GROUP_ESTIMATORS and num_generations < 2:
+        entry = resolve(advantage_estimator, ESTIMATORS, "--model.advantage_estimator")
+        self.estimator = entry if isinstance(entry, Estimator) else Estimator(entry, paper=advantage_estimator)
+        flag = "--model.advantage_estimator"
+        self.estimator_arguments = declared_arguments(self.estimator.function, ESTIMATOR_ARGUMENTS, flag, ESTIMATOR_CONTRACT)
+        if self.estimator.groups and num_generations < 2:
             raise UserError(
                 f"--model.advantage_estimator {advantage_estimator} compares the responses to one prompt: it needs"
                 f" --model.num_generations 2 or more (e.g. 4), not {num_generations}"
@@ -167,7 +157,7 @@ class PPOModule(AlignmentModule):
         self.ref_model = None if hp.lora_r else load_causal_lm(model_name_or_path, hp.trust_remote_code).requires_grad_(False)
         check_same_vocabulary(self.tokenizer, reward_model_path, "--model.reward_model_path")
         self.reward_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code, trained_head=True).requires_grad_(False)
-        if advantage_estimator == "gae":
+        if "values" in self.estimator_arguments:
             value_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code)
             self.value_model = add_lora(value_model, **self.lora_args(), task_type="SEQ_CLS")
         else:  # critic-free: no value weights to train, optimise or checkpoint
@@ -282,32 +272,23 @@ class PPOModule(AlignmentModule):
 
     @torch.no_grad()
     def compute_advantages(self, rollout: Rollout) -> Rollout:
-        """The per-token KL penalty, then the advantages (N, R) of `advantage_estimator` (and GAE's returns).
+        """The per-token rewards, then the advantages (N, R) of the estimator (and its returns, the value targets).
 
-        The penalty `-kl_coef * KL_t` goes into the rewards unless `kl_in_loss`: per token (gae, reinforce_pp,
-        with the score on the last token) or summed over the response and added to its score (rloo, grpo,
-        dr_grpo, whose advantage is one number per response, put on each of its tokens)."""
+        The rewards are the KL penalty `-kl_coef * KL_t` on every response token (none with `kl_in_loss`)
+        plus the score on the response's last token; an estimator that credits whole responses (rloo, grpo,
+        dr_grpo) sums them per response."""
         hp = self.hparams
         response_mask = rollout["response_mask"]  # (N, R), N = B * k
-        kl = kl_penalty(rollout["logprobs"], rollout["ref_logprobs"], hp.kl_estimator) * response_mask
+        kl = kl_estimate(rollout["logprobs"], rollout["ref_logprobs"], hp.kl_estimator) * response_mask
         non_score_reward = -hp.kl_coef * kl  # (N, R)
-        kl_reward = torch.zeros_like(kl) if hp.kl_in_loss else non_score_reward
-        rollout = dict(rollout, kl=kl, non_score_reward=non_score_reward)
-        if hp.advantage_estimator in GROUP_ESTIMATORS:
-            rewards = rollout["scores"] + kl_reward.sum(1)  # (N,)
-            if hp.advantage_estimator == "rloo":
-                advantages = rloo_advantages(rewards, hp.num_generations)
-            else:
-                advantages = grpo_advantages(rewards, hp.num_generations, scale_by_std=hp.advantage_estimator == "grpo")
-            return rollout | {"advantages": advantages[:, None] * response_mask}
+        rewards = torch.zeros_like(kl) if hp.kl_in_loss else non_score_reward.clone()
         last = response_mask.sum(-1).long() - 1  # (N,) index of the last response token
-        rewards = kl_reward.clone()  # (N, R)
         rewards[torch.arange(len(last)), last] += rollout["scores"]
-        if hp.advantage_estimator == "reinforce_pp":
-            return rollout | {"advantages": reinforce_pp_advantages(rewards, response_mask, self.sum_over_processes)}
-        advantages, returns = gae(rewards, rollout["values"], response_mask, hp.gamma, hp.lam)
-        advantages = masked_whiten(advantages, response_mask, sum_over_processes=self.sum_over_processes) * response_mask
-        return rollout | {"advantages": advantages, "returns": returns}
+        inputs = {"rewards": rewards, "mask": response_mask, "values": rollout.get("values"), "k": hp.num_generations,
+                  "gamma": hp.gamma, "lam": hp.lam, "sum_over_processes": self.sum_over_processes}  # fmt: skip
+        advantages, returns = self.estimator.function(**{name: inputs[name] for name in self.estimator_arguments})
+        rollout = rollout | {"kl": kl, "non_score_reward": non_score_reward, "advantages": advantages}
+        return rollout if returns is None else rollout | {"returns": returns}
 
     def no_backward_sync(self, enabled: bool):
         """Skip the DDP gradient all-reduce on accumulation micro-steps."""
@@ -320,14 +301,14 @@ class PPOModule(AlignmentModule):
         hp = self.hparams
         response_mask = rollout["response_mask"][idx]  # (n, R)
         logprobs = self.response_logps(self.model, batch, context_length)  # (n, R)
-        weighting = {"aggregation": LOSS_AGGREGATION.get(hp.advantage_estimator, "token_mean"), "length": hp.response_length}
+        weighting = {"aggregation": self.estimator.aggregation, "length": hp.response_length}
         loss, pg_stats = ppo_policy_loss(
             logprobs, rollout["logprobs"][idx], rollout["advantages"][idx], response_mask, hp.cliprange, **weighting
         )
         stats = {"loss/policy_avg": loss.detach(), "policy/approxkl_avg": pg_stats["approxkl"],
                  "policy/clipfrac_avg": pg_stats["clipfrac"], "val/ratio": pg_stats["ratio"]}  # fmt: skip
         if hp.kl_in_loss:  # GRPO: k3 to the reference, per token
-            kl = kl_penalty(logprobs, rollout["ref_logprobs"][idx], "k3")  # (n, R)
+            kl = kl_estimate(logprobs, rollout["ref_logprobs"][idx], "k3")  # (n, R)
             loss = loss + hp.kl_coef * aggregate_token_losses(kl, response_mask, **weighting)
         if self.value_model is not None:
             values = self.values(batch, context_length)
@@ -415,3 +396,8 @@ class PPOModule(AlignmentModule):
         responses, response_mask, _ = self.generate(prompts, prompt_mask, greedy=True)
         answered = {"input_ids": torch.cat([prompts, responses], 1), "attention_mask": torch.cat([prompt_mask, response_mask], 1)}
         self.log_stats({"objective/scores": self.score(answered, prompts.shape[1]).mean()}, "val", len(prompts))
+
+
+PPOModule.__init__.__doc__ = PPOModule.__init__.__doc__.replace(
+    "ESTIMATOR_NAMES", "; ".join(f"`{name}` ({estimator.paper})" for name, estimator in ESTIMATORS.items())
+)

@@ -7,18 +7,18 @@ import sys
 import pytest
 import torch
 
+from lit_rlhf.estimators import reinforce_pp, rloo
 from lit_rlhf.ops import (
     IGNORE_INDEX,
     gae,
     group_minibatches,
     grpo_advantages,
-    kl_penalty,
+    kl_estimate,
     label_logps,
     last_token_index,
     linear_warmup_decay,
     masked_whiten,
     position_ids,
-    reinforce_pp_advantages,
     rloo_advantages,
     truncate_after_eos,
 )
@@ -96,10 +96,10 @@ def test_masked_whiten_by_hand():
 
 def test_kl_estimators_by_hand():
     logprobs, ref_logprobs = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-2.0, -1.0]])
-    assert torch.allclose(kl_penalty(logprobs, ref_logprobs, "k1"), torch.tensor([[1.0, -1.0]]))
+    assert torch.allclose(kl_estimate(logprobs, ref_logprobs, "k1"), torch.tensor([[1.0, -1.0]]))
     # k3 = r - 1 - log r with r = q / p: e^-1 - 1 + 1 = 0.367879; e - 1 - 1 = 0.718282
-    assert torch.allclose(kl_penalty(logprobs, ref_logprobs, "k3"), torch.tensor([[0.367879, 0.718282]]), atol=1e-6)
-    assert torch.equal(kl_penalty(logprobs, logprobs, "k3"), torch.zeros(1, 2))
+    assert torch.allclose(kl_estimate(logprobs, ref_logprobs, "k3"), torch.tensor([[0.367879, 0.718282]]), atol=1e-6)
+    assert torch.equal(kl_estimate(logprobs, logprobs, "k3"), torch.zeros(1, 2))
 
 
 def test_rloo_advantages_by_hand():
@@ -137,6 +137,15 @@ def test_group_advantages_refuse_one_sample_per_prompt_and_ragged_groups(estimat
         estimator(torch.arange(5.0), 2)
 
 
+def test_group_estimators_credit_each_response_its_score_plus_summed_kl_penalty():
+    # two prompts x 2 responses; per-token rewards: KL penalties, the score on the last real token
+    rewards = torch.tensor([[-0.1, 1.0, 0.0], [0.0, -0.2, 3.0], [2.0, 7.0, 7.0], [0.5, 1.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    # response rewards 0.9, 2.8 | 2.0, 2.0 (padding ignored): RLOO advantages -1.9, 1.9 | 0, 0 on every real token
+    advantages, returns = rloo(rewards, mask, k=2)
+    assert torch.allclose(advantages, torch.tensor([-1.9, 1.9, 0.0, 0.0])[:, None] * mask) and returns is None
+
+
 def test_reinforce_pp_advantages_by_hand():
     # row 0: rewards -0.1, -0.2, 1.0 -> returns (sums of future rewards) 0.7, 0.8, 1.0
     # row 1: one real token, reward 0.5 -> return 0.5; its padding holds 9s, which must not count
@@ -146,7 +155,8 @@ def test_reinforce_pp_advantages_by_hand():
     # unbiased variance (0.0025 + 0.0025 + 0.0625 + 0.0625) / 3 = 0.13 / 3, std 0.2081666
     std = math.sqrt(0.13 / 3)
     expected = torch.tensor([[-0.05 / std, 0.05 / std, 0.25 / std], [-0.25 / std, 0.0, 0.0]])
-    assert torch.allclose(reinforce_pp_advantages(rewards, mask), expected, atol=1e-5)
+    advantages, returns = reinforce_pp(rewards, mask, sum_over_processes=lambda t: t)
+    assert torch.allclose(advantages, expected, atol=1e-5) and returns is None
 
 
 def test_group_minibatches_hold_whole_groups():

@@ -1,6 +1,7 @@
 """PPO module and its advantage estimators: the first update is on-policy, EOS handling, groups, a toy task
 each estimator must learn, resume, flag checks."""
 
+import sys
 import types
 
 import pytest
@@ -10,6 +11,7 @@ import lit_rlhf.ppo
 from lit_rlhf.cli import cli
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.errors import UserError
+from lit_rlhf.estimators import ESTIMATORS
 from lit_rlhf.rows import load_rows
 from lit_rlhf.ppo import PPOModule
 
@@ -28,7 +30,7 @@ def ppo_args(model_dir, reward_dir, dataset, *extra):
 def estimator_args(estimator: str, num_generations: int = 2) -> list[str]:
     """The flags of `estimator`; the group estimators sample `num_generations` responses per prompt, GRPO with
     its KL in the loss as in the paper."""
-    group = ["--model.num_generations", str(num_generations)] if estimator in ("rloo", "grpo", "dr_grpo") else []
+    group = ["--model.num_generations", str(num_generations)] if ESTIMATORS[estimator].groups else []
     kl_in_loss = ["--model.kl_in_loss", "true"] if estimator == "grpo" else []
     return ["--model.advantage_estimator", estimator, *group, *kl_in_loss]
 
@@ -123,12 +125,12 @@ def test_first_minibatch_of_first_update_is_on_policy(
     assert run.trainer.global_step == 2  # ppo_epochs x num_minibatches optimizer steps
 
 
-@pytest.mark.parametrize("estimator", ["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp"])
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
 def test_toy_reward_is_learned(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, estimator):
     """Reward = share of response tokens that are ASCII bytes (ids < 128): about 0.5 at random init.
     Every estimator rolls out 16 responses per step: 16 prompts, or 4 prompts x 4 samples."""
     monkeypatch.chdir(tmp_path)
-    prompts = "4" if estimator in ("rloo", "grpo", "dr_grpo") else "16"
+    prompts = "4" if ESTIMATORS[estimator].groups else "16"
     run = cli(ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "164", "--data.batch_size", prompts,
                        "--model.learning_rate", "1e-2", "--model.kl_coef", "0.01", "--model.temperature", "1.0",
                        "--model.gradient_accumulation_steps", "1", "--model.ppo_epochs", "4", "--seed_everything", "0",
@@ -147,7 +149,7 @@ def test_toy_reward_is_learned(tiny_model_dir, tiny_reward_dir, real_rows, tmp_p
     assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.15, scores
 
 
-@pytest.mark.parametrize("estimator", ["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp"])
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
 def test_resume_from_a_mid_run_checkpoint(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, estimator):
     monkeypatch.chdir(tmp_path)
     args = ["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "36", "--model.ppo_epochs", "1",
@@ -209,3 +211,52 @@ def test_generate_keeps_processes_in_step_only_when_parameters_are_sharded(tiny_
         module._trainer = None if strategy is None else types.SimpleNamespace(strategy=strategy)
         module.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
     assert synced == [False, False, True]
+
+
+ESTIMATOR_PLUGIN = """
+import torch
+
+from lit_rlhf.estimators import Estimator
+
+
+def sign_of_score(rewards, mask):
+    \"\"\"+1 on every token of a response whose total reward is positive, -1 otherwise: no critic, no groups.\"\"\"
+    return torch.sign((rewards * mask).sum(1, keepdim=True)) * mask, None
+
+
+def group_median(rewards, mask, k):
+    groups = (rewards * mask).sum(1).view(-1, k)  # (B, k)
+    return (groups - groups.median(1, keepdim=True).values).flatten()[:, None] * mask, None
+
+
+median_baseline = Estimator(group_median, "a median baseline", groups=True, aggregation="sequence_mean")
+
+
+def needs_a_critic(rewards, mask, values, discount):
+    return rewards, None
+"""
+
+
+@pytest.mark.parametrize("spec", ["my_estimators:sign_of_score", "my_estimators.py:median_baseline"])
+def test_an_estimator_from_the_users_own_file_trains_by_flag(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_estimators", raising=False)
+    (tmp_path / "my_estimators.py").write_text(ESTIMATOR_PLUGIN)
+    groups = spec.endswith("median_baseline")
+    run = cli(["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "12", "--model.ppo_epochs", "1",
+               "--model.gradient_accumulation_steps", "1", "--trainer.limit_train_batches", "1", "--model.advantage_estimator", spec,
+               *(["--model.num_generations", "2", "--data.batch_size", "4"] if groups else []))])  # fmt: skip
+    assert run.trainer.global_step == 1 and run.model.value_model is None  # neither declares values
+    assert run.model.estimator.groups == groups and run.model.estimator.aggregation == ("sequence_mean" if groups else "token_mean")
+    assert run.trainer.callback_metrics["objective/kl"] == 0.0
+
+
+def test_an_estimator_plugin_is_checked_against_the_contract(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_estimators.py").write_text(ESTIMATOR_PLUGIN)
+    with pytest.raises(UserError, match=r"--model.advantage_estimator: needs_a_critic\(rewards, mask, values, discount\) requires discount,"
+                                        r" which is not provided; an advantage estimator is called with any of the keyword arguments"
+                                        r" rewards, mask, values, k, gamma, lam, sum_over_processes"):  # fmt: skip
+        PPOModule(reward_model_path="unused", model_name_or_path="unused", advantage_estimator="my_estimators.py:needs_a_critic")
+    with pytest.raises(UserError, match="compares the responses to one prompt: it needs --model.num_generations 2 or more"):
+        PPOModule(reward_model_path="unused", model_name_or_path="unused", advantage_estimator="my_estimators.py:median_baseline")
