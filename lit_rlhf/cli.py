@@ -8,7 +8,6 @@ from argparse import ArgumentError
 from importlib import import_module
 from pathlib import Path
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -16,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lit_rlhf.base import AlignmentModule
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.errors import UserError
+from lit_rlhf.models import read_checkpoint
 from lit_rlhf.precision import auto_precision
 from lit_rlhf.runs import AtomicCheckpointIO, Preemption, RemoveFailedRunDir, RunLogger, newest_checkpoint, version_folder
 
@@ -66,13 +66,7 @@ class LitRLHFCLI(LightningCLI):
             return
         if not Path(ckpt_path).is_file():
             raise UserError(f"--ckpt_path {ckpt_path}: no such file")
-        try:
-            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
-        except Exception as err:
-            raise UserError(
-                f"--ckpt_path {ckpt_path}: not a readable checkpoint ({str(err).split('. ')[0]}); a run killed while"
-                " saving leaves such a file: resume from an earlier checkpoint"
-            ) from None
+        ckpt = read_checkpoint(ckpt_path)
         hparams = ckpt.get("hyper_parameters", {})
         model = self.config[subcommand].model
         written_by = hparams.pop("_class_path", model.class_path)

@@ -14,7 +14,7 @@ from lit_rlhf.data import cache_dir
 from lit_rlhf.forward import sequence_logps
 from lit_rlhf.errors import UserError
 from lit_rlhf.losses import PREFERENCE_LOSS_ARGUMENTS, PREFERENCE_LOSSES, rpo_nll_loss
-from lit_rlhf.models import add_lora, load_causal_lm, load_tokenizer
+from lit_rlhf.models import as_reference, load_causal_lm, load_policy, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
 from lit_rlhf.plugins import declared_arguments, resolve
 
@@ -79,7 +79,7 @@ class DPOModule(AlignmentModule):
         if precompute_ref_logps and not self.needs_reference:
             raise UserError(f"--model.precompute_ref_logps: --model.loss_type {loss_type} reads no reference log-probs")
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
-        self.model = add_lora(load_causal_lm(model_name_or_path, hp.trust_remote_code), **self.lora_args(), task_type="CAUSAL_LM")
+        self.model = load_policy(model_name_or_path, self.lora_args(), hp.trust_remote_code)
         self.ref_model = None
         if self.needs_reference and (hp.ref_model_name_or_path or not hp.lora_r):
             self.ref_model = load_causal_lm(hp.ref_model_name_or_path or model_name_or_path, hp.trust_remote_code)
@@ -101,10 +101,8 @@ class DPOModule(AlignmentModule):
     @torch.no_grad()
     def live_reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(2B,) log-probs under the frozen reference copy, or under the policy with its adapter disabled."""
-        if self.ref_model is not None:
-            return sequence_logps(self.ref_model, batch)
-        with self.model.disable_adapter():
-            return sequence_logps(self.model, batch)
+        with as_reference(self.model, self.ref_model) as reference:
+            return sequence_logps(reference, batch)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader
 
 from lit_rlhf.data import PreferenceDataModule, collate_prompts, collate_sequences, encode_row, render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
-from lit_rlhf.forward import sequence_logps, sequence_scores, token_logps
+from lit_rlhf.forward import generate_responses, sequence_logps, sequence_scores, token_logps
 from lit_rlhf.metrics import bootstrap_ci, distinct_n, has_loop, length_controlled_win_rate, wins
 from lit_rlhf.models import check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
-from lit_rlhf.ops import IGNORE_INDEX, kl_estimate, truncate_after_eos
+from lit_rlhf.ops import IGNORE_INDEX, kl_estimate
 from lit_rlhf.precision import auto_precision
 from lit_rlhf.report import write_report
 from lit_rlhf.rows import load_rows
@@ -88,10 +88,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     out = []
     for start in range(0, len(prompt_ids), batch_size):
         batch = collate_prompts([{"prompt": p} for p in prompt_ids[start : start + batch_size]], tokenizer.pad_token_id)
-        seqs = model.generate(
-            **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling
-        )  # fmt: skip
-        responses, mask, eos = truncate_after_eos(seqs[:, batch["input_ids"].shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
+        responses, mask, eos = generate_responses(model, batch, tokenizer, max_new_tokens=max_new_tokens, **sampling)
         for r, m, e in zip(responses, mask, eos.tolist()):
             ids = r[m.bool()].tolist()
             out.append({"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "eos": e})

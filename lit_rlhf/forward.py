@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lit_rlhf.models import unwrap
-from lit_rlhf.ops import label_logps, last_token_index, position_ids
+from lit_rlhf.ops import label_logps, last_token_index, position_ids, truncate_after_eos
 
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[PreTrainedModel, torch.Tensor]:
@@ -55,3 +55,12 @@ def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     """Reward-model score of each sequence, read at its last real token. -> (B,)"""
     values = token_values(model, batch)  # (B, T)
     return values.gather(-1, last_token_index(batch["attention_mask"])[:, None]).squeeze(-1)
+
+
+def generate_responses(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer, **generate_kwargs) -> tuple[torch.Tensor, ...]:
+    """`model.generate` on left-padded prompts (`input_ids`, `attention_mask` (B, P)), cut after the first EOS:
+    responses, response_mask (B, R), contains_eos (B,) (`ops.truncate_after_eos`)."""
+    prompts = batch["input_ids"]
+    out = model.generate(input_ids=prompts, attention_mask=batch["attention_mask"], pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **generate_kwargs)  # fmt: skip
+    return truncate_after_eos(out[:, prompts.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)

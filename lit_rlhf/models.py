@@ -8,8 +8,9 @@ import copy
 import functools
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Optional, Union
 from urllib.parse import urlparse
 
 import torch
@@ -92,32 +93,51 @@ def check_finite(model: nn.Module, source: str) -> nn.Module:
     return model
 
 
-def checkpoint_hparams(path: str) -> dict:
-    """The hyperparameters of a lit-rlhf Lightning checkpoint (`.ckpt`)."""
+def read_checkpoint(path: str) -> dict:
+    """A Lightning checkpoint's contents (tensors memory-mapped), or a UserError saying why it cannot be read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        raise UserError(f"{path}: not a readable lit-rlhf checkpoint ({str(err).split('. ')[0]})") from None
+        raise UserError(
+            f"{path}: not a readable checkpoint ({str(err).split('. ')[0]}); a run killed while saving leaves such a file:"
+            " use an earlier checkpoint"
+        ) from None
 
 
 def tokenizer_source(source: str) -> str:
     """Where the tokenizer of a model source lives: a checkpoint's starting model, else the source itself."""
-    return checkpoint_hparams(source)["model_name_or_path"] if source.endswith(".ckpt") else source
+    return read_checkpoint(source)["hyper_parameters"]["model_name_or_path"] if source.endswith(".ckpt") else source
+
+
+def load_policy(source: str, lora: dict, trust_remote_code: bool = False) -> nn.Module:
+    """A causal LM to train (`load_causal_lm`), wrapped in a LoRA adapter when `lora["r"]` > 0 (`add_lora`)."""
+    return add_lora(load_causal_lm(source, trust_remote_code), **lora, task_type="CAUSAL_LM")
 
 
 def policy_from_checkpoint(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """The trained policy of a DPO or PPO checkpoint: its starting model with the checkpoint's `model.*`
     weights (a LoRA adapter merged), in fp32 with dropout off."""
-    hparams = checkpoint_hparams(path)
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint["hyper_parameters"]
     written_by = hparams.get("_class_path", "")  # set when LightningCLI built the module
     if written_by and not written_by.endswith(("DPOModule", "PPOModule")):
         raise UserError(f"{path}: not a policy checkpoint (written by {written_by.rsplit('.', 1)[-1]})")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
-    model = add_lora(load_causal_lm(hparams["model_name_or_path"], trust_remote_code), r=hparams["lora_r"], alpha=hparams["lora_alpha"],
-                     dropout=hparams["lora_dropout"], target_modules=hparams["lora_target_modules"], task_type="CAUSAL_LM")  # fmt: skip
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    lora = dict(r=hparams["lora_r"], alpha=hparams["lora_alpha"], dropout=hparams["lora_dropout"], target_modules=hparams["lora_target_modules"])
+    model = load_policy(hparams["model_name_or_path"], lora, trust_remote_code)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")})
     check_finite(model, path)
     return model.merge_and_unload() if hparams["lora_r"] else model
+
+
+@contextmanager
+def as_reference(model: nn.Module, ref_model: Optional[nn.Module]) -> Iterator[nn.Module]:
+    """The frozen reference to score with: `ref_model`, or without one the LoRA policy `model` with its
+    adapter disabled (the same weights as at the start, and no second copy in memory)."""
+    if ref_model is not None:
+        yield ref_model
+    else:
+        with model.disable_adapter():
+            yield model
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -30,24 +30,24 @@ With several processes (DDP, FSDP, DeepSpeed) each process rolls out its own sha
 
 import math
 import time
-from contextlib import nullcontext
+from dataclasses import replace
 from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ParallelStrategy
 from transformers import GenerationConfig
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.errors import UserError
 from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator
 from lit_rlhf.losses import aggregate_token_losses, ppo_policy_loss, ppo_value_loss
-from lit_rlhf.forward import sequence_scores, token_logps, token_values
-from lit_rlhf.models import add_lora, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
-from lit_rlhf.ops import IGNORE_INDEX, group_minibatches, kl_estimate, truncate_after_eos
+from lit_rlhf.distributed import no_backward_sync, sharded, sum_over_processes
+from lit_rlhf.forward import generate_responses, sequence_scores, token_logps, token_values
+from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_policy, load_scalar_model, load_tokenizer
+from lit_rlhf.ops import IGNORE_INDEX, group_minibatches, kl_estimate
 from lit_rlhf.plugins import declared_arguments, resolve
+from lit_rlhf.rollout import Rollout
 
-Rollout = dict[str, torch.Tensor]
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (B, P + R), prompts left-padded
 ESTIMATOR_CONTRACT = (
     "an advantage estimator is called with any of the keyword arguments " + ", ".join(ESTIMATOR_ARGUMENTS)
@@ -153,7 +153,7 @@ class PPOModule(AlignmentModule):
         hp = self.hparams
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
         pad_id = self.tokenizer.pad_token_id
-        self.model = add_lora(load_causal_lm(model_name_or_path, hp.trust_remote_code), **self.lora_args(), task_type="CAUSAL_LM")
+        self.model = load_policy(model_name_or_path, self.lora_args(), hp.trust_remote_code)
         self.ref_model = None if hp.lora_r else load_causal_lm(model_name_or_path, hp.trust_remote_code).requires_grad_(False)
         check_same_vocabulary(self.tokenizer, reward_model_path, "--model.reward_model_path")
         self.reward_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code, trained_head=True).requires_grad_(False)
@@ -162,7 +162,7 @@ class PPOModule(AlignmentModule):
             self.value_model = add_lora(value_model, **self.lora_args(), task_type="SEQ_CLS")
         else:  # critic-free: no value weights to train, optimise or checkpoint
             self.value_model, self.trained_modules = None, ("model",)
-        stop = dict(max_new_tokens=hp.response_length, min_new_tokens=1, pad_token_id=pad_id, eos_token_id=self.tokenizer.eos_token_id)
+        stop = dict(max_new_tokens=hp.response_length, min_new_tokens=1)
         # top_k=0, top_p=1: sample from the full distribution, the one the log-probs are computed from
         self.generation_config = GenerationConfig(do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0, **stop)
         self.greedy_config = GenerationConfig(do_sample=False, **stop)
@@ -194,13 +194,7 @@ class PPOModule(AlignmentModule):
             torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
 
     def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` summed over the processes of the run (an all-reduce); itself without a trainer."""
-        return self.trainer.strategy.reduce(tensor, reduce_op="sum") if self._trainer is not None else tensor
-
-    def sharded(self) -> bool:
-        """True if the strategy shards the parameters over processes (FSDP, DeepSpeed ZeRO-3): every forward is then a collective."""
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        return isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3)
+        return sum_over_processes(self._trainer, tensor)
 
     # ---- the three phases -------------------------------------------------------------------
 
@@ -223,52 +217,44 @@ class PPOModule(AlignmentModule):
         """
         return sequence_scores(self.reward_model, batch)
 
-    def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool = False) -> tuple[torch.Tensor, ...]:
-        """Sample (or greedy-decode) responses, cut after the first EOS: responses, response_mask (B, R), contains_eos (B,).
-
-        With sharded parameters every process keeps stepping (`synced_gpus`) until all are done."""
+    def generate(self, prompts: Batch, greedy: bool = False) -> tuple[torch.Tensor, ...]:
+        """Sample (or greedy-decode) responses to left-padded prompts, cut after the first EOS: responses,
+        response_mask (B, R), contains_eos (B,). With sharded parameters every process keeps stepping
+        (`synced_gpus`) until all are done."""
         config = self.greedy_config if greedy else self.generation_config
-        out = self.model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=config, synced_gpus=self.sharded())
-        return truncate_after_eos(out[:, prompts.shape[1] :], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        return generate_responses(self.model, prompts, self.tokenizer, generation_config=config, synced_gpus=sharded(self._trainer))
 
     @torch.no_grad()
     def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
         """Generate `num_generations` responses per prompt with the policy, then score, old log-probs, reference
-        log-probs and (gae) values. Rows i*k .. i*k + k - 1 answer prompt i."""
+        log-probs and (with a value model) values, `rollout_batch_size` rows per forward."""
         k = self.hparams.num_generations
-        prompts = batch["input_ids"].repeat_interleave(k, 0)  # (B * k, P) left-padded, each group contiguous
-        prompt_mask = batch["attention_mask"].repeat_interleave(k, 0)
-        P = prompts.shape[1]
+        prompts = {key: batch[key].repeat_interleave(k, 0) for key in ("input_ids", "attention_mask")}  # (B * k, P), groups contiguous
+        P = prompts["input_ids"].shape[1]
         start = time.perf_counter()
-        responses, response_mask, contains_eos = self.generate(prompts, prompt_mask)  # (B * k, R)
-        self.generation_seconds = time.perf_counter() - start
-        sequences = torch.cat([prompts, responses], 1)  # (B * k, P + R)
-        mask = torch.cat([prompt_mask, response_mask], 1)
+        responses, response_mask, contains_eos = self.generate(prompts)  # (B * k, R)
+        generation_seconds = time.perf_counter() - start
+        sequences = torch.cat([prompts["input_ids"], responses], 1)  # (B * k, P + R)
+        mask = torch.cat([prompts["attention_mask"], response_mask], 1)
         labels = sequences.masked_fill(mask == 0, IGNORE_INDEX)
         labels[:, :P] = IGNORE_INDEX  # only response tokens are scored
-        rollout = {"input_ids": sequences, "attention_mask": mask, "labels": labels}
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
-        rows = torch.arange(len(prompts), device=prompts.device)
-        for micro in self.micro_batches(rollout, rows.split(self.hparams.rollout_batch_size)):
+        for rows in torch.arange(len(sequences), device=sequences.device).split(self.hparams.rollout_batch_size):
+            micro = {"input_ids": sequences[rows], "attention_mask": mask[rows], "labels": labels[rows]}
             parts["logprobs"].append(self.response_logps(self.model, micro, P))
-            if self.ref_model is None:  # LoRA: the reference is the policy without its adapter
-                with self.model.disable_adapter():
-                    parts["ref_logprobs"].append(self.response_logps(self.model, micro, P))
-            else:
-                parts["ref_logprobs"].append(self.response_logps(self.ref_model, micro, P))
+            with as_reference(self.model, self.ref_model) as reference:
+                parts["ref_logprobs"].append(self.response_logps(reference, micro, P))
             if self.value_model is not None:
                 parts["values"].append(self.values(micro, P))
             parts["scores"].append(self.score(micro, P))
-        rollout |= {name: torch.cat(part) for name, part in parts.items() if part}  # critic-free: no values
+        scores = torch.cat(parts["scores"])
         if self.hparams.missing_eos_penalty is not None:
-            rollout["scores"] = rollout["scores"] - self.hparams.missing_eos_penalty * (~contains_eos).float()
-        return dict(rollout, response_mask=response_mask.float(), contains_eos=contains_eos)
-
-    @staticmethod
-    def micro_batches(rollout: Rollout, indices: tuple[torch.Tensor, ...]):
-        """The model inputs (`input_ids`, `attention_mask`, `labels`) of the rollout rows in each index tensor."""
-        for idx in indices:
-            yield {k: rollout[k][idx] for k in ("input_ids", "attention_mask", "labels")}
+            scores = scores - self.hparams.missing_eos_penalty * (~contains_eos).float()
+        return Rollout(
+            input_ids=sequences, attention_mask=mask, labels=labels, response_mask=response_mask.float(), contains_eos=contains_eos,
+            logprobs=torch.cat(parts["logprobs"]), ref_logprobs=torch.cat(parts["ref_logprobs"]), scores=scores,
+            generation_seconds=generation_seconds, values=torch.cat(parts["values"]) if parts["values"] else None,
+        )  # fmt: skip
 
     @torch.no_grad()
     def compute_advantages(self, rollout: Rollout) -> Rollout:
@@ -278,43 +264,35 @@ class PPOModule(AlignmentModule):
         plus the score on the response's last token; an estimator that credits whole responses (rloo, grpo,
         dr_grpo) sums them per response."""
         hp = self.hparams
-        response_mask = rollout["response_mask"]  # (N, R), N = B * k
-        kl = kl_estimate(rollout["logprobs"], rollout["ref_logprobs"], hp.kl_estimator) * response_mask
+        response_mask = rollout.response_mask  # (N, R), N = B * k
+        kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator) * response_mask
         non_score_reward = -hp.kl_coef * kl  # (N, R)
         rewards = torch.zeros_like(kl) if hp.kl_in_loss else non_score_reward.clone()
         last = response_mask.sum(-1).long() - 1  # (N,) index of the last response token
-        rewards[torch.arange(len(last)), last] += rollout["scores"]
-        inputs = {"rewards": rewards, "mask": response_mask, "values": rollout.get("values"), "k": hp.num_generations,
+        rewards[torch.arange(len(last)), last] += rollout.scores
+        inputs = {"rewards": rewards, "mask": response_mask, "values": rollout.values, "k": hp.num_generations,
                   "gamma": hp.gamma, "lam": hp.lam, "sum_over_processes": self.sum_over_processes}  # fmt: skip
         advantages, returns = self.estimator.function(**{name: inputs[name] for name in self.estimator_arguments})
-        rollout = rollout | {"kl": kl, "non_score_reward": non_score_reward, "advantages": advantages}
-        return rollout if returns is None else rollout | {"returns": returns}
+        return replace(rollout, kl=kl, non_score_reward=non_score_reward, advantages=advantages, returns=returns)
 
-    def no_backward_sync(self, enabled: bool):
-        """Skip the DDP gradient all-reduce on accumulation micro-steps."""
-        strategy = self.trainer.strategy
-        return strategy.block_backward_sync() if enabled and isinstance(strategy, ParallelStrategy) else nullcontext()
-
-    def micro_batch_loss(self, rollout: Rollout, idx: torch.Tensor, batch: Batch, context_length: int) -> tuple[torch.Tensor, dict]:
-        """The loss of rollout rows `idx` (model inputs `batch`): clipped policy loss, + KL loss with `kl_in_loss`,
-        + value loss with a value model; and its statistics."""
+    def micro_batch_loss(self, rollout: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The loss of rollout `rows`: clipped policy loss, + KL loss with `kl_in_loss`, + value loss with a
+        value model; and its statistics."""
         hp = self.hparams
-        response_mask = rollout["response_mask"][idx]  # (n, R)
-        logprobs = self.response_logps(self.model, batch, context_length)  # (n, R)
+        batch, P = rollout.model_inputs(rows), rollout.context_length
+        response_mask = rollout.response_mask[rows]  # (n, R)
+        logprobs = self.response_logps(self.model, batch, P)  # (n, R)
         weighting = {"aggregation": self.estimator.aggregation, "length": hp.response_length}
-        loss, pg_stats = ppo_policy_loss(
-            logprobs, rollout["logprobs"][idx], rollout["advantages"][idx], response_mask, hp.cliprange, **weighting
-        )
+        loss, pg_stats = ppo_policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], response_mask, hp.cliprange, **weighting)
         stats = {"loss/policy_avg": loss.detach(), "policy/approxkl_avg": pg_stats["approxkl"],
                  "policy/clipfrac_avg": pg_stats["clipfrac"], "val/ratio": pg_stats["ratio"]}  # fmt: skip
         if hp.kl_in_loss:  # GRPO: k3 to the reference, per token
-            kl = kl_estimate(logprobs, rollout["ref_logprobs"][idx], "k3")  # (n, R)
+            kl = kl_estimate(logprobs, rollout.ref_logprobs[rows], "k3")  # (n, R)
             loss = loss + hp.kl_coef * aggregate_token_losses(kl, response_mask, **weighting)
         if self.value_model is not None:
-            values = self.values(batch, context_length)
             vf_loss, vf_clipfrac = ppo_value_loss(
-                values, rollout["values"][idx], rollout["returns"][idx], response_mask, hp.cliprange_value
-            )
+                self.values(batch, P), rollout.values[rows], rollout.returns[rows], response_mask, hp.cliprange_value
+            )  # fmt: skip
             loss = loss + hp.vf_coef * vf_loss
             stats |= {"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_clipfrac}
         return loss, stats
@@ -323,16 +301,15 @@ class PPOModule(AlignmentModule):
         """`ppo_epochs` passes over shuffled minibatches of whole groups, gradients accumulated over micro-batches."""
         hp = self.hparams
         optimizer = self.optimizers()
-        P = rollout["input_ids"].shape[1] - rollout["response_mask"].shape[1]
-        N = len(rollout["input_ids"])  # B * k rows
+        N = len(rollout.input_ids)  # B * k rows
         micro_size = self.micro_batch_size(N)
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(hp.ppo_epochs):
             for minibatch in group_minibatches(N, hp.num_generations, hp.num_minibatches, self.device):
                 micro = minibatch.split(micro_size)
-                for i, (idx, batch) in enumerate(zip(micro, self.micro_batches(rollout, micro))):
-                    with self.no_backward_sync(enabled=i < len(micro) - 1):
-                        loss, micro_stats = self.micro_batch_loss(rollout, idx, batch, P)
+                for i, rows in enumerate(micro):
+                    with no_backward_sync(self.trainer, enabled=i < len(micro) - 1):
+                        loss, micro_stats = self.micro_batch_loss(rollout, rows)
                         if not self.finite_in_every_process(loss):
                             self.non_finite(f"PPO loss ({loss.item()})")
                             break  # this minibatch's update is skipped
@@ -351,25 +328,26 @@ class PPOModule(AlignmentModule):
         start = time.perf_counter()
         rollout = self.compute_advantages(self.rollout(batch))
         for key in ("scores", "values", "advantages"):
-            if key in rollout and not self.finite_in_every_process(rollout[key]):  # no values without a value model
+            value = getattr(rollout, key)
+            if value is not None and not self.finite_in_every_process(value):  # no values without a value model
                 return self.non_finite(f"rollout {key}")  # skipped: no update for this batch of prompts
         rollout_seconds = time.perf_counter() - start
         stats = self.update(rollout)
         update_seconds = time.perf_counter() - start - rollout_seconds
         stats |= {  # where the step's wall time goes; update tokens: real prompt + response tokens, every epoch
-            "time/generation": self.generation_seconds, "time/rollout": rollout_seconds, "time/update": update_seconds,
-            "time/generated_tokens_per_s": rollout["response_mask"].sum() / self.generation_seconds,
-            "time/update_tokens_per_s": self.hparams.ppo_epochs * rollout["attention_mask"].sum() / update_seconds,
+            "time/generation": rollout.generation_seconds, "time/rollout": rollout_seconds, "time/update": update_seconds,
+            "time/generated_tokens_per_s": rollout.response_mask.sum() / rollout.generation_seconds,
+            "time/update_tokens_per_s": self.hparams.ppo_epochs * rollout.attention_mask.sum() / update_seconds,
         }  # fmt: skip
-        scores = rollout["scores"]
-        non_score = rollout["non_score_reward"].sum(1)  # (B,)
+        scores = rollout.scores
+        non_score = rollout.non_score_reward.sum(1)  # (N,)
         stats |= {
-            "objective/kl": rollout["kl"].sum(1).mean(),
-            "objective/entropy": -(rollout["logprobs"] * rollout["response_mask"]).sum(1).mean(),
+            "objective/kl": rollout.kl.sum(1).mean(),
+            "objective/entropy": -(rollout.logprobs * rollout.response_mask).sum(1).mean(),
             "objective/non_score_reward": non_score.mean(),
             "objective/rlhf_reward": (scores + non_score).mean(),
             "objective/scores": scores.mean(),
-            "objective/eos_share": rollout["contains_eos"].float().mean(),
+            "objective/eos_share": rollout.contains_eos.float().mean(),
             "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0], device=self.device),
         }
         self.log_stats(stats, "train", batch_size=len(scores))
@@ -380,11 +358,11 @@ class PPOModule(AlignmentModule):
         """A markdown table of the user's prompt / response / score in TensorBoard's Text tab."""
         if not isinstance(self.logger, TensorBoardLogger):
             return
-        P = rollout["input_ids"].shape[1] - rollout["response_mask"].shape[1]
+        P = rollout.context_length
         cell = lambda text: text.replace("\n", " ").replace("|", "\\|")  # noqa: E731
         rows = [
             f"| {cell(prompt)} | {cell(self.tokenizer.decode(seq[P:], skip_special_tokens=True))} | {score:.3f} |"
-            for prompt, seq, score in zip(prompt_texts[:8], rollout["input_ids"][:8].tolist(), rollout["scores"][:8].tolist())
+            for prompt, seq, score in zip(prompt_texts[:8], rollout.input_ids[:8].tolist(), rollout.scores[:8].tolist())
         ]
         table = "\n".join(["| prompt | response | score |", "| --- | --- | --- |", *rows])
         self.logger.experiment.add_text("samples", table, self.global_step)
@@ -392,10 +370,9 @@ class PPOModule(AlignmentModule):
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Greedy responses to held-out prompts, scored by the reward model: `val_objective/scores`."""
-        prompts, prompt_mask = batch["input_ids"], batch["attention_mask"]
-        responses, response_mask, _ = self.generate(prompts, prompt_mask, greedy=True)
-        answered = {"input_ids": torch.cat([prompts, responses], 1), "attention_mask": torch.cat([prompt_mask, response_mask], 1)}
-        self.log_stats({"objective/scores": self.score(answered, prompts.shape[1]).mean()}, "val", len(prompts))
+        responses, response_mask, _ = self.generate(batch, greedy=True)
+        answered = {"input_ids": torch.cat([batch["input_ids"], responses], 1), "attention_mask": torch.cat([batch["attention_mask"], response_mask], 1)}
+        self.log_stats({"objective/scores": self.score(answered, batch["input_ids"].shape[1]).mean()}, "val", len(responses))
 
 
 PPOModule.__init__.__doc__ = PPOModule.__init__.__doc__.replace(

@@ -40,7 +40,7 @@ class Recorder(Callback):
 
             def recorded(rollout):
                 rollout = compute_advantages(rollout)
-                self.record["advantages"].append((rollout["advantages"], rollout["response_mask"]))
+                self.record["advantages"].append((rollout.advantages, rollout.response_mask))
                 return rollout
 
             module.compute_advantages = recorded

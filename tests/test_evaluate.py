@@ -30,12 +30,12 @@ class ConstantLM(torch.nn.Module):
         return self.head
 
 
-def UniformLM():
+def biased_coin_lm():
     """3/4 of the mass on token 1 and 1/4 on token 0 (vocab 2), everywhere."""
     return ConstantLM([0.0, math.log(3.0)])
 
 
-def CoinLM():
+def fair_coin_lm():
     """Uniform over a vocab of 2."""
     return ConstantLM([0.0, 0.0])
 
@@ -44,7 +44,7 @@ def test_mean_answer_logprob_by_hand():
     rows = [{"prompt": [0, 0], "chosen": [1, 1]}, {"prompt": [0], "chosen": [0, 1, 1, 1]}]
     # row 1: mean(log 3/4, log 3/4) = log 0.75; row 2: (log 1/4 + 3 log 3/4) / 4
     expected = (math.log(0.75) + (math.log(0.25) + 3 * math.log(0.75)) / 4) / 2
-    assert math.isclose(mean_answer_logprob(UniformLM(), rows, pad_id=0, batch_size=2), expected, rel_tol=1e-5)
+    assert math.isclose(mean_answer_logprob(biased_coin_lm(), rows, pad_id=0, batch_size=2), expected, rel_tol=1e-5)
 
 
 def test_sequence_kl_by_hand():
@@ -53,7 +53,7 @@ def test_sequence_kl_by_hand():
     # k3 = (r - 1) - log r with r = q / p: (2/3 - 1 - log 2/3) + (2 - 1 - log 2)
     batch = {"input_ids": torch.tensor([[0, 1, 0]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
              "labels": torch.tensor([[-100, 1, 0]])}  # fmt: skip
-    k1, k3 = sequence_kl(UniformLM(), batch, CoinLM())[0]
+    k1, k3 = sequence_kl(biased_coin_lm(), batch, fair_coin_lm())[0]
     assert k1.item() == pytest.approx(math.log(1.5) + math.log(0.5))
     assert k3.item() == pytest.approx((2 / 3 - 1 - math.log(2 / 3)) + (2 - 1 - math.log(2)))
 

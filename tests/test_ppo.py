@@ -51,13 +51,13 @@ def test_rollout_starts_with_zero_kl_and_penalises_missing_eos(tiny_model_dir, t
     torch.manual_seed(0)
     rollout = module.compute_advantages(module.rollout(prompt_batch))
     assert (module.ref_model is None) == bool(lora_r)
-    assert torch.equal(rollout["kl"], torch.zeros_like(rollout["kl"]))  # policy == reference
-    assert torch.equal(rollout["scores"], -2.0 * (~rollout["contains_eos"]).float())
-    assert (~rollout["contains_eos"]).any()  # 8 random tokens rarely end in EOS: the penalty is exercised
-    responses = rollout["input_ids"][:, prompt_batch["input_ids"].shape[1] :]
-    assert ((responses == module.tokenizer.pad_token_id) | rollout["response_mask"].bool()).all()
-    scored = rollout["labels"] != -100  # exactly the response tokens up to the first EOS
-    assert torch.equal(scored, torch.cat([torch.zeros_like(prompt_batch["input_ids"]), rollout["response_mask"]], 1).bool())
+    assert torch.equal(rollout.kl, torch.zeros_like(rollout.kl))  # policy == reference
+    assert torch.equal(rollout.scores, -2.0 * (~rollout.contains_eos).float())
+    assert (~rollout.contains_eos).any()  # 8 random tokens rarely end in EOS: the penalty is exercised
+    responses = rollout.input_ids[:, prompt_batch["input_ids"].shape[1] :]
+    assert ((responses == module.tokenizer.pad_token_id) | rollout.response_mask.bool()).all()
+    scored = rollout.labels != -100  # exactly the response tokens up to the first EOS
+    assert torch.equal(scored, torch.cat([torch.zeros_like(prompt_batch["input_ids"]), rollout.response_mask], 1).bool())
 
 
 def test_rollout_scoring_does_not_depend_on_its_batch_size(tiny_model_dir, tiny_reward_dir, prompt_batch):
@@ -68,10 +68,10 @@ def test_rollout_scoring_does_not_depend_on_its_batch_size(tiny_model_dir, tiny_
         torch.manual_seed(0)  # the same samples
         rollouts.append(module.rollout(prompt_batch))
     for rollout in rollouts[1:]:
-        assert torch.equal(rollout["input_ids"], rollouts[0]["input_ids"])
+        assert torch.equal(rollout.input_ids, rollouts[0].input_ids)
         for key in ("logprobs", "ref_logprobs", "values", "scores"):
-            assert torch.allclose(rollout[key], rollouts[0][key], atol=1e-5), key
-    assert not torch.equal(rollouts[0]["logprobs"], torch.zeros_like(rollouts[0]["logprobs"]))
+            assert torch.allclose(getattr(rollout, key), getattr(rollouts[0], key), atol=1e-5), key
+    assert not torch.equal(rollouts[0].logprobs, torch.zeros_like(rollouts[0].logprobs))
 
 
 def test_rollout_samples_each_prompt_k_times_in_a_contiguous_group(tiny_model_dir, tiny_reward_dir, prompt_batch):
@@ -81,13 +81,13 @@ def test_rollout_samples_each_prompt_k_times_in_a_contiguous_group(tiny_model_di
     torch.manual_seed(0)
     rollout = module.compute_advantages(module.rollout(prompt_batch))
     P = prompt_batch["input_ids"].shape[1]
-    assert torch.equal(rollout["input_ids"][:, :P], prompt_batch["input_ids"].repeat_interleave(3, 0))  # (8 * 3, P)
-    assert "values" not in rollout and "returns" not in rollout
-    responses = rollout["input_ids"][:, P:].view(8, 3, -1)
+    assert torch.equal(rollout.input_ids[:, :P], prompt_batch["input_ids"].repeat_interleave(3, 0))  # (8 * 3, P)
+    assert rollout.values is None and rollout.returns is None
+    responses = rollout.input_ids[:, P:].view(8, 3, -1)
     assert any(not torch.equal(group[0], group[1]) for group in responses)  # the k samples of a prompt differ
     # one advantage per response, on each of its tokens; RLOO's advantages of a group sum to 0
-    advantages = rollout["advantages"]  # (24, R)
-    assert torch.equal(advantages, advantages[:, :1] * rollout["response_mask"])
+    advantages = rollout.advantages  # (24, R)
+    assert torch.equal(advantages, advantages[:, :1] * rollout.response_mask)
     assert torch.allclose(advantages[:, 0].view(8, 3).sum(1), torch.zeros(8), atol=1e-5)
 
 
@@ -209,7 +209,7 @@ def test_generate_keeps_processes_in_step_only_when_parameters_are_sharded(tiny_
     monkeypatch.setattr(module.model, "generate", generate)
     for strategy in (None, DDPStrategy(), FSDPStrategy()):  # no trainer, replicated, sharded parameters
         module._trainer = None if strategy is None else types.SimpleNamespace(strategy=strategy)
-        module.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
+        module.generate(prompt_batch)
     assert synced == [False, False, True]
 
 
