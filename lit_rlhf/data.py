@@ -3,6 +3,9 @@
 One DataModule for every algorithm:
 - `mode="pairs"` (reward model, DPO): batches of chosen and rejected sequences, right-padded,
   stacked as `[chosen; rejected]` so one forward scores both;
+- `mode="unpaired"` (KTO): rows of one completion and a `label` (true: desirable), stacked as
+  `[matched; mismatched]`, each prompt also with the next row's completion (KTO's KL estimate);
+  `split_pairs` turns each preference pair into a desirable and an undesirable row;
 - `mode="prompts"` (PPO): left-padded prompts ready for `generate`.
 
 Attention masks come from sequence lengths, never from `input_ids != pad_id`: SmolLM's pad
@@ -97,13 +100,38 @@ def encode_row(
     return encode_messages(tokenizer, prompt, messages, max_length, max_prompt_length, truncation)
 
 
+#: the completion fields each mode reads
+COMPLETIONS = {"pairs": ("chosen", "rejected"), "unpaired": ("completion",), "prompts": ()}
+
+
 def encode_batch(batch: dict[str, list], tokenizer, **limits) -> dict[str, list]:
     """The batched `Dataset.map` function: columns of checked chat messages (`prompt` and the completions)
-    in, columns of token ids out (`encode_messages` with `limits`); dropped rows are left out."""
-    completions = [k for k in batch if k != "prompt"]
+    in, columns of token ids out (`encode_messages` with `limits`); dropped rows are left out. A `label`
+    column (unpaired rows) is passed through."""
+    completions = [k for k in batch if k not in ("prompt", "label")]
     encoded = [encode_messages(tokenizer, p, {k: batch[k][i] for k in completions}, **limits) for i, p in enumerate(batch["prompt"])]
+    if "label" in batch:
+        encoded = [e if e is None else dict(e, label=label) for e, label in zip(encoded, batch["label"])]
     kept = [e for e in encoded if e is not None]
-    return {k: [e[k] for e in kept] for k in ("prompt", *completions, "truncated", "prompt_text")}
+    return {k: [e[k] for e in kept] for k in ("prompt", *completions, "truncated", "prompt_text", *(["label"] if "label" in batch else []))}
+
+
+def unpaired_rows(rows: list[tuple[str, dict]], split_pairs: bool) -> list[tuple[str, dict]]:
+    """Rows of `prompt`, `completion` and a boolean `label` (true: desirable), checked; with `split_pairs`,
+    each (prompt, chosen, rejected) row becomes a desirable and an undesirable row."""
+    out = []
+    for where, row in rows:
+        if split_pairs:
+            messages = row_messages(row, where, ("chosen", "rejected"))
+            out += [(f"{where} (chosen)", {"prompt": messages["prompt"], "completion": messages["chosen"], "label": True}),
+                    (f"{where} (rejected)", {"prompt": messages["prompt"], "completion": messages["rejected"], "label": False})]  # fmt: skip
+            continue
+        label = row.get("label") if isinstance(row, dict) else None
+        if not isinstance(label, bool):
+            hint = "; preference pairs: pass --data.split_pairs true" if isinstance(row, dict) and "chosen" in row else ""
+            raise UserError(f"{where}: field 'label' must be true (desirable) or false (undesirable), got {label!r}{hint}")
+        out.append((where, dict(row_messages(row, where, ("completion",)), label=label)))
+    return out
 
 
 def cache_dir(kind: str) -> Path:
@@ -133,6 +161,8 @@ def tokenize_cached(rows: list[tuple[str, dict]], tokenizer, completions: tuple[
     for where, row in rows:
         for k, messages in row_messages(row, where, completions).items():
             columns[k].append(messages)
+    if rows and "label" in rows[0][1]:  # unpaired rows, checked by `unpaired_rows`
+        columns["label"] = [row["label"] for _, row in rows]
     source = datasets.Dataset.from_dict(columns)
     fingerprint = Hasher.hash([source._fingerprint, Hasher.hash(tokenizer), completions, sorted(limits.items()), CODE])
     cache_file = cache_dir("tokenized") / f"{fingerprint}.arrow"
@@ -145,7 +175,8 @@ def tokenize_cached(rows: list[tuple[str, dict]], tokenizer, completions: tuple[
         rank_zero_warn(f"{cache_file.parent} is not writable: the rows are tokenized in memory and not cached (set HF_DATASETS_CACHE to a writable folder)")
     from_cache = writable and datasets.is_caching_enabled() and any(cache_file.parent.glob(f"{fingerprint}*.arrow"))
     ids, truncated, text = datasets.List(datasets.Value("int32")), datasets.Value("bool"), datasets.Value("string")
-    features = datasets.Features({"prompt": ids, **{k: ids for k in completions}, "truncated": truncated, "prompt_text": text})
+    features = {"prompt": ids, **{k: ids for k in completions}, "truncated": truncated, "prompt_text": text}
+    features = datasets.Features(features | ({"label": datasets.Value("bool")} if "label" in columns else {}))
     encoded = source.map(
         partial(encode_batch, tokenizer=tokenizer, **limits), batched=True, remove_columns=source.column_names, features=features,
         num_proc=num_proc if num_proc > 1 else None,  # None: in this process (1 would start one worker)
@@ -210,8 +241,9 @@ def collate_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int) -> d
 
 
 def padded_length(row: dict) -> int:
-    """The length a row pads its batch to: prompt plus the longer completion (pairs), or the prompt."""
-    return len(row["prompt"]) + max((len(row[c]) for c in ("chosen", "rejected") if c in row), default=0)
+    """The length a row pads its batch to: prompt plus the longer completion (pairs), plus its completion
+    (unpaired), or the prompt."""
+    return len(row["prompt"]) + max((len(row[c]) for c in ("chosen", "rejected", "completion") if c in row), default=0)
 
 
 def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -223,6 +255,23 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """
     rows = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
     batch = collate_sequences(rows, pad_id)
+    if "index" in examples[0]:
+        batch["index"] = torch.tensor([e["index"] for e in examples])
+    return batch
+
+
+def collate_unpaired(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `[matched; mismatched]` batch of unpaired rows (`collate_sequences` of 2B rows), and `label` (B,) bool.
+
+    Rows 0..B-1 are each prompt with its own completion; rows B..2B-1 each prompt i with the completion of
+    row (i + 1) mod B, whose log-ratios estimate KTO's reference point (the KL of policy to reference).
+    Also `index` (B,), when the rows have one.
+    """
+    B = len(examples)
+    rows = [(e["prompt"], e["completion"]) for e in examples]
+    rows += [(e["prompt"], examples[(i + 1) % B]["completion"]) for i, e in enumerate(examples)]
+    batch = collate_sequences(rows, pad_id)
+    batch["label"] = torch.tensor([e["label"] for e in examples])
     if "index" in examples[0]:
         batch["index"] = torch.tensor([e["index"] for e in examples])
     return batch
@@ -256,7 +305,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self,
         dataset: str = "HumanLLMs/Human-Like-DPO-Dataset",
         tokenizer_name_or_path: Optional[str] = None,
-        mode: Literal["pairs", "prompts"] = "pairs",
+        mode: Literal["pairs", "unpaired", "prompts"] = "pairs",
         max_length: int = 512,
         max_prompt_length: int = 128,
         truncation: Literal["truncate", "drop"] = "truncate",
@@ -269,6 +318,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_proc: int = 1,
         group_by_length: bool = True,
         dedupe: bool = False,
+        split_pairs: bool = False,
     ):
         """Preference data for every algorithm.
 
@@ -277,8 +327,9 @@ class PreferenceDataModule(L.LightningDataModule):
                 `chosen`, `rejected`, each a string or a list of chat messages (`prompt` only in
                 prompts mode).
             tokenizer_name_or_path: Tokenizer source; the CLI sets it from `--model.model_name_or_path`.
-            mode: `pairs` (chosen/rejected, for reward model and DPO) or `prompts` (left-padded
-                prompts, for PPO).
+            mode: `pairs` (chosen/rejected, for reward model and DPO), `unpaired` (rows of `prompt`,
+                `completion` and a boolean `label`, true for a desirable completion: KTO) or `prompts`
+                (left-padded prompts, for PPO).
             max_length: Longest prompt + completion in tokens.
             max_prompt_length: Longest prompt in tokens.
             truncation: `truncate`: prompts keep their last `max_prompt_length` tokens and completions
@@ -302,6 +353,8 @@ class PreferenceDataModule(L.LightningDataModule):
                 it). `false`: batches of random rows.
             dedupe: Drop exact copies of an earlier row (after tokenization) and pairs whose chosen and
                 rejected answers are the same. Without it both are kept and counted in a warning.
+            split_pairs: In `unpaired` mode, read preference pairs and turn each into two rows: the
+                chosen completion as desirable, the rejected one as undesirable.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -322,7 +375,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def encode(self, tokenizer, row: dict, where: str) -> Optional[dict]:
         """Token ids of one row under this DataModule's mode and length limits; None if dropped."""
         hp = self.hparams
-        completions = () if hp.mode == "prompts" else ("chosen", "rejected")
+        completions = COMPLETIONS[hp.mode]
         return encode_row(tokenizer, row, where, completions, hp.max_length, hp.max_prompt_length, hp.truncation)
 
     def setup(self, stage: str) -> None:
@@ -332,9 +385,11 @@ class PreferenceDataModule(L.LightningDataModule):
         if hp.tokenizer_name_or_path is None:
             raise UserError("PreferenceDataModule needs tokenizer_name_or_path (the CLI sets it from --model.model_name_or_path)")
         self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
-        completions = () if hp.mode == "prompts" else ("chosen", "rejected")
+        completions = COMPLETIONS[hp.mode]
         with local_rank_zero_first(self.trainer):  # the other processes read what it downloaded and tokenized
             rows = load_rows(hp.dataset)[hp.offset :][: hp.limit]
+            if hp.mode == "unpaired":
+                rows = unpaired_rows(rows, hp.split_pairs)
             encoded, self.fingerprint, from_cache = tokenize_cached(
                 rows, self.tokenizer, completions, hp.num_proc, max_length=hp.max_length, max_prompt_length=hp.max_prompt_length,
                 truncation=hp.truncation,
@@ -362,7 +417,7 @@ class PreferenceDataModule(L.LightningDataModule):
         hp, seen = self.hparams, set()
         copies, ties = [False] * len(rows), [False] * len(rows)
         for i, row in enumerate(rows):
-            key = tuple(tuple(row[k]) for k in ("prompt", "chosen", "rejected") if k in row)
+            key = (*(tuple(row[k]) for k in ("prompt", "chosen", "rejected", "completion") if k in row), row.get("label"))
             copies[i], ties[i] = key in seen, "chosen" in row and row["chosen"] == row["rejected"]
             seen.add(key)
         if any(copies) or any(ties):
@@ -382,7 +437,7 @@ class PreferenceDataModule(L.LightningDataModule):
         return rank, world_size
 
     def _loader(self, rows: list[dict], batch_sampler, loader_class=DataLoader) -> DataLoader:
-        collate = collate_prompts if self.hparams.mode == "prompts" else collate_pairs
+        collate = {"pairs": collate_pairs, "unpaired": collate_unpaired, "prompts": collate_prompts}[self.hparams.mode]
         return loader_class(
             rows,
             batch_sampler=batch_sampler,

@@ -2,6 +2,7 @@
 rejected) pairs, against a frozen reference when the loss reads one (`losses.PREFERENCE_LOSSES`)."""
 
 import hashlib
+import inspect
 from pathlib import Path
 from typing import Optional
 
@@ -13,14 +14,15 @@ from lit_rlhf.atomic import written_atomically
 from lit_rlhf.data import cache_dir
 from lit_rlhf.forward import sequence_logps
 from lit_rlhf.errors import UserError
-from lit_rlhf.losses import PREFERENCE_LOSS_ARGUMENTS, PREFERENCE_LOSSES, rpo_nll_loss
+from lit_rlhf.losses import PREFERENCE_LOSS_ARGUMENTS, PREFERENCE_LOSSES, UNPAIRED_LOSS_ARGUMENTS, rpo_nll_loss
 from lit_rlhf.models import as_reference, load_causal_lm, load_policy, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
 from lit_rlhf.plugins import declared_arguments, resolve
 
 LOSS_CONTRACT = (
     "a preference loss is called with any of the keyword arguments " + ", ".join(PREFERENCE_LOSS_ARGUMENTS)
-    + " that it declares and returns the (B,) per-pair losses (lit_rlhf/losses.py)"
+    + " that it declares and returns the (B,) per-pair losses; one that declares `labels` reads unpaired rows and gets"
+    " any of " + ", ".join(UNPAIRED_LOSS_ARGUMENTS) + " (lit_rlhf/losses.py)"
 )
 
 
@@ -28,7 +30,8 @@ class DPOModule(AlignmentModule):
     algorithm = "dpo"
     progress_bar_metrics = ("loss", "rewards/accuracies")
     frozen_modules = ("ref_model",)
-    flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "label_smoothing": "in [0, 0.5)", "rpo_alpha": ">= 0", "simpo_gamma": ">= 0"}
+    flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "label_smoothing": "in [0, 0.5)", "rpo_alpha": ">= 0", "simpo_gamma": ">= 0",
+                                                 "desirable_weight": "> 0", "undesirable_weight": "> 0"}  # fmt: skip
 
     def __init__(
         self,
@@ -38,6 +41,8 @@ class DPOModule(AlignmentModule):
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
         ref_model_name_or_path: Optional[str] = None,
         precompute_ref_logps: bool = False,
         rpo_alpha: Optional[float] = None,
@@ -55,6 +60,8 @@ class DPOModule(AlignmentModule):
                 reference log-probs loads no reference model.
             label_smoothing: Assumed share of flipped preference labels (sigmoid and robust losses).
             simpo_gamma: SimPO's target reward margin gamma.
+            desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U, the weights of desirable and
+                undesirable rows (the paper balances them so that lambda_D n_D / (lambda_U n_U) is in [1, 4/3]).
             ref_model_name_or_path: Reference model (e.g. an SFT checkpoint). Default: a frozen copy of
                 the starting policy; with LoRA, the policy with its adapter disabled (no second copy).
             precompute_ref_logps: Compute the reference log-probs of every row once before training (each
@@ -74,10 +81,13 @@ class DPOModule(AlignmentModule):
         self.preference_loss = entry[0] if isinstance(entry, tuple) else entry
         if not callable(self.preference_loss):
             raise UserError(f"--model.loss_type {loss_type}: not a function")
-        self.loss_arguments = declared_arguments(self.preference_loss, PREFERENCE_LOSS_ARGUMENTS, "--model.loss_type", LOSS_CONTRACT)
+        self.unpaired = "labels" in inspect.signature(self.preference_loss).parameters
+        provided = UNPAIRED_LOSS_ARGUMENTS if self.unpaired else PREFERENCE_LOSS_ARGUMENTS
+        self.loss_arguments = declared_arguments(self.preference_loss, provided, "--model.loss_type", LOSS_CONTRACT)
         self.needs_reference = any(name.startswith("ref_") for name in self.loss_arguments)
-        if precompute_ref_logps and not self.needs_reference:
-            raise UserError(f"--model.precompute_ref_logps: --model.loss_type {loss_type} reads no reference log-probs")
+        if precompute_ref_logps and (self.unpaired or not self.needs_reference):
+            raise UserError(f"--model.precompute_ref_logps: --model.loss_type {loss_type} reads no precomputable reference log-probs"
+                            " (none, or those of mismatched rows that depend on the batch)")
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
         self.model = load_policy(model_name_or_path, self.lora_args(), hp.trust_remote_code)
         self.ref_model = None
@@ -89,6 +99,10 @@ class DPOModule(AlignmentModule):
         """With `precompute_ref_logps`, make room for each row's reference log-probs: an (N, 2) buffer
         (chosen, rejected) indexed by the rows' `index`, NaN until computed, saved in checkpoints."""
         dm = self.trainer.datamodule
+        mode = "unpaired" if self.unpaired else "pairs"
+        if dm is not None and dm.hparams.mode != mode:
+            raise UserError(f"--model.loss_type {self.hparams.loss_type} reads {mode} rows: set --data.mode {mode}"
+                            + (" (--data.split_pairs true reads preference pairs as unpaired rows)" if self.unpaired else ""))
         if self.hparams.precompute_ref_logps and dm is not None and not hasattr(self, "ref_logps_cache"):
             self.register_buffer("ref_logps_cache", torch.full((dm.num_rows, 2), float("nan"), device=self.device))
 
@@ -158,12 +172,20 @@ class DPOModule(AlignmentModule):
         return cache_dir("ref_logps") / f"{key.hexdigest()}.pt"
 
     def shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        return self.unpaired_step(batch, stage) if self.unpaired else self.pairs_step(batch, stage)
+
+    def loss_values(self, **tensors) -> dict:
+        """What a preference loss may declare: `tensors` and the module's flags."""
+        hp = self.hparams
+        return tensors | {name: hp[name] for name in ("beta", "label_smoothing", "simpo_gamma", "desirable_weight", "undesirable_weight")}
+
+    def pairs_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """The loss of a pairs batch `[chosen; rejected]`, and DPO's statistics."""
         hp = self.hparams
         policy_chosen, policy_rejected = sequence_logps(self.model, batch).chunk(2)  # (B,) each
         chosen_lengths, rejected_lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).chunk(2)  # (B,) each
-        values = {"chosen_logps": policy_chosen, "rejected_logps": policy_rejected, "chosen_lengths": chosen_lengths,
-                  "rejected_lengths": rejected_lengths, "beta": hp.beta, "label_smoothing": hp.label_smoothing,
-                  "simpo_gamma": hp.simpo_gamma}  # fmt: skip
+        values = self.loss_values(chosen_logps=policy_chosen, rejected_logps=policy_rejected, chosen_lengths=chosen_lengths,
+                                  rejected_lengths=rejected_lengths)  # fmt: skip
         if self.needs_reference:
             values["ref_chosen_logps"], values["ref_rejected_logps"] = self.reference_logps(batch).chunk(2)
             # implicit rewards, beta * (log pi - log ref), as DPO defines them
@@ -189,6 +211,33 @@ class DPOModule(AlignmentModule):
         }
         self.log_stats(stats, stage, batch_size=len(losses))
         return stats["loss"]
+
+    def unpaired_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """The loss of an unpaired batch `[matched; mismatched]` (KTO), and its statistics: implicit rewards
+        of desirable (`rewards/chosen`) and undesirable (`rewards/rejected`) rows, and the reference point `kl`."""
+        hp = self.hparams
+        B = len(batch["label"])
+        matched = {k: v[:B] for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        mismatched = {k: v[B:] for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        logps = sequence_logps(self.model, matched)  # (B,)
+        with torch.no_grad():  # the reference point is not differentiated
+            kl_logps = sequence_logps(self.model, mismatched)
+        values = self.loss_values(logps=logps, kl_logps=kl_logps, labels=batch["label"],
+                                  lengths=(matched["labels"][:, 1:] != IGNORE_INDEX).sum(-1))  # fmt: skip
+        stats = {}
+        if self.needs_reference:
+            values["ref_logps"], values["ref_kl_logps"] = self.live_reference_logps(batch).chunk(2)
+            rewards = hp.beta * (logps - values["ref_logps"]).detach()  # (B,)
+            stats["kl"] = (kl_logps - values["ref_kl_logps"]).mean().clamp(min=0)
+        else:
+            rewards = hp.beta * (logps / values["lengths"]).detach()
+        loss = self.preference_loss(**{name: values[name] for name in self.loss_arguments}).mean()
+        stats["loss"] = loss
+        for name, rows in (("chosen", batch["label"]), ("rejected", ~batch["label"])):
+            if rows.any():
+                stats |= {f"rewards/{name}": rewards[rows].mean(), f"logps/{name}": logps[rows].detach().mean()}
+        self.log_stats(stats, stage, batch_size=B)
+        return loss
 
 
 DPOModule.__init__.__doc__ = DPOModule.__init__.__doc__.replace(

@@ -82,6 +82,28 @@ def orpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta: f
     return -chosen - beta * F.logsigmoid(log_odds)
 
 
+# KTO reads unpaired rows (`--data.mode unpaired`): a loss that declares `labels` is called with any of
+# `UNPAIRED_LOSS_ARGUMENTS` instead:
+#   logps, ref_logps        (B,) summed log-probs of each row's completion, under the policy and the reference
+#   kl_logps, ref_kl_logps  (B,) the same of each prompt with another row's completion (`collate_unpaired`)
+#   lengths                 (B,) completion token counts
+#   labels                  (B,) bool, true for a desirable completion
+#   beta, desirable_weight, undesirable_weight   the module's flags
+
+UNPAIRED_LOSS_ARGUMENTS = ("logps", "ref_logps", "kl_logps", "ref_kl_logps", "lengths", "labels", "beta", "desirable_weight",
+                           "undesirable_weight")  # fmt: skip
+
+
+def kto(logps, ref_logps, kl_logps, ref_kl_logps, labels, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """KTO (Ethayarajh et al. 2024, eq. 8): with `r = log pi(y|x) - log ref(y|x)` and the reference point
+    `z = max(0, mean(log pi(y'|x) - log ref(y'|x)))` over mismatched pairs (x, y') of the batch (not
+    differentiated), a desirable completion's loss is `lambda_D (1 - sigmoid(beta (r - z)))` and an undesirable
+    one's `lambda_U (1 - sigmoid(beta (z - r)))`. At policy == reference every row's loss is lambda / 2."""
+    z = (kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    r = logps - ref_logps  # (B,)
+    return torch.where(labels, desirable_weight * (1 - torch.sigmoid(beta * (r - z))), undesirable_weight * (1 - torch.sigmoid(beta * (z - r))))
+
+
 #: `--model.loss_type` name -> (function, paper)
 PREFERENCE_LOSSES = {
     "sigmoid": (dpo_sigmoid, "DPO, Rafailov et al. 2023"),
@@ -91,6 +113,7 @@ PREFERENCE_LOSSES = {
     "apo_zero": (apo_zero, "APO-zero, D'Oosterlinck et al. 2024"),
     "simpo": (simpo, "SimPO, Meng et al. 2024 (no reference)"),
     "orpo": (orpo, "ORPO, Hong et al. 2024 (no reference)"),
+    "kto": (kto, "KTO, Ethayarajh et al. 2024 (unpaired rows: --data.mode unpaired)"),
 }
 
 

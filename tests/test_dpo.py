@@ -275,6 +275,60 @@ def test_a_loss_with_a_wrong_signature_says_what_is_provided(tiny_model_dir, rea
     message = fail(dpo_args(tiny_model_dir, real_rows, "--model.loss_type", "my_losses.py:bad_loss"))
     assert "--model.loss_type: bad_loss(chosen, rejected) requires chosen, rejected, which is not provided; a preference loss is" in message
     assert "called with any of the keyword arguments chosen_logps, rejected_logps, chosen_lengths" in message
+    from lit_rlhf.losses import PREFERENCE_LOSSES
+
     assert fail(dpo_args(tiny_model_dir, real_rows, "--model.loss_type", "simpoo")).endswith(
-        "--model.loss_type simpoo: not one of sigmoid, ipo, hinge, robust, apo_zero, simpo, orpo, nor an import path module:function"
+        f"--model.loss_type simpoo: not one of {', '.join(PREFERENCE_LOSSES)}, nor an import path module:function"
     )
+
+
+# ---- KTO: unpaired rows ---------------------------------------------------------------------
+
+
+def unpaired_rows_file(real_rows, path: Path, n: int = 16) -> Path:
+    """`n` unpaired rows from the real pairs: alternately the chosen answer (desirable) and the rejected one."""
+    import json
+
+    pairs = [json.loads(line) for line in real_rows.read_text().splitlines()[:n]]
+    rows = [{"prompt": p["prompt"], "completion": p["chosen" if i % 2 == 0 else "rejected"], "label": i % 2 == 0} for i, p in enumerate(pairs)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_kto_starts_at_one_half_and_its_batch_holds_each_prompt_with_the_next_rows_completion(tiny_model_dir, real_rows, tmp_path):
+    dm = PreferenceDataModule(dataset=str(real_rows), tokenizer_name_or_path=tiny_model_dir, mode="unpaired", split_pairs=True,
+                              limit=6, val_size=2, batch_size=3, max_length=64, max_prompt_length=32)  # fmt: skip
+    dm.setup("fit")
+    assert len(dm.train_rows) + len(dm.val_rows) == 12 and sum(r["label"] for r in dm.train_rows + dm.val_rows) == 6
+    rows = dm.train_rows[:3]
+    batch = dm.train_dataloader().collate_fn(rows)
+    assert batch["input_ids"].shape[0] == 6 and batch["label"].tolist() == [r["label"] for r in rows]
+    for i in range(3):  # row 3 + i: prompt i with the completion of row (i + 1) mod 3
+        n = len(rows[i]["prompt"]) + len(rows[(i + 1) % 3]["completion"])
+        assert batch["input_ids"][3 + i, :n].tolist() == rows[i]["prompt"] + rows[(i + 1) % 3]["completion"]
+    module = DPOModule(model_name_or_path=tiny_model_dir, loss_type="kto")
+    assert module.unpaired and module.ref_model is not None
+    assert math.isclose(step0_loss(module, batch), 0.5, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("data", ["unpaired rows", "split pairs"])
+def test_kto_trains_on_unpaired_rows_and_on_split_pairs(tiny_model_dir, real_rows, tmp_path, monkeypatch, data):
+    monkeypatch.chdir(tmp_path)
+    dataset = unpaired_rows_file(real_rows, tmp_path / "unpaired.jsonl") if data == "unpaired rows" else real_rows
+    split = ["--data.split_pairs", "true"] if data == "split pairs" else []
+    run = cli(dpo_args(tiny_model_dir, dataset, "--model.loss_type", "kto", "--data.mode", "unpaired", *split, "--trainer.limit_val_batches", "0"))
+    assert run.trainer.global_step == 3
+    assert {"rewards/chosen", "rewards/rejected", "kl"} <= run.trainer.callback_metrics.keys()
+    assert (tmp_path / "logs/dpo/version_0/hf/model.safetensors").is_file()
+
+
+def test_kto_refuses_pairs_and_pairs_losses_refuse_unpaired_rows(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    from test_reliability import fail
+
+    monkeypatch.chdir(tmp_path)
+    message = fail(dpo_args(tiny_model_dir, real_rows, "--model.loss_type", "kto"))
+    assert message.endswith("--model.loss_type kto reads unpaired rows: set --data.mode unpaired (--data.split_pairs true reads preference pairs as unpaired rows)")
+    message = fail(dpo_args(tiny_model_dir, real_rows, "--model.loss_type", "kto", "--data.mode", "unpaired"))
+    assert "row 1: field 'label' must be true (desirable) or false (undesirable), got None; preference pairs: pass --data.split_pairs true" in message
+    unpaired = unpaired_rows_file(real_rows, tmp_path / "unpaired.jsonl")
+    assert fail(dpo_args(tiny_model_dir, unpaired, "--data.mode", "unpaired")).endswith("--model.loss_type sigmoid reads pairs rows: set --data.mode pairs")
