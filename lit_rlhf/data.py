@@ -104,16 +104,14 @@ def encode_row(
 COMPLETIONS = {"pairs": ("chosen", "rejected"), "unpaired": ("completion",), "prompts": ()}
 
 
-def encode_batch(batch: dict[str, list], tokenizer, **limits) -> dict[str, list]:
+def encode_batch(batch: dict[str, list], tokenizer, completions: tuple[str, ...], extra_columns: tuple[str, ...], **limits) -> dict[str, list]:
     """The batched `Dataset.map` function: columns of checked chat messages (`prompt` and the completions)
-    in, columns of token ids out (`encode_messages` with `limits`); dropped rows are left out. A `label`
-    column (unpaired rows) is passed through."""
-    completions = [k for k in batch if k not in ("prompt", "label")]
+    in, columns of token ids out (`encode_messages` with `limits`); dropped rows are left out. The
+    `extra_columns` (an unpaired row's `label`, a prompt row's `answer`, ...) are passed through."""
     encoded = [encode_messages(tokenizer, p, {k: batch[k][i] for k in completions}, **limits) for i, p in enumerate(batch["prompt"])]
-    if "label" in batch:
-        encoded = [e if e is None else dict(e, label=label) for e, label in zip(encoded, batch["label"])]
+    encoded = [e if e is None else e | {k: batch[k][i] for k in extra_columns} for i, e in enumerate(encoded)]
     kept = [e for e in encoded if e is not None]
-    return {k: [e[k] for e in kept] for k in ("prompt", *completions, "truncated", "prompt_text", *(["label"] if "label" in batch else []))}
+    return {k: [e[k] for e in kept] for k in ("prompt", *completions, "truncated", "prompt_text", *extra_columns)}
 
 
 def unpaired_rows(rows: list[tuple[str, dict]], split_pairs: bool) -> list[tuple[str, dict]]:
@@ -161,8 +159,10 @@ def tokenize_cached(rows: list[tuple[str, dict]], tokenizer, completions: tuple[
     for where, row in rows:
         for k, messages in row_messages(row, where, completions).items():
             columns[k].append(messages)
-    if rows and "label" in rows[0][1]:  # unpaired rows, checked by `unpaired_rows`
-        columns["label"] = [row["label"] for _, row in rows]
+    # passed through: an unpaired row's label (checked by `unpaired_rows`); every other column of a prompt row
+    extra_columns = tuple(k for k in (rows[0][1] if rows and isinstance(rows[0][1], dict) else {}) if k == "label" or (not completions and k != "prompt"))
+    for k in extra_columns:
+        columns[k] = [row.get(k) for _, row in rows]
     source = datasets.Dataset.from_dict(columns)
     fingerprint = Hasher.hash([source._fingerprint, Hasher.hash(tokenizer), completions, sorted(limits.items()), CODE])
     cache_file = cache_dir("tokenized") / f"{fingerprint}.arrow"
@@ -175,10 +175,10 @@ def tokenize_cached(rows: list[tuple[str, dict]], tokenizer, completions: tuple[
         rank_zero_warn(f"{cache_file.parent} is not writable: the rows are tokenized in memory and not cached (set HF_DATASETS_CACHE to a writable folder)")
     from_cache = writable and datasets.is_caching_enabled() and any(cache_file.parent.glob(f"{fingerprint}*.arrow"))
     ids, truncated, text = datasets.List(datasets.Value("int32")), datasets.Value("bool"), datasets.Value("string")
-    features = {"prompt": ids, **{k: ids for k in completions}, "truncated": truncated, "prompt_text": text}
-    features = datasets.Features(features | ({"label": datasets.Value("bool")} if "label" in columns else {}))
+    features = datasets.Features({"prompt": ids, **{k: ids for k in completions}, "truncated": truncated, "prompt_text": text,
+                                  **{k: source.features[k] for k in extra_columns}})  # fmt: skip
     encoded = source.map(
-        partial(encode_batch, tokenizer=tokenizer, **limits), batched=True, remove_columns=source.column_names, features=features,
+        partial(encode_batch, tokenizer=tokenizer, completions=completions, extra_columns=extra_columns, **limits), batched=True, remove_columns=source.column_names, features=features,
         num_proc=num_proc if num_proc > 1 else None,  # None: in this process (1 would start one worker)
         cache_file_name=str(cache_file) if writable else None, keep_in_memory=not writable, new_fingerprint=fingerprint, desc="Tokenizing",
     )  # fmt: skip
@@ -281,7 +281,8 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
     """Left-padded prompts: `input_ids`, `attention_mask`, each (B, P) with P the longest prompt.
 
     Rows encoded by the DataModule also pass their `prompt_text` (B strings) through, for sample
-    tables, and their `index` (B,).
+    tables and reward functions, their `index` (B,), and `columns`: each other column of the rows
+    (e.g. `answer`) as a list of B values, for reward functions.
     """
     P = max(len(e["prompt"]) for e in examples)
     input_ids = torch.full((len(examples), P), pad_id, dtype=torch.long)
@@ -294,6 +295,7 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
         batch["prompt_text"] = [e["prompt_text"] for e in examples]
     if "index" in examples[0]:
         batch["index"] = torch.tensor([e["index"] for e in examples])
+    batch["columns"] = {k: [e[k] for e in examples] for k in examples[0] if k not in ("prompt", "truncated", "prompt_text", "index")}
     return batch
 
 

@@ -46,6 +46,8 @@ from lit_rlhf.forward import generate_responses, sequence_scores, token_logps, t
 from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_policy, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX, group_minibatches, kl_estimate
 from lit_rlhf.plugins import declared_arguments, resolve
+from lit_rlhf.reward_functions import REWARD_FUNCTIONS
+from lit_rlhf.rewards import RewardFunctions, reward_stats, weighted_total
 from lit_rlhf.rollout import Rollout
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (B, P + R), prompts left-padded
@@ -68,8 +70,13 @@ class PPOModule(AlignmentModule):
 
     def __init__(
         self,
-        reward_model_path: str,
+        reward_model_path: Optional[str] = None,
         model_name_or_path: str = DEFAULT_MODEL,
+        reward_funcs: Optional[list[str]] = None,
+        reward_weights: Optional[list[float]] = None,
+        reward_timeout: float = 30.0,
+        reward_errors: Literal["stop", "none"] = "stop",
+        value_model_path: Optional[str] = None,
         learning_rate: float = 1e-5,
         response_length: int = 128,
         temperature: float = 0.7,
@@ -100,8 +107,20 @@ class PPOModule(AlignmentModule):
 
         Args:
             reward_model_path: Reward model folder (e.g. `logs/reward/version_0/hf`); with `gae` also the
-                initial value model.
+                initial value model. Optional when `reward_funcs` are given.
             model_name_or_path: Hub id, local folder or .gguf file of the policy to train.
+            reward_funcs: Reward functions (RL from verifiable rewards): built-ins REWARD_NAMES, or
+                `module:function` / `file.py:function` of your own, called as TRL calls them:
+                `f(prompts, completions, **columns) -> list[float | None]`, the columns being the prompt rows'
+                other fields (e.g. `answer`), one entry per response; None: the function does not apply to
+                that row, which leaves it out of the row's total (lit_rlhf/rewards.py).
+            reward_weights: One weight per reward source, the reward model first, then `reward_funcs` in
+                order (default: 1 each). A response's score is the weighted sum of the sources that apply.
+            reward_timeout: Seconds a reward function may take for one batch; it runs in a worker process.
+            reward_errors: What a reward function that hangs or raises does: `stop` the run with a line
+                naming the function, the row and the error, or give that call's rows `none` (counted).
+            value_model_path: Where the value model (gae) starts: default the reward model, else (no reward
+                model) the policy's backbone with a new scalar head.
             learning_rate: Peak AdamW learning rate (policy and, with `gae`, value model).
             response_length: Tokens generated per prompt.
             temperature: Sampling temperature of the rollouts (log-probs use the same one).
@@ -149,16 +168,27 @@ class PPOModule(AlignmentModule):
                 f"--model.advantage_estimator {advantage_estimator} compares the responses to one prompt: it needs"
                 f" --model.num_generations 2 or more (e.g. 4), not {num_generations}"
             )
+        if reward_model_path is None and not reward_funcs:
+            raise UserError("PPO needs a reward: --model.reward_model_path (a reward model) and/or --model.reward_funcs (functions)")
+        self.reward_functions = RewardFunctions(reward_funcs or [], reward_timeout, reward_errors)
+        self.reward_sources = (["reward_model"] if reward_model_path else []) + self.reward_functions.names
+        if reward_weights is not None and len(reward_weights) != len(self.reward_sources):
+            raise UserError(f"--model.reward_weights has {len(reward_weights)} values for {len(self.reward_sources)} reward sources"
+                            f" ({', '.join(self.reward_sources)}): give one weight per source")  # fmt: skip
         self.automatic_optimization = False
         hp = self.hparams
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
         pad_id = self.tokenizer.pad_token_id
         self.model = load_policy(model_name_or_path, self.lora_args(), hp.trust_remote_code)
         self.ref_model = None if hp.lora_r else load_causal_lm(model_name_or_path, hp.trust_remote_code).requires_grad_(False)
-        check_same_vocabulary(self.tokenizer, reward_model_path, "--model.reward_model_path")
-        self.reward_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code, trained_head=True).requires_grad_(False)
+        self.reward_model = None
+        if reward_model_path:
+            check_same_vocabulary(self.tokenizer, reward_model_path, "--model.reward_model_path")
+            self.reward_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code, trained_head=True).requires_grad_(False)
         if "values" in self.estimator_arguments:
-            value_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code)
+            if value_model_path:
+                check_same_vocabulary(self.tokenizer, value_model_path, "--model.value_model_path")
+            value_model = load_scalar_model(value_model_path or reward_model_path or model_name_or_path, pad_id, hp.trust_remote_code)
             self.value_model = add_lora(value_model, **self.lora_args(), task_type="SEQ_CLS")
         else:  # critic-free: no value weights to train, optimise or checkpoint
             self.value_model, self.trained_modules = None, ("model",)
@@ -246,15 +276,39 @@ class PPOModule(AlignmentModule):
                 parts["ref_logprobs"].append(self.response_logps(reference, micro, P))
             if self.value_model is not None:
                 parts["values"].append(self.values(micro, P))
-            parts["scores"].append(self.score(micro, P))
-        scores = torch.cat(parts["scores"])
+            if self.reward_model is not None:
+                parts["scores"].append(self.score(micro, P))
+        columns = {name: [v for v in values for _ in range(k)] for name, values in batch.get("columns", {}).items()}
+        prompt_texts = [text for text in batch.get("prompt_text", [""] * len(batch["input_ids"])) for _ in range(k)]
+        source_scores = self.source_scores(torch.cat(parts["scores"]) if parts["scores"] else None, responses, response_mask, prompt_texts, columns)
+        scores = self.total_reward(source_scores)
         if self.hparams.missing_eos_penalty is not None:
             scores = scores - self.hparams.missing_eos_penalty * (~contains_eos).float()
         return Rollout(
             input_ids=sequences, attention_mask=mask, labels=labels, response_mask=response_mask.float(), contains_eos=contains_eos,
             logprobs=torch.cat(parts["logprobs"]), ref_logprobs=torch.cat(parts["ref_logprobs"]), scores=scores,
             generation_seconds=generation_seconds, values=torch.cat(parts["values"]) if parts["values"] else None,
+            source_scores=source_scores,
         )  # fmt: skip
+
+    def source_scores(self, model_scores: Optional[torch.Tensor], responses: torch.Tensor, response_mask: torch.Tensor,
+                      prompt_texts: list[str], columns: dict[str, list]) -> torch.Tensor:  # fmt: skip
+        """(S, N) each reward source's score of each response: the reward model's `model_scores` (N,), then each
+        reward function's (nan where it returned None) on the decoded responses (N, R)."""
+        sources = [] if model_scores is None else [model_scores]
+        if self.reward_functions.specs:
+            completions = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, response_mask)]
+            for rewards in self.reward_functions(prompt_texts, completions, columns):
+                sources.append(torch.tensor(rewards, device=responses.device))
+        return torch.stack(sources).float()
+
+    def total_reward(self, source_scores: torch.Tensor) -> torch.Tensor:
+        """(N,) each response's weighted total over the sources that apply (`rewards.weighted_total`)."""
+        weights = self.hparams.reward_weights or [1.0] * len(source_scores)
+        return weighted_total(source_scores, torch.tensor(weights, device=source_scores.device), int(self.reward_model is not None))
+
+    def teardown(self, stage: str) -> None:
+        self.reward_functions.close()
 
     @torch.no_grad()
     def compute_advantages(self, rollout: Rollout) -> Rollout:
@@ -350,6 +404,7 @@ class PPOModule(AlignmentModule):
             "objective/eos_share": rollout.contains_eos.float().mean(),
             "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0], device=self.device),
         }
+        stats |= reward_stats(rollout.source_scores, self.reward_sources, rollout.scores, self.hparams.num_generations)
         self.log_stats(stats, "train", batch_size=len(scores))
         if batch_idx % self.hparams.sample_every_n_steps == 0:
             self.log_samples([text for text in batch["prompt_text"] for _ in range(self.hparams.num_generations)], rollout)
@@ -369,12 +424,14 @@ class PPOModule(AlignmentModule):
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Greedy responses to held-out prompts, scored by the reward model: `val_objective/scores`."""
+        """Greedy responses to held-out prompts, scored by the reward sources: `val_objective/scores`."""
         responses, response_mask, _ = self.generate(batch, greedy=True)
         answered = {"input_ids": torch.cat([batch["input_ids"], responses], 1), "attention_mask": torch.cat([batch["attention_mask"], response_mask], 1)}
-        self.log_stats({"objective/scores": self.score(answered, batch["input_ids"].shape[1]).mean()}, "val", len(responses))
+        model_scores = self.score(answered, batch["input_ids"].shape[1]) if self.reward_model is not None else None
+        source_scores = self.source_scores(model_scores, responses, response_mask, batch["prompt_text"], batch.get("columns", {}))
+        self.log_stats({"objective/scores": self.total_reward(source_scores).mean()}, "val", len(responses))
 
 
 PPOModule.__init__.__doc__ = PPOModule.__init__.__doc__.replace(
     "ESTIMATOR_NAMES", "; ".join(f"`{name}` ({estimator.paper})" for name, estimator in ESTIMATORS.items())
-)
+).replace("REWARD_NAMES", ", ".join(f"`{name}`" for name in REWARD_FUNCTIONS))

@@ -21,6 +21,7 @@ class Rollout:
     scores: torch.Tensor  # (N,) the reward of each response (minus the missing-EOS penalty)
     generation_seconds: float  # wall time of the sampling
     values: Optional[torch.Tensor] = None  # (N, R) V(s_t) before each response token; with a value model only
+    source_scores: Optional[torch.Tensor] = None  # (S, N) each reward source's score, nan where a function returned None
     # filled in by `compute_advantages`
     kl: Optional[torch.Tensor] = None  # (N, R) per-token KL estimate to the reference
     non_score_reward: Optional[torch.Tensor] = None  # (N, R) -kl_coef * kl

@@ -180,8 +180,16 @@ def test_prompts_mode_needs_only_prompt(tiny_model_dir, tmp_path):
     dm = make_dm(tiny_model_dir, write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "bb"}]), mode="prompts", val_size=1, batch_size=1)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "prompt_text", "index"}
+    assert set(batch) == {"input_ids", "attention_mask", "prompt_text", "index", "columns"} and batch["columns"] == {}
     assert batch["prompt_text"][0] == ["a", "bb"][batch["index"][0]]  # the index names the row it came from
+
+
+def test_prompts_mode_passes_the_rows_other_columns_through(tiny_model_dir, tmp_path):
+    rows = [{"prompt": f"{i} + {i} = ?", "answer": 2 * i, "level": "easy"} for i in range(6)]
+    dm = make_dm(tiny_model_dir, write_jsonl(tmp_path / "p.jsonl", rows), mode="prompts", val_size=2, batch_size=2)
+    dm.setup("fit")
+    for batch in dm.train_dataloader():
+        assert batch["columns"] == {"answer": [2 * i for i in batch["index"].tolist()], "level": ["easy", "easy"]}
 
 
 def test_chat_message_rows(tiny_model_dir, tokenizer, tmp_path):

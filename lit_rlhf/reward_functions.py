@@ -1,0 +1,44 @@
+"""Built-in reward functions, with TRL's contract `f(prompts, completions, **columns) -> list[float | None]`.
+
+Examples to copy for your own (`--model.reward_funcs my_file.py:my_function`). This module imports
+only the standard library: a reward worker process starts in a fraction of a second.
+"""
+
+import functools
+import re
+from typing import Optional
+
+from lit_rlhf.plugins import resolve
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+ANSWER_LINE = re.compile(r"Answer:\s*-?\d+(?:\.\d+)?\s*$")
+
+
+def final_number(prompts: list[str], completions: list[str], answer: list, **columns) -> list[Optional[float]]:
+    """1.0 where the completion's last number equals the row's `answer` column, else 0.0; None where the
+    row has no answer. A template to copy: exact match of a checkable result."""
+    rewards = []
+    for completion, expected in zip(completions, answer):
+        numbers = NUMBER.findall(completion.replace(",", ""))
+        rewards.append(None if expected is None else float(bool(numbers) and float(numbers[-1]) == float(expected)))
+    return rewards
+
+
+def answer_format(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """1.0 where the completion ends with a line `Answer: <number>`, else 0.0: a format reward."""
+    return [float(bool(ANSWER_LINE.search(completion.strip()))) for completion in completions]
+
+
+#: built-in reward functions for `--model.reward_funcs`
+REWARD_FUNCTIONS = {"final_number": final_number, "answer_format": answer_format}
+
+
+@functools.cache
+def reward_function(spec: str):
+    """The function `spec` names (a table key or an import path), imported once per process."""
+    return resolve(spec, REWARD_FUNCTIONS, "--model.reward_funcs")
+
+
+def call_reward(spec: str, prompts: list[str], completions: list[str], columns: dict[str, list]):
+    """What a worker runs: the function `spec` names, on one batch of rows."""
+    return reward_function(spec)(prompts=prompts, completions=completions, **columns)

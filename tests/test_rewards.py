@@ -1,0 +1,217 @@
+"""Reward functions (RL from verifiable rewards): the built-ins, the weighted mix, workers, timeouts, errors, PPO by flag."""
+
+import json
+import math
+import sys
+import time
+
+import pytest
+import torch
+
+from lit_rlhf.cli import cli
+from lit_rlhf.errors import UserError
+from lit_rlhf.reward_functions import answer_format, final_number
+from lit_rlhf.rewards import RewardFunctions, reward_stats, weighted_total
+from test_ppo import ppo_args
+
+NAN = math.nan
+
+
+def test_final_number_and_answer_format_by_hand():
+    completions = ["2 + 3 makes 5", "I think 1,024.", "no number", "Answer: 7", "7 or 8"]
+    answers = [5, 1024, 3, 7.0, 7]
+    assert final_number(["q"] * 5, completions, answer=answers) == [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert final_number(["q"], ["5"], answer=[None]) == [None]  # a row without an answer: does not apply
+    assert answer_format(["q"] * 3, ["so...\nAnswer: 12", "Answer: 12 apples", "answer: 12"]) == [1.0, 0.0, 0.0]
+
+
+def test_weighted_total_leaves_out_none_instead_of_counting_zero():
+    # sources: a reward model, then two functions; row 1: the second function does not apply; row 2: no function does
+    scores = torch.tensor([[1.0, 2.0, -1.0], [0.5, 1.0, NAN], [1.0, NAN, NAN]])
+    weights = torch.tensor([2.0, 1.0, 4.0])
+    # row 0: 2*1 + 0.5 + 4*1 = 6.5; row 1: 2*2 + 1 = 5 (not 2*2 + 1 + 4*0 - the same here, but the mean differs below);
+    # row 2: 2*(-1) = -2
+    assert weighted_total(scores, weights, functions_from=1).tolist() == [6.5, 5.0, -2.0]
+    functions_only = torch.tensor([[1.0, NAN, NAN], [0.0, 1.0, NAN]])
+    assert weighted_total(functions_only, torch.tensor([1.0, 1.0]), functions_from=0).tolist() == [1.0, 1.0, 0.0]
+    broken_model = torch.tensor([[NAN, 1.0], [1.0, 1.0]])  # a reward model's nan is an error, never "does not apply"
+    assert weighted_total(broken_model, torch.tensor([1.0, 1.0]), functions_from=1)[0].isnan()
+
+
+def test_reward_stats_count_nones_and_flat_groups():
+    scores = torch.tensor([[1.0, 0.0, NAN, 1.0], [NAN, NAN, NAN, 0.5]])
+    total = torch.tensor([1.0, 1.0, 0.0, 1.5])  # groups of k = 2: (1, 1) flat, (0, 1.5) not
+    stats = reward_stats(scores, ["exact", "fmt"], total, k=2)
+    assert stats["rewards/exact/mean"] == pytest.approx(2 / 3) and stats["rewards/exact/none_share"] == 0.25
+    assert stats["rewards/fmt/mean"] == 0.5 and stats["rewards/fmt/none_share"] == 0.75
+    assert stats["rewards/unscored_share"] == 0.25 and stats["rewards/flat_group_share"] == 0.5
+
+
+PLUGIN = '''
+import json, os, time
+
+
+def count_a(prompts, completions, **columns):
+    return [float(c.count("a")) for c in completions]
+
+
+def ascii_share(prompts, completions, **columns):
+    """A toy verifiable reward: the share of a response's characters that are printable ASCII."""
+    return [sum(32 <= ord(ch) < 127 for ch in c) / max(1, len(c)) for c in completions]
+
+
+def record(prompts, completions, **columns):
+    with open(os.environ["RECORD_FILE"], "a") as f:
+        f.write(json.dumps({"prompts": prompts, "columns": columns}) + "\\n")
+    return [None if i % 3 == 2 else 1.0 for i in range(len(prompts))]
+
+
+def sleeps(prompts, completions, **columns):
+    time.sleep(60)
+    return [0.0] * len(prompts)
+
+
+def fails_on_b(prompts, completions, **columns):
+    return [1.0 / (c != "b") for c in completions]
+
+
+def too_few(prompts, completions, **columns):
+    return [0.0]
+
+
+def not_a_number(prompts, completions, **columns):
+    return ["1.0" for _ in completions]
+'''
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text(PLUGIN)
+    return "my_rewards.py"
+
+
+def test_a_hanging_function_is_stopped_within_its_timeout(plugin):
+    functions = RewardFunctions([f"{plugin}:sleeps"], timeout=2.0)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"reward function sleeps did not return within --model.reward_timeout 2 s on a batch of 2 rows"):
+        functions(["p", "q"], ["a", "b"], {})
+    assert time.monotonic() - start < 2.0 + 10  # the worker's start-up, then the timeout: not the function's 60 s
+    assert functions.pool is None  # the hung worker was terminated
+    lenient = RewardFunctions([f"{plugin}:sleeps", f"{plugin}:count_a"], timeout=2.0, on_error="none")
+    with pytest.warns(UserWarning, match="reward function sleeps failed .* its 2 rows get None"):
+        slept, counted = lenient(["p", "q"], ["a", "ab"], {})
+    assert all(math.isnan(r) for r in slept) and counted == [1.0, 1.0] and lenient.failures == 1
+    lenient.close()
+
+
+def test_a_raising_function_names_the_row_and_the_error(plugin):
+    functions = RewardFunctions([f"{plugin}:fails_on_b"], timeout=20.0)
+    with pytest.raises(UserError, match=r"reward function fails_on_b raised ZeroDivisionError: float division by zero on row 1 \(prompt 'q'\)"):
+        functions(["p", "q", "r"], ["a", "b", "c"], {})
+    functions.close()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("too_few", "reward function too_few returned 1 values for 3 rows: it must return one float or None per row"),
+    ("not_a_number", "reward function not_a_number returned '1.0' for row 0: it must return a finite float or None"),
+])  # fmt: skip
+def test_a_wrong_return_is_refused(plugin, name, message):
+    functions = RewardFunctions([f"{plugin}:{name}"], timeout=20.0)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        functions(["p", "q", "r"], ["a", "b", "c"], {})
+    functions.close()
+
+
+def prompt_rows(tmp_path, n: int = 12):
+    rows = [{"prompt": f"What is {i} + {i}?", "answer": 2 * i, "tag": f"row{i}"} for i in range(n)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def function_args(tiny_model_dir, dataset, *extra):
+    """PPO on prompt rows with reward functions and no reward model."""
+    args = ppo_args(tiny_model_dir, "unused", dataset, *extra)
+    i = args.index("--model.reward_model_path")
+    return args[:i] + args[i + 2 :]
+
+
+def test_columns_reach_the_function_per_sampled_response_in_order(tiny_model_dir, plugin, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECORD_FILE", str(tmp_path / "calls.jsonl"))
+    run = cli(["fit", *function_args(tiny_model_dir, prompt_rows(tmp_path), "--data.limit", "12", "--data.batch_size", "2",
+               "--model.reward_funcs", f"[{plugin}:record]", "--model.advantage_estimator", "grpo", "--model.num_generations", "3",
+               "--model.gradient_accumulation_steps", "1", "--model.ppo_epochs", "1", "--trainer.limit_train_batches", "2")])  # fmt: skip
+    assert run.model.reward_model is None and run.model.value_model is None
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert len(calls) == 2
+    for call in calls:
+        prompts, columns = call["prompts"], call["columns"]
+        assert len(prompts) == 6 and prompts[0] == prompts[1] == prompts[2] and prompts[3] == prompts[4] == prompts[5]
+        for j, prompt in enumerate(prompts):  # each response carries its own prompt's row
+            i = int(prompt.split()[2])
+            assert columns["answer"][j] == 2 * i and columns["tag"][j] == f"row{i}"
+    # the third response of each group got None: left out of its total (0 here, no other source), counted
+    metrics = run.trainer.callback_metrics
+    assert metrics["rewards/record/none_share"] == pytest.approx(1 / 3) and metrics["rewards/record/mean"] == 1.0
+    assert metrics["rewards/unscored_share"] == pytest.approx(1 / 3)
+
+
+def test_a_function_and_a_reward_model_combine_with_their_weights(tiny_model_dir, tiny_reward_dir, plugin, real_rows):
+    from test_ppo import PPOModule
+
+    module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, response_length=6,
+                       reward_funcs=[f"{plugin}:count_a"], reward_weights=[0.5, 2.0])  # fmt: skip
+    module.score = lambda batch, P: torch.full((len(batch["input_ids"]),), 3.0)  # the reward model says 3 everywhere
+    module.reward_functions.run = lambda spec, prompts, completions, columns: [float(c.count("a")) for c in completions]
+    batch = {"input_ids": torch.tensor([[5, 6], [0, 7]]), "attention_mask": torch.tensor([[1, 1], [0, 1]]), "prompt_text": ["x", "y"], "columns": {}}
+    torch.manual_seed(0)
+    rollout = module.rollout(batch)
+    completions = [module.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+                   for r, m in zip(rollout.input_ids[:, 2:], rollout.response_mask)]  # fmt: skip
+    expected = [0.5 * 3.0 + 2.0 * c.count("a") for c in completions]
+    assert rollout.scores.tolist() == expected
+    assert module.reward_sources == ["reward_model", "count_a"]
+    with pytest.raises(UserError, match=r"--model.reward_weights has 1 values for 2 reward sources \(reward_model, count_a\)"):
+        PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, reward_funcs=[f"{plugin}:count_a"], reward_weights=[1.0])
+    with pytest.raises(UserError, match="PPO needs a reward"):
+        PPOModule(model_name_or_path=tiny_model_dir)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "gae"])
+def test_a_function_reward_is_learned_without_a_reward_model(tiny_model_dir, plugin, real_rows, tmp_path, estimator):
+    """The toy verifiable reward: the share of printable ASCII characters of the response (about half at random init)."""
+    group = ["--model.num_generations", "4", "--data.batch_size", "4"] if estimator == "grpo" else ["--data.batch_size", "16"]
+    run = cli(function_args(tiny_model_dir, real_rows, "--data.limit", "164", "--model.learning_rate", "1e-2", "--model.kl_coef", "0.01",
+                            "--model.temperature", "1.0", "--model.gradient_accumulation_steps", "1", "--model.ppo_epochs", "4",
+                            "--seed_everything", "0", "--trainer.limit_train_batches", "10", "--model.reward_funcs", f"[{plugin}:ascii_share]",
+                            "--model.advantage_estimator", estimator, *group), run=False)  # fmt: skip
+    scores = []
+    original = run.model.training_step
+
+    def training_step(batch, batch_idx):
+        original(batch, batch_idx)
+        scores.append(run.trainer.callback_metrics["objective/scores"].item())
+
+    run.model.training_step = training_step
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert (run.model.value_model is not None) == (estimator == "gae")  # gae: a value model from the policy's backbone
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.1, scores
+
+
+def test_first_minibatch_is_on_policy_with_functions_and_a_resume_keeps_them(tiny_model_dir, plugin, tmp_path, monkeypatch):
+    import lit_rlhf.ppo
+
+    calls = []
+    original = lit_rlhf.ppo.ppo_policy_loss
+    monkeypatch.setattr(lit_rlhf.ppo, "ppo_policy_loss", lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
+    args = ["fit", *function_args(tiny_model_dir, prompt_rows(tmp_path, 24), "--data.limit", "24", "--data.batch_size", "4",
+            "--model.reward_funcs", f"[{plugin}:count_a, final_number]", "--model.reward_weights", "[1.0, 2.0]",
+            "--model.gradient_accumulation_steps", "1", "--model.ppo_epochs", "1", "--checkpoint.every_n_train_steps", "1",
+            "--checkpoint.save_top_k", "-1")]  # fmt: skip
+    cli([*args, "--trainer.max_steps", "2"])
+    _, first = calls[0]
+    assert first["ratio"].item() == pytest.approx(1.0, abs=1e-6) and first["clipfrac"] == 0.0
+    resumed = cli([*args, "--ckpt_path", str(tmp_path / "logs/ppo/version_0/checkpoints/epoch=0-step=1.ckpt")])
+    assert resumed.model.reward_sources == ["count_a", "final_number"] and resumed.model.hparams.reward_weights == [1.0, 2.0]
+    assert resumed.trainer.global_step == 5
