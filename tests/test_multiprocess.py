@@ -165,3 +165,49 @@ def test_ppo_two_processes_sample_apart_whiten_together_and_end_with_the_same_we
     assert rank0["frozen_requires_grad"] == rank1["frozen_requires_grad"] == {"ref_model": False, "reward_model": False}
     assert "val_objective/scores" in rank0["final_metrics"]  # 2 held-out prompts on rank 0, 1 on rank 1
     assert rank0["exported"] and not rank1["exported"]
+
+
+RECORDING_REWARD = '''
+import json, os
+
+
+def length_mod_7(prompts, completions, answer, **columns):
+    rewards = [float((len(c) + a) % 7) for c, a in zip(completions, answer)]
+    with open(os.environ["RECORD_FILE"], "a") as f:
+        for p, c, r in zip(prompts, completions, rewards):
+            f.write(json.dumps([p, c, r]) + "\\n")
+    return rewards
+'''
+
+
+def first_rewards(record_file: Path, prompts: set[str]) -> dict[str, list]:
+    """The first (completion, reward) a reward function gave each of `prompts`."""
+    seen = {}
+    for prompt, completion, reward in map(json.loads, record_file.read_text().splitlines()):
+        if prompt in prompts:
+            seen.setdefault(prompt, [completion, reward])
+    return seen
+
+
+def test_a_reward_function_runs_in_every_process_and_scores_as_in_one(tiny_model_dir, tmp_path, monkeypatch):
+    """Greedy answers to the held-out prompts before training (the sanity check) get the same rewards from the
+    function's worker on 2 processes as on 1."""
+    rows = [{"prompt": f"What is {i} + {i}?", "answer": 2 * i} for i in range(12)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "judge.py").write_text(RECORDING_REWARD)
+    args = [
+        "--model", "lit_rlhf.ppo.PPOModule", "--model.model_name_or_path", tiny_model_dir, "--model.reward_funcs", f"[{tmp_path}/judge.py:length_mod_7]",
+        "--model.advantage_estimator", "grpo", "--model.num_generations", "2", "--model.response_length", "6", "--model.ppo_epochs", "1",
+        "--model.gradient_accumulation_steps", "1", "--data.dataset", str(tmp_path / "prompts.jsonl"), "--data.mode", "prompts",
+        "--data.val_size", "4", "--data.batch_size", "2", "--data.max_length", "64", "--data.max_prompt_length", "32",
+        "--trainer.limit_train_batches", "1", "--seed_everything", "0", *QUIET, "--trainer.num_sanity_val_steps", "2",
+    ]  # fmt: skip
+    monkeypatch.setenv("RECORD_FILE", str(tmp_path / "two.jsonl"))
+    rank0, rank1, _ = fit_two_processes(args, tmp_path / "ddp")
+    assert rank0["metrics"][0]["rewards/length_mod_7/none_share"] == 0.0
+    monkeypatch.setenv("RECORD_FILE", str(tmp_path / "one.jsonl"))
+    monkeypatch.chdir(tmp_path)
+    fit_and_record([*args, "--trainer.devices", "1"])
+    held_out = {json.loads(line)[0] for line in (tmp_path / "one.jsonl").read_text().splitlines()[:4]}  # the sanity check comes first
+    one, two = first_rewards(tmp_path / "one.jsonl", held_out), first_rewards(tmp_path / "two.jsonl", held_out)
+    assert len(one) == 4 and one == two

@@ -215,3 +215,51 @@ def test_first_minibatch_is_on_policy_with_functions_and_a_resume_keeps_them(tin
     resumed = cli([*args, "--ckpt_path", str(tmp_path / "logs/ppo/version_0/checkpoints/epoch=0-step=1.ckpt")])
     assert resumed.model.reward_sources == ["count_a", "final_number"] and resumed.model.hparams.reward_weights == [1.0, 2.0]
     assert resumed.trainer.global_step == 5
+
+
+# ---- the verifiable task ----------------------------------------------------------------------
+
+
+def test_arithmetic_splits_share_no_problem_and_final_number_checks_them():
+    from lit_rlhf.reward_functions import final_number
+    from lit_rlhf.tasks import arithmetic
+
+    train, heldout = arithmetic(300, 100, seed=0)
+    assert len(train) == 300 and len(heldout) == 100
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
+    assert len({r["prompt"] for r in train}) == 300  # no repeats
+    assert arithmetic(300, 100, seed=0) == (train, heldout)  # seeded
+    other_train, other_heldout = arithmetic(300, 100, seed=1)
+    assert not {r["prompt"] for r in other_train} & {r["prompt"] for r in heldout}  # the split does not depend on the seed
+    for row in train[:20]:
+        a, op, b = row["prompt"].split()[2:5]
+        assert row["answer"] == (int(a) + int(b.rstrip("?")) if op == "+" else int(a) - int(b.rstrip("?")))
+    completions = [f"Let me think.\nAnswer: {r['answer']}" for r in heldout[:5]] + [f"Answer: {r['answer'] + 1}" for r in heldout[5:10]]
+    assert final_number([r["prompt"] for r in heldout[:10]], completions, answer=[r["answer"] for r in heldout[:10]]) == [1.0] * 5 + [0.0] * 5
+
+
+TASK_PLUGIN = '''
+def always(prompts, completions, answer, **columns):
+    assert len(answer) == len(completions)
+    return [1.0] * len(completions)
+
+
+def never(prompts, completions, **columns):
+    return [0.0] * len(completions)
+'''
+
+
+def test_task_accuracy_reports_pass_at_1_and_pass_at_k(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from lit_rlhf.commands import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "judges.py").write_text(TASK_PLUGIN)
+    main(["arithmetic", "--out", "task", "--num_train", "10", "--num_heldout", "6"])
+    common = ["--models", json.dumps({"base": tiny_model_dir}), "--dataset", "task/heldout.jsonl", "--k", "2", "--max_new_tokens", "3"]
+    main(["task-accuracy", *common, "--reward_funcs", "[judges.py:always]"])
+    out = capsys.readouterr().out
+    assert "| base | 1.000 [1.000, 1.000] | 1.000 | 1.000 |" in out
+    from lit_rlhf.tasks import task_accuracy
+
+    never = task_accuracy({"base": tiny_model_dir}, "task/heldout.jsonl", ["judges.py:never"], k=2, max_new_tokens=3)
+    assert never["base"]["pass@1"] == (0.0, 0.0, 0.0) and never["base"]["pass@2"] == 0.0
