@@ -35,6 +35,7 @@ from lit_rlhf.ops import IGNORE_INDEX, kl_estimate
 from lit_rlhf.precision import auto_precision
 from lit_rlhf.report import write_report
 from lit_rlhf.rows import load_rows
+from lit_rlhf.tasks import task_passes
 
 DEFAULT_PROMPTS = [
     "What's your morning routine like?",
@@ -129,6 +130,9 @@ def evaluate(
     batch_size: int = 8,
     seed: int = 0,
     generation_precision: Optional[Literal["bf16", "fp32"]] = None,
+    task_dataset: Optional[str] = None,
+    task_reward_funcs: list[str] = ["final_number"],
+    task_rows: int = 200,
 ) -> dict:
     """Evaluate causal LMs side by side and write report.md / report.json / frontier.png / TensorBoard to `output_dir`.
 
@@ -160,9 +164,15 @@ def evaluate(
             machine has bf16 units (lit_rlhf/precision.py), else fp32. The samples for KL always come
             from the fp32 weights that score them (samples from a bf16 copy bias the estimate: k3 read
             8.0 nats where k1 read 4.3 on the demo's DPO model), and scores, log-probs and KL are fp32.
+        task_dataset: Prompt rows of a verifiable task (e.g. `lit-rlhf arithmetic`'s heldout.jsonl): each
+            model's greedy pass@1 on its first `task_rows` rows, judged by `task_reward_funcs`
+            (lit_rlhf/tasks.py), is reported beside the other metrics.
+        task_reward_funcs: Reward functions that judge the task's answers (a summed reward >= 1 passes).
+        task_rows: Rows of `task_dataset` to answer.
     """
     check_ranges("", locals(), {"num_generation_prompts": "> 0", "max_new_tokens": "> 0", "num_rows": "> 0",
-                                "num_logprob_rows": "> 0", "batch_size": "> 0"})  # fmt: skip
+                                "num_logprob_rows": "> 0", "batch_size": "> 0", "task_rows": "> 0"})  # fmt: skip
+    task = [row for _, row in load_rows(task_dataset)[:task_rows]] if task_dataset else None
     if not models:
         raise UserError("pass at least one model: --models '{base: HuggingFaceTB/SmolLM-135M-Instruct}'")
     models = dict(models)
@@ -236,9 +246,13 @@ def evaluate(
             "logprob_unseen": mean_answer_logprob(model, unseen, pad_id, batch_size),
             "generations": texts,
         }
+        if task:
+            passes = task_passes(generator, tokenizer, task, task_reward_funcs, max_new_tokens, batch_size)
+            report["models"][name]["task_pass_at_1"] = ci(passes)
         print(f"evaluated {name}: judge reward {report['models'][name]['judge_reward'][0]:.3f}", file=sys.stderr)
     report["seconds"] = round(time.time() - start, 1)
     report["generation_precision"] = generation_precision
+    report["task"] = task_dataset
     write_report(report, output_dir, baseline, unseen_dataset, data["dataset"])
     return report
 

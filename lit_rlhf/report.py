@@ -46,6 +46,8 @@ def markdown(report: dict, baseline: str, unseen: str, dataset: str) -> str:
         "## Reward models", "",
         f"On {judge['rows']} held-out preference pairs: judge accuracy (chosen > rejected) {judge['accuracy']:.1%}, mean"
         f" margin {judge['margin']:.3f}; proxy accuracy {proxy['accuracy']:.1%}, mean margin {proxy['margin']:.3f}.", "",
+        *([f"## Verifiable task: `{report['task']}`", "", "Greedy pass@1 (an answer passes when the task's reward functions sum to 1 or more):", "",
+           *table(report, [("task_pass_at_1", "greedy pass@1")], baseline), ""] if report.get("task") else []),
         "## Reward against KL", "", "![frontier](frontier.png)", "",
         "| model | KL (sampled) | judge reward |", "| --- | --- | --- |",
         *[f"| {name} | {cell(m['sampled_kl'])} | {cell(m['judge_reward'])} |" for name, m in report["models"].items()], "",

@@ -14,6 +14,7 @@ import hashlib
 import json
 import random
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +24,7 @@ from jsonargparse import ArgumentParser
 from lit_rlhf.data import collate_prompts, render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.forward import generate_responses
-from lit_rlhf.metrics import bootstrap_ci
+from lit_rlhf.metrics import bootstrap_ci, interval_text
 from lit_rlhf.models import load_causal_lm, load_tokenizer
 from lit_rlhf.reward_functions import reward_function
 from lit_rlhf.rows import load_rows
@@ -71,42 +72,43 @@ def write_arithmetic(args: Optional[list[str]] = None) -> None:
 
 
 @torch.no_grad()
+def task_passes(model, tokenizer, rows: list[dict], reward_funcs: list[str], max_new_tokens: int, batch_size: int, sample: bool = False) -> torch.Tensor:
+    """(N,) 1.0 where the model's answer to row n's `prompt` passes: greedy (or sampled at temperature 1), judged
+    by `reward_funcs` (TRL's contract, the rows' other columns passed), a pass being a summed reward >= 1."""
+    functions = [reward_function(spec) for spec in reward_funcs]
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+    out = []
+    for start in range(0, len(rows), batch_size):
+        part = rows[start : start + batch_size]
+        prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])) for row in part]
+        batch = collate_prompts([{"prompt": p} for p in prompts], tokenizer.pad_token_id)
+        responses, mask, _ = generate_responses(model, batch, tokenizer, max_new_tokens=max_new_tokens, **sampling)
+        completions = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
+        columns = {key: [row.get(key) for row in part] for key in part[0] if key != "prompt"}
+        scores = [f(prompts=[row["prompt"] for row in part], completions=completions, **columns) for f in functions]
+        out += [float(sum(s or 0.0 for s in row_scores) >= 1) for row_scores in zip(*scores)]
+    return torch.tensor(out)
+
+
 def task_accuracy(
     models: dict[str, str], dataset: str, reward_funcs: list[str] = ["final_number"], limit: int = 200, k: int = 8,
     max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0,
 ) -> dict:  # fmt: skip
     """Per model: greedy pass@1 (mean and bootstrap 95 % interval over problems) and pass@k of `k` answers
-    sampled at temperature 1, on the first `limit` prompt rows of `dataset`. An answer passes when the sum
-    of `reward_funcs` (TRL's contract, the rows' other columns passed) is at least 1."""
+    sampled at temperature 1, on the first `limit` prompt rows of `dataset` (`task_passes`)."""
     check_ranges("", locals(), {"limit": "> 0", "k": "> 0", "max_new_tokens": "> 0", "batch_size": "> 0"})
     rows = [row for _, row in load_rows(dataset)[:limit]]
-    functions = [reward_function(spec) for spec in reward_funcs]
     tokenizer = load_tokenizer(next(iter(models.values())))
-    prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])) for row in rows]
-    columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
-
-    def passes(model, sample: bool) -> torch.Tensor:  # (N,) 1.0 where the answer passes
-        out = []
-        for start in range(0, len(rows), batch_size):
-            batch = collate_prompts([{"prompt": p} for p in prompts[start : start + batch_size]], tokenizer.pad_token_id)
-            sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-            responses, mask, _ = generate_responses(model, batch, tokenizer, max_new_tokens=max_new_tokens, **sampling)
-            completions = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
-            part = {key: values[start : start + batch_size] for key, values in columns.items()}
-            scores = [f(prompts=[row["prompt"] for row in rows[start : start + batch_size]], completions=completions, **part) for f in functions]
-            out += [float(sum(s or 0.0 for s in row_scores) >= 1) for row_scores in zip(*scores)]
-        return torch.tensor(out)
-
+    passes = partial(task_passes, tokenizer=tokenizer, rows=rows, reward_funcs=reward_funcs, max_new_tokens=max_new_tokens, batch_size=batch_size)
     report = {}
     for name, path in models.items():
         model = load_causal_lm(path).eval()
-        greedy = passes(model, sample=False)
+        greedy = passes(model)
         torch.manual_seed(seed)
         sampled = torch.stack([passes(model, sample=True) for _ in range(k)])  # (k, N)
         report[name] = {"pass@1": bootstrap_ci(greedy, seed=seed), f"pass@{k}": sampled.max(0).values.mean().item(),
                         "sampled_pass_rate": sampled.mean().item()}  # fmt: skip
-        print(f"{name}: greedy pass@1 {report[name]['pass@1'][0]:.3f} [{report[name]['pass@1'][1]:.3f}, {report[name]['pass@1'][2]:.3f}],"
-              f" pass@{k} {report[name][f'pass@{k}']:.3f}", file=sys.stderr)  # fmt: skip
+        print(f"{name}: greedy pass@1 {interval_text(report[name]['pass@1'])}, pass@{k} {report[name][f'pass@{k}']:.3f}", file=sys.stderr)
     return report
 
 

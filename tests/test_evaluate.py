@@ -84,6 +84,9 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
         {"instruction": "Name a fish.", "context": "", "response": "Tope."},
         {"instruction": "Summarise.", "context": "The sky is blue.", "response": "Blue sky."},
     ]))  # fmt: skip
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": 2 * i}) + "\n" for i in range(6)))
+    (tmp_path / "judge_rewards.py").write_text("def short(prompts, completions, answer, **c):\n    return [float(len(x) < 4) for x in completions]\n")
     out = tmp_path / "eval"
     data = ["--data.dataset", str(real_rows), "--data.limit", "30", "--data.val_size", "10", "--data.max_length", "64",
             "--data.max_prompt_length", "32"]  # fmt: skip
@@ -92,6 +95,7 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
         "--judge_model", str(judge_dir),
         "--unseen_dataset", str(unseen), "--output_dir", str(out),
         "--num_generation_prompts", "5", "--max_new_tokens", "6", "--num_rows", "10", "--num_logprob_rows", "4",
+        "--task_dataset", str(task), "--task_reward_funcs", f"[{tmp_path / 'judge_rewards.py'}:short]", "--task_rows", "4",
     ])  # fmt: skip
     same, base = report["models"]["same"], report["models"]["base"]
     assert same["win_rate"] == (0.5, 0.5, 0.5) and same["lc_win_rate"] == pytest.approx(0.5) and same["greedy_logratio"] == 0.0
@@ -108,8 +112,9 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
     assert report["proxy"]["accuracy"] == pytest.approx(validated.trainer.callback_metrics["val_accuracy"].item())
     assert report["proxy"]["margin"] == pytest.approx(validated.trainer.callback_metrics["val_margin"].item(), abs=1e-5)
     assert len(same["generations"]) == 5
+    assert same["task_pass_at_1"] == base["task_pass_at_1"] and 0.0 <= base["task_pass_at_1"][0] <= 1.0  # the same model, the same answers
     text = (out / "report.md").read_text()
-    for section in ("## Quality and degeneration", "## Likelihood", "## Reward models", "## Reward against KL", "## Generations",
+    for section in ("## Quality and degeneration", "## Likelihood", "## Verifiable task", "## Reward models", "## Reward against KL", "## Generations",
                     "What's your morning routine like?"):  # fmt: skip
         assert section in text
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
