@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.atomic import written_atomically
-from lit_rlhf.data import cache_dir
+from lit_rlhf.tokenization import cache_dir
 from lit_rlhf.forward import sequence_logps
 from lit_rlhf.errors import UserError
 from lit_rlhf.losses import PREFERENCE_LOSS_ARGUMENTS, PREFERENCE_LOSSES, UNPAIRED_LOSS_ARGUMENTS, rpo_nll_loss

@@ -26,7 +26,8 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data import PreferenceDataModule, collate_prompts, collate_sequences, encode_row, render_prompt, tokenize
+from lit_rlhf.data import PreferenceDataModule, collate_prompts, collate_sequences
+from lit_rlhf.tokenization import encode_row, render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.forward import generate_responses, sequence_logps, sequence_scores, token_logps
 from lit_rlhf.metrics import bootstrap_ci, distinct_n, has_loop, length_controlled_win_rate, wins

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from jsonargparse import ArgumentParser
 
-from lit_rlhf.data import collate_prompts, render_prompt, tokenize
+from lit_rlhf.data import collate_prompts
+from lit_rlhf.tokenization import render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.forward import generate_responses
 from lit_rlhf.metrics import bootstrap_ci, interval_text

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import lit_rlhf.base
-import lit_rlhf.data
+import lit_rlhf.tokenization
 from lit_rlhf.cli import cli
 from lit_rlhf.dpo import DPOModule
 
@@ -109,7 +109,7 @@ if __name__ == "__main__":
     out_dir, nan_step, args = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     work = {}
     record_calls(work, "exported", lit_rlhf.base, "export_pretrained")
-    record_calls(work, "tokenized_rows", lit_rlhf.data, "encode_messages")
+    record_calls(work, "tokenized_rows", lit_rlhf.tokenization, "encode_messages")
     record_calls(work, "reference_rows", DPOModule, "live_reference_logps", lambda module, batch: batch["index"].tolist())
     record = fit_and_record(args, nan_step) | work
     torch.save(record, out_dir / f"rank{record['rank']}.pt")

@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import lit_rlhf.data
+import lit_rlhf.tokenization
 from conftest import CHATML
 from lit_rlhf.commands import main
-from lit_rlhf.data import PreferenceDataModule, collate_pairs, collate_prompts, render_completion, render_prompt
+from lit_rlhf.data import PreferenceDataModule, collate_pairs, collate_prompts
+from lit_rlhf.tokenization import render_completion, render_prompt
 from lit_rlhf.errors import UserError
 from lit_rlhf.loader import ResumableBatchSampler
 from lit_rlhf.ops import IGNORE_INDEX
@@ -117,8 +118,8 @@ def test_split_is_deterministic_and_disjoint(tiny_model_dir, real_rows):
 def count_encoded_rows(monkeypatch) -> list:
     """Every row tokenized from now on appends to the returned list (map runs in this process with num_proc 1)."""
     calls = []
-    encode_messages = lit_rlhf.data.encode_messages
-    monkeypatch.setattr(lit_rlhf.data, "encode_messages", lambda *args, **kwargs: calls.append(1) or encode_messages(*args, **kwargs))
+    encode_messages = lit_rlhf.tokenization.encode_messages
+    monkeypatch.setattr(lit_rlhf.tokenization, "encode_messages", lambda *args, **kwargs: calls.append(1) or encode_messages(*args, **kwargs))
     return calls
 
 

@@ -263,11 +263,11 @@ def test_the_one_line_error_is_the_one_that_stopped_the_run():
 
 
 def test_a_read_only_datasets_cache_tokenizes_in_memory(tiny_model_dir, real_rows, tmp_path, monkeypatch):
-    import lit_rlhf.data
+    import lit_rlhf.tokenization
 
     from test_data import make_dm
 
-    monkeypatch.setattr(lit_rlhf.data.os, "access", lambda path, mode: False)  # as a cache shared read-only
+    monkeypatch.setattr(lit_rlhf.tokenization.os, "access", lambda path, mode: False)  # as a cache shared read-only
     dm = make_dm(tiny_model_dir, real_rows, limit=20, val_size=4, max_length=64, max_prompt_length=32)
     with pytest.warns(UserWarning, match=r"lit_rlhf/tokenized is not writable: the rows are tokenized in memory and not cached"):
         dm.setup("fit")
