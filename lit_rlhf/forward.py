@@ -59,8 +59,10 @@ def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 def generate_responses(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer, **generate_kwargs) -> tuple[torch.Tensor, ...]:
     """`model.generate` on left-padded prompts (`input_ids`, `attention_mask` (B, P)), cut after the first EOS:
-    responses, response_mask (B, R), contains_eos (B,) (`ops.truncate_after_eos`)."""
+    responses, response_mask (B, R), contains_eos (B,) (`ops.truncate_after_eos`). The tokenizer's pad and EOS
+    ids are passed unless a `generation_config` (which then holds them) is."""
     prompts = batch["input_ids"]
-    out = model.generate(input_ids=prompts, attention_mask=batch["attention_mask"], pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **generate_kwargs)  # fmt: skip
+    if "generation_config" not in generate_kwargs:
+        generate_kwargs |= {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    out = model.generate(input_ids=prompts, attention_mask=batch["attention_mask"], **generate_kwargs)
     return truncate_after_eos(out[:, prompts.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)

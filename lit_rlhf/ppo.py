@@ -192,7 +192,7 @@ class PPOModule(AlignmentModule):
             self.value_model = add_lora(value_model, **self.lora_args(), task_type="SEQ_CLS")
         else:  # critic-free: no value weights to train, optimise or checkpoint
             self.value_model, self.trained_modules = None, ("model",)
-        stop = dict(max_new_tokens=hp.response_length, min_new_tokens=1)
+        stop = dict(max_new_tokens=hp.response_length, min_new_tokens=1, pad_token_id=pad_id, eos_token_id=self.tokenizer.eos_token_id)
         # top_k=0, top_p=1: sample from the full distribution, the one the log-probs are computed from
         self.generation_config = GenerationConfig(do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0, **stop)
         self.greedy_config = GenerationConfig(do_sample=False, **stop)
