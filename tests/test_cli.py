@@ -122,3 +122,17 @@ def test_precision_is_the_machines_choice_unless_given(tiny_model_dir, real_rows
         assert cli(args, run=False).trainer.precision == "bf16-mixed"
     assert "precision bf16-mixed: the CPU has bf16 matmul units (amx_bf16) (--trainer.precision overrides)" in caplog.text
     assert cli([*args, "--trainer.precision", "32-true"], run=False).trainer.precision == "32-true"
+
+
+def test_help_lists_every_entry_of_the_tables():
+    from lit_rlhf.dpo import DPOModule
+    from lit_rlhf.estimators import ESTIMATORS
+    from lit_rlhf.losses import PREFERENCE_LOSSES
+    from lit_rlhf.ppo import PPOModule
+    from lit_rlhf.reward_functions import REWARD_FUNCTIONS
+
+    for name, (_, paper) in PREFERENCE_LOSSES.items():
+        assert f"`{name}` ({paper})" in DPOModule.__init__.__doc__
+    for name, estimator in ESTIMATORS.items():
+        assert f"`{name}` ({estimator.paper})" in PPOModule.__init__.__doc__
+    assert all(f"`{name}`" in PPOModule.__init__.__doc__ for name in REWARD_FUNCTIONS)
