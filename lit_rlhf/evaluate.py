@@ -163,8 +163,8 @@ def evaluate(
         generation_precision: Weights the greedy answers are generated with: `bf16` (a bf16 copy of
             each model: decoding reads half the bytes per token) or `fp32`. Default: bf16 where the
             machine has bf16 units (lit_rlhf/precision.py), else fp32. The samples for KL always come
-            from the fp32 weights that score them (samples from a bf16 copy bias the estimate: k3 read
-            8.0 nats where k1 read 4.3 on the demo's DPO model), and scores, log-probs and KL are fp32.
+            from the fp32 weights that score them (samples from a bf16 copy bias the estimate: E_q'[p / q]
+            is not 1 for q' != q; docs/results.md shows by how much), and scores, log-probs and KL are fp32.
         task_dataset: Prompt rows of a verifiable task (e.g. `lit-rlhf arithmetic`'s heldout.jsonl): each
             model's greedy pass@1 on its first `task_rows` rows, judged by `task_reward_funcs`
             (lit_rlhf/tasks.py), is reported beside the other metrics.
