@@ -16,6 +16,7 @@ from lit_rlhf.base import AlignmentModule
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.errors import UserError
 from lit_rlhf.models import read_checkpoint
+from lit_rlhf.monitor import GenerationMonitor
 from lit_rlhf.precision import auto_precision
 from lit_rlhf.runs import AtomicCheckpointIO, Preemption, RemoveFailedRunDir, RunLogger, newest_checkpoint, version_folder
 
@@ -31,6 +32,7 @@ class LitRLHFCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name_or_path")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(GenerationMonitor, "generations")
         # one pass over the data, as the published recipes train (Lightning's own default is 1000 epochs)
         parser.set_defaults({"trainer.max_epochs": 1})
         # no_grad rather than inference_mode in evaluation: validation metrics can then also be

@@ -15,7 +15,7 @@ from lit_rlhf import demo, evaluate, smollm2, tasks
 from lit_rlhf.cli import cli
 from lit_rlhf.errors import UserError
 
-COMMANDS = {"evaluate": evaluate.main, "fetch-smollm2": smollm2.main, "demo": demo.main, "arithmetic": tasks.write_arithmetic,
+COMMANDS = {"evaluate": evaluate.main, "fetch-smollm2": smollm2.main, "demo": demo.main, "demo-verifiable": demo.verifiable, "arithmetic": tasks.write_arithmetic,
             "task-accuracy": tasks.main}  # fmt: skip
 
 
@@ -61,7 +61,7 @@ def run(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(
             "lit-rlhf commands: fit, validate, test (LightningCLI, below); evaluate (compare models);"
-            " fetch-smollm2 (offline model); demo (offline pipeline); arithmetic (write a verifiable task);"
+            " fetch-smollm2 (offline model); demo (offline pipeline); demo-verifiable (RL from a verifiable reward, offline); arithmetic (write a verifiable task);"
             " task-accuracy (pass@1 and pass@k on one). `lit-rlhf COMMAND --help` explains each;"
             " --debug shows the traceback of an error.\n"
         )

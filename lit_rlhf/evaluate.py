@@ -26,14 +26,14 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data import PreferenceDataModule, collate_prompts, collate_sequences
+from lit_rlhf.data import PreferenceDataModule, collate_sequences
 from lit_rlhf.tokenization import encode_row, render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
-from lit_rlhf.forward import generate_responses, sequence_logps, sequence_scores, token_logps
+from lit_rlhf.forward import generate_answers, sequence_logps, sequence_scores, token_logps
 from lit_rlhf.metrics import bootstrap_ci, distinct_n, has_loop, length_controlled_win_rate, wins
 from lit_rlhf.models import check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX, kl_estimate
-from lit_rlhf.precision import auto_precision
+from lit_rlhf.precision import generation_precision as default_generation_precision
 from lit_rlhf.report import write_report
 from lit_rlhf.rows import load_rows
 from lit_rlhf.tasks import task_passes
@@ -80,21 +80,6 @@ def sequence_kl(model, batch: dict[str, torch.Tensor], base_model) -> torch.Tens
     mask = (batch["labels"][:, 1:] != IGNORE_INDEX).double()
     logps, base_logps = token_logps(model, batch).double(), token_logps(base_model, batch).double()
     return torch.stack([(kl_estimate(logps, base_logps, k) * mask).sum(-1) for k in ("k1", "k3")], 1)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False) -> list[dict]:
-    """Greedy (or, with `sample`, temperature-1 sampled) responses: per prompt its `response` ids (cut
-    after the first EOS), `text` and whether it ended with EOS (`eos`)."""
-    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    out = []
-    for start in range(0, len(prompt_ids), batch_size):
-        batch = collate_prompts([{"prompt": p} for p in prompt_ids[start : start + batch_size]], tokenizer.pad_token_id)
-        responses, mask, eos = generate_responses(model, batch, tokenizer, max_new_tokens=max_new_tokens, **sampling)
-        for r, m, e in zip(responses, mask, eos.tolist()):
-            ids = r[m.bool()].tolist()
-            out.append({"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "eos": e})
-    return out
 
 
 def unseen_rows(dataset: str, tokenizer, limit: int, max_length: int) -> list[dict]:
@@ -208,21 +193,21 @@ def evaluate(
         "models": {},
     }  # fmt: skip
     base_model = load_causal_lm(models[baseline]).eval()
-    generation_precision = generation_precision or ("bf16" if auto_precision()[0] == "bf16-mixed" else "fp32")
+    generation_precision = default_generation_precision(generation_precision)
     batches = partial(over_batches, pad_id=pad_id, batch_size=batch_size)
     ci = partial(bootstrap_ci, seed=seed)
     base = None
     for name in names:
         model = base_model if name == baseline else load_causal_lm(models[name]).eval()
         generator = copy.deepcopy(model).to(torch.bfloat16) if generation_precision == "bf16" else model
-        greedy = generate(generator, tokenizer, gen_prompts, max_new_tokens, batch_size)
+        greedy = generate_answers(generator, tokenizer, gen_prompts, max_new_tokens, batch_size)
         answered = [(p, g["response"]) for p, g in zip(gen_prompts, greedy)]
         if model is base_model:  # KL(base || base) is 0: no samples needed
             kl = torch.zeros(len(gen_prompts), 2, dtype=torch.float64)
         else:
             torch.manual_seed(seed)
             # sampled from the fp32 weights that score them: KL estimates need samples from the scoring model itself
-            sampled = generate(model, tokenizer, gen_prompts, max_new_tokens, batch_size, sample=True)
+            sampled = generate_answers(model, tokenizer, gen_prompts, max_new_tokens, batch_size, sample=True)
             kl = batches(partial(sequence_kl, base_model=base_model), model, [(p, g["response"]) for p, g in zip(gen_prompts, sampled)])  # (N, 2): k1, k3
         judge_scores, lengths = batches(sequence_scores, judge, answered), torch.tensor([len(g["response"]) for g in greedy])
         base = base or {"judge_scores": judge_scores, "lengths": lengths}

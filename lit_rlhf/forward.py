@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from lit_rlhf.data import collate_prompts
 from lit_rlhf.models import unwrap
 from lit_rlhf.ops import label_logps, last_token_index, position_ids, truncate_after_eos
 
@@ -66,3 +67,19 @@ def generate_responses(model: nn.Module, batch: dict[str, torch.Tensor], tokeniz
         generate_kwargs |= {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     out = model.generate(input_ids=prompts, attention_mask=batch["attention_mask"], **generate_kwargs)
     return truncate_after_eos(out[:, prompts.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False) -> list[dict]:
+    """Greedy (or, with `sample`, temperature-1 sampled) answers to tokenized prompts, `batch_size` at a time:
+    per prompt its `response` ids (cut after the first EOS), `text` and whether it ended with EOS (`eos`)."""
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = collate_prompts([{"prompt": p} for p in prompt_ids[start : start + batch_size]], tokenizer.pad_token_id)
+        batch = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask")}
+        responses, mask, eos = generate_responses(model, batch, tokenizer, max_new_tokens=max_new_tokens, **sampling)
+        for r, m, e in zip(responses, mask, eos.tolist()):
+            ids = r[m.bool()].tolist()
+            out.append({"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "eos": e})
+    return out

@@ -8,6 +8,7 @@ log-softmax, log-probs, losses and advantages are computed in fp32 (lit_rlhf/ops
 """
 
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 
@@ -35,3 +36,9 @@ def auto_precision(flags: set[str] | None = None) -> tuple[str, str]:
     if found:
         return "bf16-mixed", f"the CPU has bf16 matmul units ({', '.join(found)})"
     return "32-true", f"the CPU has no bf16 matmul units (none of {', '.join(BF16_CPU_FLAGS)}), where bf16 is emulated and slow"
+
+
+def generation_precision(choice: Optional[Literal["bf16", "fp32"]] = None) -> str:
+    """`choice`, or by default `bf16` where training would default to bf16-mixed (`auto_precision`), else `fp32`:
+    the weights greedy answers are generated with (a bf16 copy reads half the bytes per decoded token)."""
+    return choice or ("bf16" if auto_precision()[0] == "bf16-mixed" else "fp32")

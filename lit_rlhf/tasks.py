@@ -16,17 +16,17 @@ import random
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from jsonargparse import ArgumentParser
 
-from lit_rlhf.data import collate_prompts
 from lit_rlhf.tokenization import render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
-from lit_rlhf.forward import generate_responses
+from lit_rlhf.forward import generate_answers
 from lit_rlhf.metrics import bootstrap_ci, interval_text
 from lit_rlhf.models import load_causal_lm, load_tokenizer
+from lit_rlhf.precision import generation_precision as default_generation_precision
 from lit_rlhf.reward_functions import reward_function
 from lit_rlhf.rows import load_rows
 
@@ -42,22 +42,25 @@ def is_heldout(problem: dict, share: float) -> bool:
     return int(hashlib.sha256(problem["prompt"].encode()).hexdigest(), 16) % 10_000 < share * 10_000
 
 
-def arithmetic(num_train: int, num_heldout: int, seed: int = 0, digits: int = 2, heldout_share: float = 0.2) -> tuple[list[dict], list[dict]]:
-    """`num_train` and `num_heldout` distinct problems `a + b` / `a - b` with `digits`-digit operands, drawn
-    under `seed`, from disjoint splits of the problem space (`heldout_share` of it held out)."""
-    low, high = 10 ** (digits - 1), 10**digits - 1
-    space = (high - low + 1) ** 2 * 2
-    if num_train + num_heldout > space * min(heldout_share, 1 - heldout_share):
-        raise UserError(f"{num_train} + {num_heldout} problems do not fit the {space} {digits}-digit problems: use more --digits")
-    rng, seen = random.Random(seed), set()
-    train, heldout = [], []
-    while len(train) < num_train or len(heldout) < num_heldout:
-        problem = arithmetic_problem(rng.randint(low, high), rng.randint(low, high), rng.choice("+-"))
-        split = heldout if is_heldout(problem, heldout_share) else train
-        if problem["prompt"] not in seen and len(split) < (num_heldout if split is heldout else num_train):
-            seen.add(problem["prompt"])
-            split.append(problem)
-    return train, heldout
+def arithmetic(num_train: int = 500, num_heldout: int = 200, seed: int = 0, max_operand: int = 20, heldout_share: float = 0.3) -> tuple[list[dict], list[dict]]:
+    """Distinct problems `a + b` and `a - b`, drawn from two disjoint splits of all such problems.
+
+    Args:
+        num_train: Training problems.
+        num_heldout: Held-out problems.
+        seed: Seed of the draw (not of the split, which a hash of each problem decides).
+        max_operand: Operands run from 1 to this.
+        heldout_share: Share of all problems in the held-out split.
+    """
+    problems = [arithmetic_problem(a, b, op) for a in range(1, max_operand + 1) for b in range(1, max_operand + 1) for op in "+-"]
+    heldout = [p for p in problems if is_heldout(p, heldout_share)]
+    train = [p for p in problems if not is_heldout(p, heldout_share)]
+    for flag, split, n in (("num_train", train, num_train), ("num_heldout", heldout, num_heldout)):
+        if n > len(split):
+            raise UserError(f"--{flag} {n}: its split holds {len(split)} of the {len(problems)} problems with operands up to {max_operand}"
+                            " (use a larger --max_operand or another --heldout_share)")  # fmt: skip
+    rng = random.Random(seed)
+    return rng.sample(train, num_train), rng.sample(heldout, num_heldout)
 
 
 def write_arithmetic(args: Optional[list[str]] = None) -> None:
@@ -65,7 +68,7 @@ def write_arithmetic(args: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the folder to write")
     parser.add_function_arguments(arithmetic)
     cfg = parser.parse_args(args)
-    train, heldout = arithmetic(cfg.num_train, cfg.num_heldout, cfg.seed, cfg.digits, cfg.heldout_share)
+    train, heldout = arithmetic(cfg.num_train, cfg.num_heldout, cfg.seed, cfg.max_operand, cfg.heldout_share)
     cfg.out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("heldout", heldout)):
         (cfg.out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -77,38 +80,38 @@ def task_passes(model, tokenizer, rows: list[dict], reward_funcs: list[str], max
     """(N,) 1.0 where the model's answer to row n's `prompt` passes: greedy (or sampled at temperature 1), judged
     by `reward_funcs` (TRL's contract, the rows' other columns passed), a pass being a summed reward >= 1."""
     functions = [reward_function(spec) for spec in reward_funcs]
-    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    out = []
-    for start in range(0, len(rows), batch_size):
-        part = rows[start : start + batch_size]
-        prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])) for row in part]
-        batch = collate_prompts([{"prompt": p} for p in prompts], tokenizer.pad_token_id)
-        responses, mask, _ = generate_responses(model, batch, tokenizer, max_new_tokens=max_new_tokens, **sampling)
-        completions = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
-        columns = {key: [row.get(key) for row in part] for key in part[0] if key != "prompt"}
-        scores = [f(prompts=[row["prompt"] for row in part], completions=completions, **columns) for f in functions]
-        out += [float(sum(s or 0.0 for s in row_scores) >= 1) for row_scores in zip(*scores)]
-    return torch.tensor(out)
+    prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])) for row in rows]
+    completions = [answer["text"] for answer in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample)]
+    columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
+    scores = [f(prompts=[row["prompt"] for row in rows], completions=completions, **columns) for f in functions]
+    return torch.tensor([float(sum(s or 0.0 for s in row_scores) >= 1) for row_scores in zip(*scores)])
 
 
 def task_accuracy(
     models: dict[str, str], dataset: str, reward_funcs: list[str] = ["final_number"], limit: int = 200, k: int = 8,
-    max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0,
+    max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0, generation_precision: Optional[Literal["bf16", "fp32"]] = None,
 ) -> dict:  # fmt: skip
     """Per model: greedy pass@1 (mean and bootstrap 95 % interval over problems) and pass@k of `k` answers
-    sampled at temperature 1, on the first `limit` prompt rows of `dataset` (`task_passes`)."""
+    sampled at temperature 1, on the first `limit` prompt rows of `dataset` (`task_passes`); for every model
+    after the first, the `gain` of its greedy pass@1 over the first's, with a paired bootstrap interval
+    (the per-problem differences resampled together).
+
+    Answers are generated with `generation_precision` weights: by default bf16 where this machine
+    has bf16 units (lit_rlhf/precision.py), else fp32."""
     check_ranges("", locals(), {"limit": "> 0", "k": "> 0", "max_new_tokens": "> 0", "batch_size": "> 0"})
     rows = [row for _, row in load_rows(dataset)[:limit]]
     tokenizer = load_tokenizer(next(iter(models.values())))
     passes = partial(task_passes, tokenizer=tokenizer, rows=rows, reward_funcs=reward_funcs, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    report = {}
+    precision, report, first = default_generation_precision(generation_precision), {}, None
     for name, path in models.items():
-        model = load_causal_lm(path).eval()
-        greedy = passes(model)
+        model = load_causal_lm(path).eval().to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        greedy = passes(model)  # (N,)
+        first = greedy if first is None else first
         torch.manual_seed(seed)
         sampled = torch.stack([passes(model, sample=True) for _ in range(k)])  # (k, N)
         report[name] = {"pass@1": bootstrap_ci(greedy, seed=seed), f"pass@{k}": sampled.max(0).values.mean().item(),
-                        "sampled_pass_rate": sampled.mean().item()}  # fmt: skip
+                        "sampled_pass_rate": sampled.mean().item(), "gain": bootstrap_ci(greedy - first, seed=seed),
+                        "problems": len(rows), "max_new_tokens": max_new_tokens, "generation_precision": precision}  # fmt: skip
         print(f"{name}: greedy pass@1 {interval_text(report[name]['pass@1'])}, pass@{k} {report[name][f'pass@{k}']:.3f}", file=sys.stderr)
     return report
 
@@ -118,8 +121,16 @@ def main(args: Optional[list[str]] = None) -> dict:
     parser.add_function_arguments(task_accuracy)
     cfg = parser.parse_args(args)
     report = task_accuracy(**cfg.as_dict())
-    k = cfg.k
-    print(f"| model | greedy pass@1 [95 % CI] | pass@{k} | sampled pass rate |\n| --- | --- | --- | --- |")
-    for name, r in report.items():
-        print(f"| {name} | {r['pass@1'][0]:.3f} [{r['pass@1'][1]:.3f}, {r['pass@1'][2]:.3f}] | {r[f'pass@{k}']:.3f} | {r['sampled_pass_rate']:.3f} |")
+    print(task_table(report, cfg.k))
     return report
+
+
+def task_table(report: dict, k: int) -> str:
+    """`task_accuracy`'s report as a markdown table."""
+    first = next(iter(report))
+    lines = [f"| model | greedy pass@1 [95 % CI] | gain over {first} [95 % CI] | pass@{k} | sampled pass rate |", "| --- | --- | --- | --- | --- |"]
+    for name, r in report.items():
+        gain = "" if name == first else interval_text(r["gain"])
+        lines.append(f"| {name} | {interval_text(r['pass@1'])} | {gain} | {r[f'pass@{k}']:.3f} | {r['sampled_pass_rate']:.3f} |")
+    r = report[first]
+    return "\n".join(lines) + f"\n\n{r['problems']} problems, answers of at most {r['max_new_tokens']} tokens generated with {r['generation_precision']} weights."

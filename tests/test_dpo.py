@@ -332,3 +332,28 @@ def test_kto_refuses_pairs_and_pairs_losses_refuse_unpaired_rows(tiny_model_dir,
     assert "row 1: field 'label' must be true (desirable) or false (undesirable), got None; preference pairs: pass --data.split_pairs true" in message
     unpaired = unpaired_rows_file(real_rows, tmp_path / "unpaired.jsonl")
     assert fail(dpo_args(tiny_model_dir, unpaired, "--data.mode", "unpaired")).endswith("--model.loss_type sigmoid reads pairs rows: set --data.mode pairs")
+
+
+def test_validation_logs_the_share_of_held_out_answers_that_end_and_that_loop(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    """The callback answers the first --generations.num_prompts held-out prompts and logs what the answers show;
+    with real generation the length stays within --generations.max_new_tokens."""
+    import lit_rlhf.monitor
+
+    monkeypatch.chdir(tmp_path)
+    flags = ("--trainer.limit_val_batches", "1", "--generations.num_prompts", "3", "--generations.max_new_tokens", "7")
+    run = cli(dpo_args(tiny_model_dir, real_rows, *flags))
+    metrics = run.trainer.callback_metrics
+    assert 0 <= metrics["val_generations/eos_share"] <= 1 and 1 <= metrics["val_generations/mean_length"] <= 7
+    asked = []
+
+    def fake_answers(model, tokenizer, prompts, max_new_tokens, batch_size):
+        asked.append((prompts, max_new_tokens))
+        return [{"response": [1] * 7, "text": "yes yes yes yes yes yes yes", "eos": False}, {"response": [2], "text": "no", "eos": True},
+                {"response": [3] * 4, "text": "maybe so", "eos": True}]  # fmt: skip
+
+    monkeypatch.setattr(lit_rlhf.monitor, "generate_answers", fake_answers)
+    run.trainer.validate(run.model, datamodule=run.datamodule, verbose=False)
+    assert asked == [([row["prompt"] for row in run.datamodule.val_rows[:3]], 7)]
+    metrics = run.trainer.callback_metrics
+    assert metrics["val_generations/eos_share"].item() == pytest.approx(2 / 3)
+    assert metrics["val_generations/loop_share"].item() == pytest.approx(1 / 3) and metrics["val_generations/mean_length"].item() == 4.0

@@ -57,3 +57,16 @@ def test_distinct_2_by_hand():
     # bigrams: (a b) (b a) (a b) | (c d): 3 unique of 4
     assert distinct_n(["a b a b", "c d"], 2) == 0.75
     assert distinct_n(["one"], 2) == 0.0
+
+
+def test_degeneration_stats_by_hand():
+    from lit_rlhf.monitor import degeneration_stats
+
+    answers = [
+        {"response": [1, 2, 3], "text": "Sure, see you then.", "eos": True},
+        {"response": [4] * 9, "text": "I like it. I like it. I like it. I like it.", "eos": False},  # "i like it i" three times
+        {"response": [5] * 6, "text": "Well, well, it depends.", "eos": False},
+        {"response": [6, 7], "text": "No.", "eos": True},
+    ]
+    stats = degeneration_stats(answers)
+    assert stats["eos_share"].item() == 0.5 and stats["loop_share"].item() == 0.25 and stats["mean_length"].item() == 5.0

@@ -231,6 +231,8 @@ def test_arithmetic_splits_share_no_problem_and_final_number_checks_them():
     assert arithmetic(300, 100, seed=0) == (train, heldout)  # seeded
     other_train, other_heldout = arithmetic(300, 100, seed=1)
     assert not {r["prompt"] for r in other_train} & {r["prompt"] for r in heldout}  # the split does not depend on the seed
+    with pytest.raises(UserError, match=r"--num_heldout 300: its split holds \d+ of the 800 problems with operands up to 20"):
+        arithmetic(100, 300)
     for row in train[:20]:
         a, op, b = row["prompt"].split()[2:5]
         assert row["answer"] == (int(a) + int(b.rstrip("?")) if op == "+" else int(a) - int(b.rstrip("?")))
@@ -255,10 +257,12 @@ def test_task_accuracy_reports_pass_at_1_and_pass_at_k(tiny_model_dir, tmp_path,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "judges.py").write_text(TASK_PLUGIN)
     main(["arithmetic", "--out", "task", "--num_train", "10", "--num_heldout", "6"])
-    common = ["--models", json.dumps({"base": tiny_model_dir}), "--dataset", "task/heldout.jsonl", "--k", "2", "--max_new_tokens", "3"]
+    common = ["--models", json.dumps({"base": tiny_model_dir, "again": tiny_model_dir}), "--dataset", "task/heldout.jsonl", "--k", "2",
+              "--max_new_tokens", "3"]  # fmt: skip
     main(["task-accuracy", *common, "--reward_funcs", "[judges.py:always]"])
     out = capsys.readouterr().out
-    assert "| base | 1.000 [1.000, 1.000] | 1.000 | 1.000 |" in out
+    assert "| base | 1.000 [1.000, 1.000] |  | 1.000 | 1.000 |" in out and "| again | 1.000 [1.000, 1.000] | 0.000 [0.000, 0.000] | 1.000 | 1.000 |" in out
+    assert "6 problems, answers of at most 3 tokens" in out
     from lit_rlhf.tasks import task_accuracy
 
     never = task_accuracy({"base": tiny_model_dir}, "task/heldout.jsonl", ["judges.py:never"], k=2, max_new_tokens=3)
