@@ -124,14 +124,14 @@ def fit(loss: str, model: str, seed: int, out_dir: Path, extra: list[str]) -> No
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| loss | seed | DPO implicit accuracy | mean-token log-prob accuracy | chosen log-prob change | s / optimizer step | peak RSS | reference loaded |",
+    lines = ["| loss | seed | DPO implicit accuracy | mean-token log-prob accuracy | chosen / rejected log-prob change | s / optimizer step | peak RSS | reference loaded |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
         if "error" in r:
             lines.append(f"| `{r['loss']}` | {r['seed']} | failed: `{r['error']}` | | | | | |")
             continue
         lines.append(f"| `{r['loss']}` | {r['seed']} | {r['dpo_implicit_accuracy']:.3f} | {r['mean_logp_accuracy']:.3f} | "
-                     f"{r['chosen_logp_change']:+.2f} | {r['seconds_per_step']:.1f} | {r['peak_gib']:.2f} GiB | "
+                     f"{r['chosen_logp_change']:+.1f} / {r['rejected_logp_change']:+.1f} | {r['seconds_per_step']:.1f} | {r['peak_gib']:.2f} GiB | "
                      f"{'yes' if r['reference_loaded'] else 'no'} |")  # fmt: skip
     ok = [r for r in results if "error" not in r]
     if ok:

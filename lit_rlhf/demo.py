@@ -61,7 +61,7 @@ def verifiable(args=None) -> None:
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_DIR, help="where the offline model is kept")
     parser.add_argument("--estimators", nargs="+", default=["grpo", "rloo"], help="--model.advantage_estimator of each run")
     parser.add_argument("--heldout", type=int, default=200, help="held-out problems judged")
-    parser.add_argument("--k", type=int, default=4, help="sampled answers per problem for pass@k")
+    parser.add_argument("--k", type=int, default=4, help="answers per problem sampled (at the training temperature) for pass@k")
     opts = parser.parse_args(args)
     start, config = time.time(), yaml.safe_load((DEMO_CONFIGS / "arithmetic.yaml").read_text())
     policies = {"base": str(fetch_smollm2(opts.model_dir))}
@@ -73,5 +73,5 @@ def verifiable(args=None) -> None:
                                   "--model.advantage_estimator", estimator, *kl))  # fmt: skip
         print(f"{estimator}: trained in {(time.time() - began) / 60:.1f} min", file=sys.stderr)
     tasks.main(["--models", json.dumps(policies), "--dataset", "logs/arithmetic/heldout.jsonl", "--limit", str(opts.heldout), "--k", str(opts.k),
-                "--max_new_tokens", str(config["model"]["init_args"]["response_length"])])  # fmt: skip
+                "--max_new_tokens", str(config["model"]["init_args"]["response_length"]), "--temperature", str(config["model"]["init_args"]["temperature"])])  # fmt: skip
     print(f"demo-verifiable finished in {(time.time() - start) / 60:.1f} min")

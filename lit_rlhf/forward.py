@@ -70,10 +70,11 @@ def generate_responses(model: nn.Module, batch: dict[str, torch.Tensor], tokeniz
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False) -> list[dict]:
-    """Greedy (or, with `sample`, temperature-1 sampled) answers to tokenized prompts, `batch_size` at a time:
-    per prompt its `response` ids (cut after the first EOS), `text` and whether it ended with EOS (`eos`)."""
-    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+def generate_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False,
+                     temperature: float = 1.0) -> list[dict]:  # fmt: skip
+    """Greedy (or, with `sample`, sampled at `temperature` from the whole vocabulary) answers to tokenized prompts,
+    `batch_size` at a time: per prompt its `response` ids (cut after the first EOS), `text` and whether it ended with EOS (`eos`)."""
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
     out = []
     for start in range(0, len(prompt_ids), batch_size):
         batch = collate_prompts([{"prompt": p} for p in prompt_ids[start : start + batch_size]], tokenizer.pad_token_id)

@@ -76,12 +76,13 @@ def write_arithmetic(args: Optional[list[str]] = None) -> None:
 
 
 @torch.no_grad()
-def task_passes(model, tokenizer, rows: list[dict], reward_funcs: list[str], max_new_tokens: int, batch_size: int, sample: bool = False) -> torch.Tensor:
-    """(N,) 1.0 where the model's answer to row n's `prompt` passes: greedy (or sampled at temperature 1), judged
+def task_passes(model, tokenizer, rows: list[dict], reward_funcs: list[str], max_new_tokens: int, batch_size: int, sample: bool = False,
+                temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """(N,) 1.0 where the model's answer to row n's `prompt` passes: greedy (or sampled at `temperature`), judged
     by `reward_funcs` (TRL's contract, the rows' other columns passed), a pass being a summed reward >= 1."""
     functions = [reward_function(spec) for spec in reward_funcs]
     prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])) for row in rows]
-    completions = [answer["text"] for answer in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample)]
+    completions = [answer["text"] for answer in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature)]
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
     scores = [f(prompts=[row["prompt"] for row in rows], completions=completions, **columns) for f in functions]
     return torch.tensor([float(sum(s or 0.0 for s in row_scores) >= 1) for row_scores in zip(*scores)])
@@ -90,15 +91,16 @@ def task_passes(model, tokenizer, rows: list[dict], reward_funcs: list[str], max
 def task_accuracy(
     models: dict[str, str], dataset: str, reward_funcs: list[str] = ["final_number"], limit: int = 200, k: int = 8,
     max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0, generation_precision: Optional[Literal["bf16", "fp32"]] = None,
+    temperature: float = 1.0,
 ) -> dict:  # fmt: skip
     """Per model: greedy pass@1 (mean and bootstrap 95 % interval over problems) and pass@k of `k` answers
-    sampled at temperature 1, on the first `limit` prompt rows of `dataset` (`task_passes`); for every model
+    sampled at `temperature`, on the first `limit` prompt rows of `dataset` (`task_passes`); for every model
     after the first, the `gain` of its greedy pass@1 over the first's, with a paired bootstrap interval
     (the per-problem differences resampled together).
 
     Answers are generated with `generation_precision` weights: by default bf16 where this machine
     has bf16 units (lit_rlhf/precision.py), else fp32."""
-    check_ranges("", locals(), {"limit": "> 0", "k": "> 0", "max_new_tokens": "> 0", "batch_size": "> 0"})
+    check_ranges("", locals(), {"limit": "> 0", "k": "> 0", "max_new_tokens": "> 0", "batch_size": "> 0", "temperature": "> 0"})
     rows = [row for _, row in load_rows(dataset)[:limit]]
     tokenizer = load_tokenizer(next(iter(models.values())))
     passes = partial(task_passes, tokenizer=tokenizer, rows=rows, reward_funcs=reward_funcs, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -108,11 +110,11 @@ def task_accuracy(
         greedy = passes(model)  # (N,)
         first = greedy if first is None else first
         torch.manual_seed(seed)
-        sampled = torch.stack([passes(model, sample=True) for _ in range(k)])  # (k, N)
-        report[name] = {"pass@1": bootstrap_ci(greedy, seed=seed), f"pass@{k}": sampled.max(0).values.mean().item(),
+        sampled = torch.stack([passes(model, sample=True, temperature=temperature) for _ in range(k)])  # (k, N)
+        report[name] = {"greedy": bootstrap_ci(greedy, seed=seed), f"pass@{k}": sampled.max(0).values.mean().item(),
                         "sampled_pass_rate": sampled.mean().item(), "gain": bootstrap_ci(greedy - first, seed=seed),
-                        "problems": len(rows), "max_new_tokens": max_new_tokens, "generation_precision": precision}  # fmt: skip
-        print(f"{name}: greedy pass@1 {interval_text(report[name]['pass@1'])}, pass@{k} {report[name][f'pass@{k}']:.3f}", file=sys.stderr)
+                        "problems": len(rows), "max_new_tokens": max_new_tokens, "temperature": temperature, "generation_precision": precision}  # fmt: skip
+        print(f"{name}: greedy pass@1 {interval_text(report[name]['greedy'])}, pass@{k} {report[name][f'pass@{k}']:.3f}", file=sys.stderr)
     return report
 
 
@@ -131,6 +133,6 @@ def task_table(report: dict, k: int) -> str:
     lines = [f"| model | greedy pass@1 [95 % CI] | gain over {first} [95 % CI] | pass@{k} | sampled pass rate |", "| --- | --- | --- | --- | --- |"]
     for name, r in report.items():
         gain = "" if name == first else interval_text(r["gain"])
-        lines.append(f"| {name} | {interval_text(r['pass@1'])} | {gain} | {r[f'pass@{k}']:.3f} | {r['sampled_pass_rate']:.3f} |")
+        lines.append(f"| {name} | {interval_text(r['greedy'])} | {gain} | {r[f'pass@{k}']:.3f} | {r['sampled_pass_rate']:.3f} |")
     r = report[first]
-    return "\n".join(lines) + f"\n\n{r['problems']} problems, answers of at most {r['max_new_tokens']} tokens generated with {r['generation_precision']} weights."
+    return "\n".join(lines) + f"\n\n{r['problems']} problems, answers of at most {r['max_new_tokens']} tokens generated with {r['generation_precision']} weights, pass@{k} sampled at temperature {r['temperature']}."

@@ -266,4 +266,6 @@ def test_task_accuracy_reports_pass_at_1_and_pass_at_k(tiny_model_dir, tmp_path,
     from lit_rlhf.tasks import task_accuracy
 
     never = task_accuracy({"base": tiny_model_dir}, "task/heldout.jsonl", ["judges.py:never"], k=2, max_new_tokens=3)
-    assert never["base"]["pass@1"] == (0.0, 0.0, 0.0) and never["base"]["pass@2"] == 0.0
+    assert never["base"]["greedy"] == (0.0, 0.0, 0.0) and never["base"]["pass@2"] == 0.0
+    one = task_accuracy({"base": tiny_model_dir}, "task/heldout.jsonl", ["judges.py:always"], k=1, max_new_tokens=3)  # pass@1 of one sample beside greedy
+    assert one["base"]["greedy"] == (1.0, 1.0, 1.0) and one["base"]["pass@1"] == 1.0
