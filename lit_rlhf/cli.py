@@ -24,7 +24,7 @@ from lit_rlhf.runs import AtomicCheckpointIO, Preemption, RemoveFailedRunDir, Ru
 #: DataModule flags that decide which rows train and validate, and in which order: a resumed run refuses
 #: to change them (`--resume_with_changed_data true` accepts it)
 ROW_FLAGS = ("dataset", "mode", "tokenizer_name_or_path", "max_length", "max_prompt_length", "truncation", "batch_size",
-             "val_size", "limit", "offset", "seed", "group_by_length", "dedupe", "split_pairs")  # fmt: skip
+             "val_size", "limit", "offset", "seed", "shuffle_seed", "group_by_length", "dedupe", "split_pairs")  # fmt: skip
 
 
 class LitRLHFCLI(LightningCLI):

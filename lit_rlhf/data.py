@@ -161,6 +161,7 @@ class PreferenceDataModule(L.LightningDataModule):
         limit: Optional[int] = None,
         offset: int = 0,
         seed: int = 42,
+        shuffle_seed: Optional[int] = None,
         num_workers: int = 0,
         num_proc: int = 1,
         group_by_length: bool = True,
@@ -188,8 +189,10 @@ class PreferenceDataModule(L.LightningDataModule):
             limit: Use only the first N rows of the dataset (after `offset`, before the split).
             offset: Skip the first N rows of the dataset: e.g. a judge reward model trained on rows
                 that no other stage reads.
-            seed: Seed of the train/validation split and of the training order (epoch `e` is shuffled
-                under `seed + e`, the same on every process).
+            seed: Seed of the train/validation split and, unless `shuffle_seed` is set, of the training
+                order (epoch `e` is shuffled under `seed + e`, the same on every process).
+            shuffle_seed: Seed of the training order alone: runs that differ only in it train on the
+                same rows, in another order, and validate on the same held-out rows (seed replicates).
             num_workers: DataLoader worker processes.
             num_proc: Processes that tokenize the rows (`datasets`' map). Tokenized rows are cached on disk
                 (in `HF_DATASETS_CACHE`, under `lit_rlhf/tokenized`), keyed by the rows, tokenizer and
@@ -255,7 +258,8 @@ class PreferenceDataModule(L.LightningDataModule):
         val, train = split_by_prompt(kept, hp.val_size, hp.seed)
         self.val_rows, self.train_rows = [kept[i] for i in val], [kept[i] for i in train]
         lengths = [padded_length(row) for row in self.train_rows] if hp.group_by_length else None
-        self.train_sampler = ResumableBatchSampler(len(self.train_rows), hp.batch_size, shuffle=True, seed=hp.seed, lengths=lengths)
+        self.train_sampler = ResumableBatchSampler(len(self.train_rows), hp.batch_size, shuffle=True, lengths=lengths,
+                                                  seed=hp.seed if hp.shuffle_seed is None else hp.shuffle_seed)
 
     def degenerate_rows_checked(self, rows: list[dict]) -> list[dict]:
         """`rows` with exact copies of an earlier row and pairs whose chosen == rejected counted in a warning,

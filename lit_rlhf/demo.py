@@ -16,6 +16,7 @@ DEMO_CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"  # package d
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_ROWS = ASSETS / "human_like_dpo_1k.jsonl"
 UNSEEN_ROWS = ASSETS / "dolly_sample.jsonl"
+FINAL_ROWS = ASSETS / "human_like_dpo_final.jsonl"  # the final table's prompts: no stage reads them, no choice was tuned on them
 
 
 def fit(config: str, *flags: str) -> Path:
@@ -29,10 +30,16 @@ def main(args=None) -> None:
         prog="lit-rlhf demo",
         description="Offline pipeline on 2 CPU cores: fetch SmolLM2-135M-Instruct, train a reward model (the"
         " proxy PPO optimises) and a judge reward model (same recipe, rows no other stage reads), then PPO"
-        " and DPO policies on the rows shipped in lit_rlhf/assets, and evaluate base / DPO / PPO side by"
-        f" side with the judge. Configs: {DEMO_CONFIGS}. Logs and the report go to ./logs.",
+        " and DPO policies on the rows shipped in lit_rlhf/assets (once per seed), and evaluate base, DPO and"
+        f" PPO side by side with the judge. Configs: {DEMO_CONFIGS}. Logs and the report go to ./logs.",
     )
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_DIR, help="where the offline model is kept")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="train PPO and DPO once per seed (--seed_everything"
+                        " and --data.shuffle_seed; the held-out split and the reward models stay the same); with several,"
+                        " the report adds each metric's mean and spread across seeds")  # fmt: skip
+    parser.add_argument("--prompts", choices=["final", "tuning"], default="final", help="final: answer the 128 prompts of"
+                        f" {FINAL_ROWS.name}, which no stage reads and no recipe choice was tuned on; tuning: the"
+                        " held-out split of the training rows, for trying recipe changes")  # fmt: skip
     opts = parser.parse_args(args)
     start = time.time()
     base = str(fetch_smollm2(opts.model_dir))
@@ -40,12 +47,17 @@ def main(args=None) -> None:
     reward_model = fit("reward.yaml", *data)
     # the judge: the same recipe on the next 360 rows, which no other stage reads
     judge = fit("reward.yaml", *data, "--data.offset", "360")
-    ppo_policy = fit("ppo.yaml", *data, "--model.reward_model_path", str(reward_model))
-    dpo_policy = fit("dpo.yaml", *data)
-    models = json.dumps({"base": base, "dpo": str(dpo_policy), "ppo": str(ppo_policy)})
+    policies: dict[str, dict[str, str]] = {"ppo": {}, "dpo": {}}
+    for seed in opts.seeds:
+        seeded = ("--seed_everything", str(seed), "--data.shuffle_seed", str(seed))
+        policies["ppo"][str(seed)] = str(fit("ppo.yaml", *data, *seeded, "--model.reward_model_path", str(reward_model)))
+        policies["dpo"][str(seed)] = str(fit("dpo.yaml", *data, *seeded))
+    name = (lambda recipe, seed: f"{recipe}@{seed}") if len(opts.seeds) > 1 else (lambda recipe, seed: recipe)
+    models = {"base": base} | {name(recipe, seed): path for recipe in ("dpo", "ppo") for seed, path in policies[recipe].items()}
+    prompts = ["--heldout_dataset", str(FINAL_ROWS), "--prompts", "[]"] if opts.prompts == "final" else []
     evaluate.main([
-        "-c", str(DEMO_CONFIGS / "evaluate.yaml"), "--models", models, "--reward_model", str(reward_model), "--judge_model", str(judge),
-        "--data.dataset", str(SHIPPED_ROWS), "--unseen_dataset", str(UNSEEN_ROWS), "--output_dir", "logs/evaluate",
+        "-c", str(DEMO_CONFIGS / "evaluate.yaml"), "--models", json.dumps(models), "--reward_model", str(reward_model), "--judge_model", str(judge),
+        "--data.dataset", str(SHIPPED_ROWS), "--unseen_dataset", str(UNSEEN_ROWS), "--output_dir", "logs/evaluate", *prompts,
     ])  # fmt: skip
     print(f"demo finished in {(time.time() - start) / 60:.1f} min; report: {Path('logs/evaluate/report.md').resolve()}")
 

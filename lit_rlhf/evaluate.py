@@ -106,6 +106,7 @@ def evaluate(
     data: dict,
     judge_model: Optional[str] = None,
     checkpoints: Optional[str] = None,
+    heldout_dataset: Optional[str] = None,
     unseen_dataset: str = "databricks/databricks-dolly-15k",
     output_dir: str = "logs/evaluate",
     prompts: list[str] = DEFAULT_PROMPTS,
@@ -126,6 +127,8 @@ def evaluate(
         models: Name -> hub id, local folder, run folder (`logs/dpo/version_0/hf`) or DPO/PPO checkpoint
             (`.ckpt`); the first is the baseline for win-rate and KL. YAML mapping, or on the command
             line `--models '{base: PATH, dpo: PATH}'`.
+            Runs of one recipe under several seeds are named `<recipe>@<seed>` (`dpo@1`, `dpo@2`): the
+            report adds each metric's mean and spread across the seeds.
         reward_model: The proxy: the reward model the policies were trained on. Its score is reported
             as "proxy reward" beside the judge's.
         data: The preference data (`--data.*`, as for training: the same flags give the same held-out split).
@@ -134,6 +137,10 @@ def evaluate(
         checkpoints: Lightning checkpoints of one DPO or PPO run, as a glob (quote it), e.g.
             'logs/ppo/version_0/checkpoints/*.ckpt': each is evaluated like a model and drawn on the
             reward-vs-KL frontier.
+        heldout_dataset: Preference rows that only the evaluation reads (a file or hub id, e.g. the
+            demo's final prompts `lit_rlhf/assets/human_like_dpo_final.jsonl`): its prompts are answered
+            and its pairs judge the reward models and the answer log-probs, in place of the held-out
+            split of `--data.*`, which a recipe may have been tuned on.
         unseen_dataset: Instruction set not trained on (`instruction`, optional `context`, `response`):
             hub id or local file.
         output_dir: Where the report goes.
@@ -179,13 +186,16 @@ def evaluate(
     judge = proxy if judge_model == reward_model else load_scalar_model(judge_model, pad_id, trained_head=True).eval()
 
     dm = PreferenceDataModule(**{**data, "tokenizer_name_or_path": models[baseline], "mode": "pairs"})
-    dm.setup("validate")
-    held_out = dm.val_rows  # rows a run with the same --data.* flags did not train on
+    if heldout_dataset:
+        held_out = [row for row in (dm.encode(tokenizer, row, where) for where, row in load_rows(heldout_dataset)) if row]
+    else:
+        dm.setup("validate")
+        held_out = dm.val_rows  # rows a run with the same --data.* flags did not train on
     extra = held_out[: max(0, num_generation_prompts - len(prompts))]
     prompt_texts = prompts + [r["prompt_text"] for r in extra]
     gen_prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": p}])) for p in prompts]
     gen_prompts += [r["prompt"] for r in extra]
-    unseen = unseen_rows(unseen_dataset, tokenizer, num_logprob_rows, dm.hparams.max_length)
+    unseen = unseen_rows(unseen_dataset, tokenizer, num_logprob_rows, data["max_length"])
     report = {
         "judge": {"path": judge_model, "independent": judge_model != reward_model, **reward_model_accuracy(judge, held_out[:num_rows], pad_id, batch_size)},
         "proxy": {"path": reward_model, **reward_model_accuracy(proxy, held_out[:num_rows], pad_id, batch_size)},
@@ -239,7 +249,8 @@ def evaluate(
     report["seconds"] = round(time.time() - start, 1)
     report["generation_precision"] = generation_precision
     report["task"] = task_dataset
-    write_report(report, output_dir, baseline, unseen_dataset, data["dataset"])
+    held_out_text = f"`{heldout_dataset}`" if heldout_dataset else f"`{data['dataset']}` (held-out split of `--data.*`)"
+    write_report(report, output_dir, baseline, unseen_dataset, held_out_text)
     return report
 
 

@@ -1,6 +1,7 @@
 """The evaluation report: report.md, report.json, frontier.png and TensorBoard scalars."""
 
 import json
+import statistics
 from pathlib import Path
 
 from lit_rlhf.metrics import interval_text
@@ -14,6 +15,48 @@ QUALITY = [("judge_reward", "judge reward"), ("proxy_reward", "proxy reward"), (
 LIKELIHOOD = [("logprob_preference", "mean answer log-prob (preference)"), ("logprob_unseen", "mean answer log-prob (unseen)"),
               ("greedy_logratio", "greedy log-ratio to {baseline}"), ("sampled_kl_k3", "KL to {baseline} (sampled, k3)"),
               ("boilerplate", "boilerplate")]  # fmt: skip
+
+
+#: the across-seeds table
+SEEDED = [("win_rate", "win-rate vs {baseline}"), ("judge_reward", "judge reward"), ("sampled_kl", "KL to {baseline} (sampled)"),
+          ("loop_share", "looping answers"), ("eos_share", "ends with EOS"), ("length", "mean length (tokens)")]  # fmt: skip
+
+
+def seed_groups(names: list[str]) -> dict[str, list[str]]:
+    """Runs of one recipe under several seeds, named `<recipe>@<seed>`: recipe -> its run names."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if "@" in name:
+            groups.setdefault(name.split("@")[0], []).append(name)
+    return groups
+
+
+def across_seeds(report: dict) -> dict[str, dict]:
+    """Per recipe run under several seeds, each `SEEDED` metric's mean over the seeds, its standard
+    deviation across seeds (0 for one seed) and range, and the lowest lower bound of the seeds'
+    win-rate intervals (every seed's interval is above 0.5 when it is)."""
+    out = {}
+    for recipe, names in seed_groups(list(report["models"])).items():
+        runs = [report["models"][n] for n in names]
+        stats = {"seeds": [n.split("@", 1)[1] for n in names]}
+        for key, _ in SEEDED:
+            means = [run[key][0] for run in runs]
+            sd = statistics.stdev(means) if len(means) > 1 else 0.0
+            stats[key] = {"mean": statistics.fmean(means), "sd": sd, "min": min(means), "max": max(means)}
+        stats["lowest_win_rate_bound"] = min(run["win_rate"][1] for run in runs)
+        out[recipe] = stats
+    return out
+
+
+def seed_table(seeds: dict[str, dict], baseline: str) -> list[str]:
+    header = "| recipe | seeds | " + " | ".join(title.format(baseline=baseline) for _, title in SEEDED) + " | lowest win-rate bound |"
+    rows = [
+        f"| {recipe} | {len(s['seeds'])} | "
+        + " | ".join(f"{s[k]['mean']:.3f} ± {s[k]['sd']:.3f} ({s[k]['min']:.3f}–{s[k]['max']:.3f})" for k, _ in SEEDED)
+        + f" | {s['lowest_win_rate_bound']:.3f} |"
+        for recipe, s in seeds.items()
+    ]
+    return [header, "|" + " --- |" * (len(SEEDED) + 3), *rows]
 
 
 def cell(value) -> str:
@@ -32,7 +75,7 @@ def markdown(report: dict, baseline: str, unseen: str, dataset: str) -> str:
     independence = "" if judge["independent"] else " **The judge is the proxy itself: pass --judge_model for an independent judge.**"
     lines = [
         "# lit-rlhf evaluation", "",
-        f"Preference data: `{dataset}` (held-out split); unseen set: `{unseen}`; judge: `{judge['path']}`; proxy (the"
+        f"Prompts and preference pairs: {dataset}; unseen set: `{unseen}`; judge: `{judge['path']}`; proxy (the"
         f" reward model the policies trained on): `{proxy['path']}`.{independence}", "",
         f"Every per-prompt mean is over the same {n} prompts, with a bootstrap 95 % interval in brackets. Win-rates",
         f"are by the judge against {baseline}'s greedy answer (ties count one half); the length-controlled win-rate is",
@@ -40,6 +83,11 @@ def markdown(report: dict, baseline: str, unseen: str, dataset: str) -> str:
         f"KL(model || {baseline}) in nats per response, from one temperature-1 sample per prompt (k1 estimator;",
         "k3 below). A looping answer repeats some 4-word sequence at least 3 times.", "",
         "## Quality and degeneration", "", *table(report, QUALITY, baseline), "",
+        *(["## Across seeds", "",
+            "Each cell: the mean over the seeds of the per-seed means above ± their standard deviation across seeds (min–max):",
+            "the spread from training again, beside the intervals above, which are over prompts for one run. The last column",
+            "is the lowest lower bound of the seeds' win-rate intervals: above 0.5, every seed beat the baseline.", "",
+            *seed_table(report["seeds"], baseline), ""] if report.get("seeds") else []),
         "## Likelihood", "", *table(report, LIKELIHOOD, baseline), "",
         "The greedy log-ratio is `log p_model(y|x) - log p_base(y|x)` summed over each model's own greedy answer y:",
         "KL-like, but not a KL estimate, and it can be negative.", "",
@@ -84,6 +132,7 @@ def write_report(report: dict, output_dir: str, baseline: str, unseen: str, data
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    report["seeds"] = across_seeds(report)
     text = markdown(report, baseline, unseen, dataset)
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -115,6 +115,19 @@ def test_split_is_deterministic_and_disjoint(tiny_model_dir, real_rows):
     assert not val_ids & {tuple(r["prompt"] + r["chosen"]) for r in splits[0].train_rows}
 
 
+def test_shuffle_seed_changes_the_training_order_alone(tiny_model_dir, real_rows):
+    def setup(**seeds):
+        dm = make_dm(tiny_model_dir, real_rows, limit=60, val_size=20, max_length=64, max_prompt_length=32, batch_size=4, **seeds)
+        dm.setup("fit")
+        return dm, [i for batch in dm.train_dataloader().batch_sampler for i in batch]
+
+    (plain, plain_order), (same, same_order), (other, other_order) = setup(), setup(shuffle_seed=42), setup(shuffle_seed=7)
+    assert same_order == plain_order  # unset, the training order follows --data.seed (42)
+    assert other_order != plain_order and sorted(other_order) == sorted(plain_order)
+    assert [r["prompt"] for r in other.val_rows] == [r["prompt"] for r in plain.val_rows]
+    assert [r["prompt"] for r in other.train_rows] == [r["prompt"] for r in plain.train_rows]
+
+
 def count_encoded_rows(monkeypatch) -> list:
     """Every row tokenized from now on appends to the returned list (map runs in this process with num_proc 1)."""
     calls = []

@@ -9,6 +9,7 @@ import torch
 
 from lit_rlhf.cli import cli
 from lit_rlhf.evaluate import is_boilerplate, main, mean_answer_logprob, sequence_kl
+from lit_rlhf.report import SEEDED, across_seeds, seed_table
 
 
 class ConstantLM(torch.nn.Module):
@@ -120,3 +121,35 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "report.json").read_text())["models"].keys() == {"base", "same"}
     assert list(out.glob("events.out.tfevents.*"))
+
+
+def test_the_prompts_come_from_the_heldout_dataset_when_given(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path):
+    rows = [{"prompt": f"Final question {i}?", "chosen": "Yes, sure.", "rejected": "No."} for i in range(3)]
+    final = tmp_path / "final.jsonl"
+    final.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text(json.dumps({"instruction": "Name a fish.", "response": "Tope."}) + "\n")
+    report = main([
+        "--models", json.dumps({"base": tiny_model_dir}), "--reward_model", tiny_reward_dir, "--data.dataset", str(real_rows),
+        "--heldout_dataset", str(final), "--prompts", "[]", "--unseen_dataset", str(unseen), "--output_dir", str(tmp_path / "eval"),
+        "--num_generation_prompts", "8", "--max_new_tokens", "4", "--data.max_length", "64", "--data.max_prompt_length", "32",
+    ])  # fmt: skip
+    assert report["prompts"] == [r["prompt"] for r in rows]  # only its rows, none from --data.dataset
+    assert report["judge"]["rows"] == 3 and len(report["models"]["base"]["generations"]) == 3
+    assert f"`{final}`;" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_across_seeds_by_hand():
+    def run(win_rate, kl, loop):
+        scalars = {key: (0.0, 0.0, 0.0) for key, _ in SEEDED}
+        return scalars | {"win_rate": win_rate, "sampled_kl": (kl, kl, kl), "loop_share": (loop, loop, loop)}
+
+    report = {"models": {"base": run((0.5, 0.5, 0.5), 0.0, 0.2), "dpo@1": run((0.6, 0.52, 0.7), 4.0, 0.1),
+                         "dpo@2": run((0.8, 0.7, 0.9), 6.0, 0.3), "ppo": run((0.7, 0.6, 0.8), 3.0, 0.2)}}  # fmt: skip
+    seeds = across_seeds(report)
+    assert list(seeds) == ["dpo"] and seeds["dpo"]["seeds"] == ["1", "2"]  # `ppo` and `base` are single runs
+    dpo = seeds["dpo"]
+    assert dpo["win_rate"]["mean"] == pytest.approx(0.7) and dpo["win_rate"]["sd"] == pytest.approx(math.sqrt(0.02))
+    assert (dpo["sampled_kl"]["min"], dpo["sampled_kl"]["max"], dpo["sampled_kl"]["mean"]) == (4.0, 6.0, 5.0)
+    assert dpo["loop_share"]["mean"] == pytest.approx(0.2) and dpo["lowest_win_rate_bound"] == 0.52
+    assert "| dpo | 2 | 0.700 ± 0.141 (0.600–0.800) |" in "\n".join(seed_table(seeds, "base"))
