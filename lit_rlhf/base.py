@@ -45,6 +45,7 @@ class AlignmentModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         on_non_finite: Literal["stop", "skip"] = "stop",
         trust_remote_code: bool = False,
+        attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
     ):
         """
         Args:
@@ -64,6 +65,9 @@ class AlignmentModule(L.LightningModule):
                 ends with one line naming the step and batch; checkpoints written so far are kept and
                 nothing is exported. `skip`: that update is skipped and counted in `non_finite_skips`.
             trust_remote_code: Run model code shipped with the checkpoint (off unless you trust it).
+            attn_implementation: Attention kernel of every model the run loads (policy, reference, reward
+                and value models): `sdpa` (torch's scaled_dot_product_attention), `eager` (plain matmuls),
+                `flash_attention_2` (needs a GPU and `pip install flash-attn`).
         """
         super().__init__()
         self.save_hyperparameters()  # collects the subclass's arguments too
@@ -155,6 +159,10 @@ class AlignmentModule(L.LightningModule):
     def lora_args(self) -> dict:
         hp = self.hparams
         return dict(r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout, target_modules=hp.lora_target_modules)
+
+    def load_args(self) -> dict:
+        """How every model of the run is loaded (`lit_rlhf.models`' loaders)."""
+        return {"trust_remote_code": self.hparams.trust_remote_code, "attn_implementation": self.hparams.attn_implementation}
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

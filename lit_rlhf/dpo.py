@@ -89,10 +89,10 @@ class DPOModule(AlignmentModule):
             raise UserError(f"--model.precompute_ref_logps: --model.loss_type {loss_type} reads no precomputable reference log-probs"
                             " (none, or those of mismatched rows that depend on the batch)")
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
-        self.model = load_policy(model_name_or_path, self.lora_args(), hp.trust_remote_code)
+        self.model = load_policy(model_name_or_path, self.lora_args(), **self.load_args())
         self.ref_model = None
         if self.needs_reference and (hp.ref_model_name_or_path or not hp.lora_r):
-            self.ref_model = load_causal_lm(hp.ref_model_name_or_path or model_name_or_path, hp.trust_remote_code)
+            self.ref_model = load_causal_lm(hp.ref_model_name_or_path or model_name_or_path, **self.load_args())
             self.ref_model.eval().requires_grad_(False)
 
     def setup(self, stage: str) -> None:

@@ -208,6 +208,7 @@ def evaluate(
     ci = partial(bootstrap_ci, seed=seed)
     base = None
     for name in names:
+        began = time.time()
         model = base_model if name == baseline else load_causal_lm(models[name]).eval()
         generator = copy.deepcopy(model).to(torch.bfloat16) if generation_precision == "bf16" else model
         greedy = generate_answers(generator, tokenizer, gen_prompts, max_new_tokens, batch_size)
@@ -245,7 +246,7 @@ def evaluate(
         if task:
             passes = task_passes(generator, tokenizer, task, task_reward_funcs, max_new_tokens, batch_size)
             report["models"][name]["task_pass_at_1"] = ci(passes)
-        print(f"evaluated {name}: judge reward {report['models'][name]['judge_reward'][0]:.3f}", file=sys.stderr)
+        print(f"evaluated {name} in {time.time() - began:.0f} s: judge reward {report['models'][name]['judge_reward'][0]:.3f}", file=sys.stderr)
     report["seconds"] = round(time.time() - start, 1)
     report["generation_precision"] = generation_precision
     report["task"] = task_dataset

@@ -74,6 +74,10 @@ def _load(loader, source: str, trust_remote_code: bool, **kwargs):
         )
     try:
         loaded = loader.from_pretrained(path, trust_remote_code=trust_remote_code, **source_kwargs, **kwargs)
+    except (ImportError, ValueError) as err:  # e.g. attn_implementation flash_attention_2 without flash-attn or a GPU
+        if "attn_implementation" not in kwargs:
+            raise
+        raise UserError(f"could not load '{source}' with attn_implementation {kwargs['attn_implementation']}: {str(err).splitlines()[0]}") from err
     except OSError as err:  # what transformers raises for an unreachable hub or a missing repo
         raise UserError(
             f"could not load '{source}' ({str(err).splitlines()[0]}). Without access to the hub, pass a local"
@@ -109,12 +113,12 @@ def tokenizer_source(source: str) -> str:
     return read_checkpoint(source)["hyper_parameters"]["model_name_or_path"] if source.endswith(".ckpt") else source
 
 
-def load_policy(source: str, lora: dict, trust_remote_code: bool = False) -> nn.Module:
+def load_policy(source: str, lora: dict, trust_remote_code: bool = False, attn_implementation: Optional[str] = None) -> nn.Module:
     """A causal LM to train (`load_causal_lm`), wrapped in a LoRA adapter when `lora["r"]` > 0 (`add_lora`)."""
-    return add_lora(load_causal_lm(source, trust_remote_code), **lora, task_type="CAUSAL_LM")
+    return add_lora(load_causal_lm(source, trust_remote_code, attn_implementation), **lora, task_type="CAUSAL_LM")
 
 
-def policy_from_checkpoint(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+def policy_from_checkpoint(path: str, trust_remote_code: bool = False, attn_implementation: Optional[str] = None) -> PreTrainedModel:
     """The trained policy of a DPO or PPO checkpoint: its starting model with the checkpoint's `model.*`
     weights (a LoRA adapter merged), in fp32 with dropout off."""
     checkpoint = read_checkpoint(path)
@@ -123,7 +127,7 @@ def policy_from_checkpoint(path: str, trust_remote_code: bool = False) -> PreTra
     if written_by and not written_by.endswith(("DPOModule", "PPOModule")):
         raise UserError(f"{path}: not a policy checkpoint (written by {written_by.rsplit('.', 1)[-1]})")
     lora = dict(r=hparams["lora_r"], alpha=hparams["lora_alpha"], dropout=hparams["lora_dropout"], target_modules=hparams["lora_target_modules"])
-    model = load_policy(hparams["model_name_or_path"], lora, trust_remote_code)
+    model = load_policy(hparams["model_name_or_path"], lora, trust_remote_code, attn_implementation)
     model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")})
     check_finite(model, path)
     return model.merge_and_unload() if hparams["lora_r"] else model
@@ -172,14 +176,17 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_causal_lm(source: str, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM in fp32 with dropout off; from a `.ckpt`, the policy a DPO or PPO run trained."""
+def load_causal_lm(source: str, trust_remote_code: bool = False, attn_implementation: Optional[str] = None) -> PreTrainedModel:
+    """A causal LM in fp32 with dropout off; from a `.ckpt`, the policy a DPO or PPO run trained.
+    `attn_implementation`: transformers' attention kernel (`sdpa`, `eager`, `flash_attention_2`; None: its default)."""
     if source.endswith(".ckpt"):
-        return policy_from_checkpoint(source, trust_remote_code)
-    return disable_dropout(_load(AutoModelForCausalLM, source, trust_remote_code, dtype=torch.float32))
+        return policy_from_checkpoint(source, trust_remote_code, attn_implementation)
+    return disable_dropout(_load(AutoModelForCausalLM, source, trust_remote_code, dtype=torch.float32, attn_implementation=attn_implementation))
 
 
-def load_scalar_model(source: str, pad_token_id: int, trust_remote_code: bool = False, trained_head: bool = False) -> PreTrainedModel:
+def load_scalar_model(
+    source: str, pad_token_id: int, trust_remote_code: bool = False, trained_head: bool = False, attn_implementation: Optional[str] = None
+) -> PreTrainedModel:
     """A sequence classifier with one scalar head (reward or value model) in fp32 with dropout off.
 
     From a causal LM the head is new (random init); from a reward-model folder it is loaded.
@@ -188,7 +195,7 @@ def load_scalar_model(source: str, pad_token_id: int, trust_remote_code: bool = 
     """
     model, info = _load(
         AutoModelForSequenceClassification, source, trust_remote_code, dtype=torch.float32, num_labels=1,
-        output_loading_info=True,
+        output_loading_info=True, attn_implementation=attn_implementation,
     )  # fmt: skip
     if trained_head and info["missing_keys"]:
         raise UserError(

@@ -179,16 +179,16 @@ class PPOModule(AlignmentModule):
         hp = self.hparams
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
         pad_id = self.tokenizer.pad_token_id
-        self.model = load_policy(model_name_or_path, self.lora_args(), hp.trust_remote_code)
-        self.ref_model = None if hp.lora_r else load_causal_lm(model_name_or_path, hp.trust_remote_code).requires_grad_(False)
+        self.model = load_policy(model_name_or_path, self.lora_args(), **self.load_args())
+        self.ref_model = None if hp.lora_r else load_causal_lm(model_name_or_path, **self.load_args()).requires_grad_(False)
         self.reward_model = None
         if reward_model_path:
             check_same_vocabulary(self.tokenizer, reward_model_path, "--model.reward_model_path")
-            self.reward_model = load_scalar_model(reward_model_path, pad_id, hp.trust_remote_code, trained_head=True).requires_grad_(False)
+            self.reward_model = load_scalar_model(reward_model_path, pad_id, trained_head=True, **self.load_args()).requires_grad_(False)
         if "values" in self.estimator_arguments:
             if value_model_path:
                 check_same_vocabulary(self.tokenizer, value_model_path, "--model.value_model_path")
-            value_model = load_scalar_model(value_model_path or reward_model_path or model_name_or_path, pad_id, hp.trust_remote_code)
+            value_model = load_scalar_model(value_model_path or reward_model_path or model_name_or_path, pad_id, **self.load_args())
             self.value_model = add_lora(value_model, **self.lora_args(), task_type="SEQ_CLS")
         else:  # critic-free: no value weights to train, optimise or checkpoint
             self.value_model, self.trained_modules = None, ("model",)

@@ -31,7 +31,7 @@ class RewardModule(AlignmentModule):
         super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate,
                          gradient_checkpointing=gradient_checkpointing, **kwargs)  # fmt: skip
         self.tokenizer = load_tokenizer(model_name_or_path, self.hparams.trust_remote_code)
-        model = load_scalar_model(model_name_or_path, self.tokenizer.pad_token_id, self.hparams.trust_remote_code)
+        model = load_scalar_model(model_name_or_path, self.tokenizer.pad_token_id, **self.load_args())
         self.model = add_lora(model, **self.lora_args(), task_type="SEQ_CLS")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Reward read at the last real token, for either padding side and when pad == EOS."""
 
+import pytest
 import torch
 
 from lit_rlhf import sequence_scores
@@ -25,3 +26,26 @@ def test_score_is_read_at_last_real_token_even_when_it_is_the_pad_id(tiny_model_
     assert torch.allclose(scores, alone.expand(2), atol=1e-5)
     # transformers' own pooling (last id != pad) would read the token before EOS: a different value
     assert not torch.isclose(alone, before_eos, atol=1e-4)
+
+
+def test_attn_implementation_reaches_every_model_of_the_run(tiny_model_dir, tiny_reward_dir):
+    from lit_rlhf.dpo import DPOModule
+    from lit_rlhf.ppo import PPOModule
+    from lit_rlhf.reward import RewardModule
+
+    modules = [RewardModule(model_name_or_path=tiny_model_dir, attn_implementation="eager"),
+               DPOModule(model_name_or_path=tiny_model_dir, attn_implementation="eager"),
+               PPOModule(model_name_or_path=tiny_model_dir, reward_model_path=tiny_reward_dir, attn_implementation="eager")]  # fmt: skip
+    loaded = [m for module in modules for m in (module.model, getattr(module, "ref_model", None), getattr(module, "reward_model", None),
+                                                getattr(module, "value_model", None)) if m is not None]  # fmt: skip
+    assert len(loaded) == 7  # reward model; DPO policy and reference; PPO policy, reference, reward and value models
+    assert {m.config._attn_implementation for m in loaded} == {"eager"}
+    assert PPOModule(model_name_or_path=tiny_model_dir, reward_model_path=tiny_reward_dir).model.config._attn_implementation == "sdpa"
+
+
+def test_flash_attention_without_its_package_is_one_clear_error(tiny_model_dir):
+    from lit_rlhf.dpo import DPOModule
+    from lit_rlhf.errors import UserError
+
+    with pytest.raises(UserError, match="attn_implementation flash_attention_2"):
+        DPOModule(model_name_or_path=tiny_model_dir, attn_implementation="flash_attention_2")
