@@ -10,9 +10,11 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
 
+from lit_rlhf.distributed import data_parallel_mesh, fsdp2, fully_shard_models, gathered_state_dict
 from lit_rlhf.errors import NonFiniteError, UserError, check_ranges
-from lit_rlhf.models import export_pretrained
+from lit_rlhf.models import export_pretrained, load_policy, unwrap
 from lit_rlhf.ops import linear_warmup_decay
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM-135M-Instruct"
@@ -164,6 +166,17 @@ class AlignmentModule(L.LightningModule):
         """How every model of the run is loaded (`lit_rlhf.models`' loaders)."""
         return {"trust_remote_code": self.hparams.trust_remote_code, "attn_implementation": self.hparams.attn_implementation}
 
+    def load_trained_model(self) -> nn.Module:
+        """The model this run trains (`self.model`) as it starts: the policy, with its LoRA adapter if any."""
+        return load_policy(self.hparams.model_name_or_path, self.lora_args(), **self.load_args())
+
+    def configure_model(self) -> None:
+        """Under `ModelParallelStrategy` (configs/strategies/fsdp2.yaml), shard every model of the run with
+        FSDP2 over the processes (`distributed.fully_shard_models`); other strategies leave the models whole."""
+        if fsdp2(self._trainer):
+            models = [m for m in self.children() if isinstance(unwrap(m), PreTrainedModel)]
+            fully_shard_models(models, data_parallel_mesh(self.trainer.strategy))
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
@@ -208,8 +221,14 @@ class AlignmentModule(L.LightningModule):
                 " max_steps, or no training batch (--trainer.limit_train_batches, too few rows)"
             )
         path = (Path(self.trainer.log_dir) / "hf").resolve()
+        model = self.model
+        if fsdp2(self.trainer):  # the shards gathered into a whole copy in process 0
+            state, model = gathered_state_dict(self.model), None
+            if self.trainer.is_global_zero:
+                model = self.load_trained_model()
+                model.load_state_dict(state)
         if self.trainer.is_global_zero:
-            export_pretrained(self.model, self.tokenizer, path, readme=self.model_card(path))
+            export_pretrained(model, self.tokenizer, path, readme=self.model_card(path))
             rank_zero_info(f"exported {self.algorithm} model: {path}")
 
     def model_card(self, path: Path) -> str:

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from lit_rlhf.distributed import sharded
 from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.loader import CountingDataLoader, ResumableBatchSampler
 from lit_rlhf.models import load_tokenizer
@@ -313,8 +314,16 @@ class PreferenceDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """In order; this process's share: every held-out row is served to one process, once."""
         rank, world_size = self.rank_and_world_size(self.val_rows, "validation")
-        sampler = ResumableBatchSampler(len(self.val_rows), self.hparams.batch_size, shuffle=False, rank=rank, world_size=world_size)
-        return self._loader(self.val_rows, sampler)
+        shares = [ResumableBatchSampler(len(self.val_rows), self.hparams.batch_size, shuffle=False, rank=r, world_size=world_size)
+                  for r in range(world_size)]  # fmt: skip
+        counts = [len(share) for share in shares]
+        if sharded(self.trainer) and len(set(counts)) > 1:  # a process with a batch more would wait forever in its forward
+            raise UserError(
+                f"--data.val_size {len(self.val_rows)} gives the {world_size} processes {counts} validation batches; with sharded"
+                " parameters every forward is a collective, so each needs the same number: pick a multiple of"
+                f" {world_size * self.hparams.batch_size} (processes x --data.batch_size)"
+            )
+        return self._loader(self.val_rows, shares[rank])
 
     def every_row_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Training then validation rows, unshuffled, for work done once per row (DPO's reference log-probs),

@@ -15,7 +15,7 @@ from lit_rlhf.tokenization import cache_dir
 from lit_rlhf.forward import sequence_logps
 from lit_rlhf.errors import UserError
 from lit_rlhf.losses import PREFERENCE_LOSS_ARGUMENTS, PREFERENCE_LOSSES, UNPAIRED_LOSS_ARGUMENTS, rpo_nll_loss
-from lit_rlhf.models import as_reference, load_causal_lm, load_policy, load_tokenizer
+from lit_rlhf.models import as_reference, load_causal_lm, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
 from lit_rlhf.plugins import declared_arguments, resolve
 
@@ -89,7 +89,7 @@ class DPOModule(AlignmentModule):
             raise UserError(f"--model.precompute_ref_logps: --model.loss_type {loss_type} reads no precomputable reference log-probs"
                             " (none, or those of mismatched rows that depend on the batch)")
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
-        self.model = load_policy(model_name_or_path, self.lora_args(), **self.load_args())
+        self.model = self.load_trained_model()
         self.ref_model = None
         if self.needs_reference and (hp.ref_model_name_or_path or not hp.lora_r):
             self.ref_model = load_causal_lm(hp.ref_model_name_or_path or model_name_or_path, **self.load_args())

@@ -16,10 +16,24 @@ from lit_rlhf.ops import label_logps, last_token_index, position_ids, truncate_a
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[PreTrainedModel, torch.Tensor]:
     """The transformers model inside `model` (peft adapters still active) and its backbone's last hidden states (B, T, H)."""
+    from torch.distributed.fsdp import FSDPModule
+
     inner = unwrap(model)
     mask = batch["attention_mask"]
     backbone = getattr(inner, inner.base_model_prefix)
-    return inner, backbone(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask))
+    if not isinstance(model, FSDPModule):
+        return inner, backbone(**inputs).last_hidden_state
+    # FSDP2: only the whole model's forward gathers its root weights (embeddings, norm, head; kept whole until
+    # the backward) and schedules their gradients' reduction. So the whole model runs, its LM head on one
+    # position only, and the backbone's output is caught on the way.
+    caught = []
+    hook = backbone.register_forward_hook(lambda module, args, output: caught.append(output.last_hidden_state))
+    try:
+        model(**inputs, **({"logits_to_keep": 1} if inner.can_generate() else {}))
+    finally:
+        hook.remove()
+    return inner, caught[0]
 
 
 def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:

@@ -43,7 +43,7 @@ from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator
 from lit_rlhf.losses import aggregate_token_losses, ppo_policy_loss, ppo_value_loss
 from lit_rlhf.distributed import no_backward_sync, sharded, sum_over_processes
 from lit_rlhf.forward import generate_responses, sequence_scores, token_logps, token_values
-from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_policy, load_scalar_model, load_tokenizer
+from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX, group_minibatches, kl_estimate
 from lit_rlhf.plugins import declared_arguments, resolve
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
@@ -179,7 +179,7 @@ class PPOModule(AlignmentModule):
         hp = self.hparams
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
         pad_id = self.tokenizer.pad_token_id
-        self.model = load_policy(model_name_or_path, self.lora_args(), **self.load_args())
+        self.model = self.load_trained_model()
         self.ref_model = None if hp.lora_r else load_causal_lm(model_name_or_path, **self.load_args()).requires_grad_(False)
         self.reward_model = None
         if reward_model_path:

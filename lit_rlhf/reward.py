@@ -1,6 +1,7 @@
 """Reward model: a sequence classifier with one scalar head, trained on (chosen, rejected) pairs."""
 
 import torch
+from torch import nn
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.losses import reward_loss
@@ -31,8 +32,12 @@ class RewardModule(AlignmentModule):
         super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate,
                          gradient_checkpointing=gradient_checkpointing, **kwargs)  # fmt: skip
         self.tokenizer = load_tokenizer(model_name_or_path, self.hparams.trust_remote_code)
-        model = load_scalar_model(model_name_or_path, self.tokenizer.pad_token_id, **self.load_args())
-        self.model = add_lora(model, **self.lora_args(), task_type="SEQ_CLS")
+        self.model = self.load_trained_model()
+
+    def load_trained_model(self) -> nn.Module:
+        """The reward model as it starts: a scalar head on the base model, with its LoRA adapter if any."""
+        model = load_scalar_model(self.hparams.model_name_or_path, self.tokenizer.pad_token_id, **self.load_args())
+        return add_lora(model, **self.lora_args(), task_type="SEQ_CLS")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of the chosen and of the rejected rows of a pairs batch: two (B,) tensors."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.distributed.tensor import DTensor
 
 import lit_rlhf.base
 import lit_rlhf.tokenization
@@ -31,10 +32,14 @@ class Recorder(Callback):
 
     @staticmethod
     def trained_weights(module) -> dict[str, torch.Tensor]:
-        return {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
+        """Whole tensors: an FSDP2 shard is gathered (a collective: every process records at the same points)."""
+        return {k: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for k, p in module.named_parameters() if p.requires_grad}
 
     def on_train_start(self, trainer, module) -> None:
-        self.record |= {"rng_state": torch.get_rng_state(), "initial_weights": self.trained_weights(module)}
+        trained = [p for p in module.parameters() if p.requires_grad]
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in trained)
+        self.record |= {"rng_state": torch.get_rng_state(), "initial_weights": self.trained_weights(module),
+                        "local_share": local / sum(p.numel() for p in trained)}  # fmt: skip
         if hasattr(module, "compute_advantages"):  # PPO
             compute_advantages = module.compute_advantages
 
@@ -59,6 +64,7 @@ class Recorder(Callback):
     def on_fit_end(self, trainer, module) -> None:
         self.record |= {
             "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
             "strategy": type(trainer.strategy).__name__,
             "final_metrics": {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1},
             "non_finite_skips": module.non_finite_skips,
@@ -83,13 +89,18 @@ def poison(module, step: int) -> None:
 
 
 def fit_and_record(args: list[str], nan_step: int = -1) -> dict:
-    """Fit `lit-rlhf fit ARGS` in this process; the record of what it saw (its rank is `trainer.global_rank`)."""
+    """Fit `lit-rlhf fit ARGS` in this process (`--ckpt_path FILE` resumes FILE); the record of what it saw (its
+    rank is `trainer.global_rank`)."""
+    ckpt_path = None
+    if "--ckpt_path" in args:
+        at = args.index("--ckpt_path")
+        ckpt_path, args = args[at + 1], args[:at] + args[at + 2 :]
     run = cli(args, run=False)
     recorder = Recorder()
     run.trainer.callbacks.append(recorder)
     if nan_step >= 0:
         poison(run.model, nan_step)
-    run.trainer.fit(run.model, datamodule=run.datamodule)
+    run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
     return recorder.record | {"rank": run.trainer.global_rank}
 
 

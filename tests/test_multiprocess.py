@@ -24,23 +24,26 @@ pytestmark = pytest.mark.multiprocess
 REPO = Path(__file__).parents[1]
 SCRIPT = Path(__file__).with_name("multiprocess_fit.py")
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+FSDP2 = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "-c", str(REPO / "configs/strategies/fsdp2.yaml")]
 # fp32: the 2-process and 1-process runs are compared to 1e-5, which bf16 rounding of different batch shapes exceeds
 QUIET = ["--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.num_sanity_val_steps", "0"]  # fmt: skip
 
 
-def fit_two_processes(args: list[str], out_dir: Path, nan_step: int = -1) -> tuple[dict, dict, float]:
-    """Run `fit ARGS` with 2 DDP processes in `out_dir`: the records of ranks 0 and 1, and the wall time in seconds."""
-    out_dir.mkdir()
+def fit_two_processes(args: list[str], out_dir: Path, nan_step: int = -1, strategy: list[str] = DDP) -> tuple[dict, dict, float]:
+    """Run `fit ARGS` with 2 processes (DDP unless `strategy` says otherwise) in `out_dir`: the records of ranks 0
+    and 1, and the wall time in seconds."""
+    out_dir.mkdir(exist_ok=True)
     # a cache of this run's own: its rank 0 tokenizes, its rank 1 reads what rank 0 wrote
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(out_dir / "cache"), PYTHONPATH=str(REPO))
-    command = [sys.executable, str(SCRIPT), str(out_dir), str(nan_step), *args, *DDP]
+    command = [sys.executable, str(SCRIPT), str(out_dir), str(nan_step), *args, *strategy]
     start = time.monotonic()
     done = subprocess.run(command, cwd=out_dir, env=env, capture_output=True, text=True, timeout=240)
     seconds = time.monotonic() - start
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    assert [(r["rank"], r["world_size"], r["strategy"]) for r in ranks] == [(0, 2, "DDPStrategy"), (1, 2, "DDPStrategy")]
+    name = "DDPStrategy" if strategy is DDP else "ModelParallelStrategy"
+    assert [(r["rank"], r["world_size"], r["strategy"]) for r in ranks] == [(0, 2, name), (1, 2, name)]
     return ranks[0], ranks[1], seconds
 
 
