@@ -1,0 +1,33 @@
+"""`lit-rlhf demo`'s wiring, with the training and the evaluation replaced by recorders."""
+
+import json
+from pathlib import Path
+
+from lit_rlhf import demo
+
+
+def test_seeds_train_policies_apart_and_reach_the_report_by_name(monkeypatch):
+    fits, evaluations = [], []
+    monkeypatch.setattr(demo, "fetch_smollm2", lambda model_dir: Path("/models/base"))
+    monkeypatch.setattr(demo, "fit", lambda config, *flags: fits.append((config, flags)) or Path(f"/runs/{len(fits)}/hf"))
+    monkeypatch.setattr(demo.evaluate, "main", evaluations.append)
+    demo.main(["--seeds", "1", "2"])
+    assert [config for config, _ in fits] == ["reward.yaml", "reward.yaml", "ppo.yaml", "dpo.yaml", "ppo.yaml", "dpo.yaml"]
+    for (_, flags), seed in zip(fits[2:], ["1", "1", "2", "2"]):  # the policies: each seed sets the training order and sampling
+        assert " ".join(flags).count(f"--seed_everything {seed} --data.shuffle_seed {seed}") == 1
+    assert all("--seed_everything" not in flags for _, flags in fits[:2])  # the reward models are trained once
+    (args,) = evaluations
+    models = json.loads(args[args.index("--models") + 1])
+    assert models == {"base": "/models/base", "dpo@1": "/runs/4/hf", "dpo@2": "/runs/6/hf", "ppo@1": "/runs/3/hf", "ppo@2": "/runs/5/hf"}
+    assert args[args.index("--heldout_dataset") + 1] == str(demo.FINAL_ROWS) and args[args.index("--prompts") + 1] == "[]"
+
+
+def test_one_seed_names_the_policies_plainly_and_tuning_reads_the_held_out_split(monkeypatch):
+    evaluations = []
+    monkeypatch.setattr(demo, "fetch_smollm2", lambda model_dir: Path("/models/base"))
+    monkeypatch.setattr(demo, "fit", lambda config, *flags: Path(f"/runs/{config}"))
+    monkeypatch.setattr(demo.evaluate, "main", evaluations.append)
+    demo.main(["--prompts", "tuning"])
+    (args,) = evaluations
+    assert set(json.loads(args[args.index("--models") + 1])) == {"base", "dpo", "ppo"}
+    assert "--heldout_dataset" not in args
