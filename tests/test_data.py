@@ -121,7 +121,7 @@ def test_shuffle_seed_changes_the_training_order_alone(tiny_model_dir, real_rows
         dm.setup("fit")
         return dm, [i for batch in dm.train_dataloader().batch_sampler for i in batch]
 
-    (plain, plain_order), (same, same_order), (other, other_order) = setup(), setup(shuffle_seed=42), setup(shuffle_seed=7)
+    (plain, plain_order), (_, same_order), (other, other_order) = setup(), setup(shuffle_seed=42), setup(shuffle_seed=7)
     assert same_order == plain_order  # unset, the training order follows --data.seed (42)
     assert other_order != plain_order and sorted(other_order) == sorted(plain_order)
     assert [r["prompt"] for r in other.val_rows] == [r["prompt"] for r in plain.val_rows]
