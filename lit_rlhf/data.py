@@ -252,6 +252,12 @@ class PreferenceDataModule(L.LightningDataModule):
             f" max_prompt_length={hp.max_prompt_length}); tokens {'read from' if from_cache else 'written to'} the cache"
             f" {cache_dir('tokenized')} ({self.fingerprint})"
         )
+        if len(encoded) < len(rows) and hp.val_size:
+            rank_zero_warn(
+                f"{hp.dataset}: {len(rows) - len(encoded)} rows dropped before the held-out split, so the split differs from"
+                " that of a run that drops other rows (another --data.max_length or --data.truncation): stages that must"
+                " not train on each other's held-out rows need the same rows dropped"
+            )
         kept = [dict(e, index=i) for i, e in enumerate(self.degenerate_rows_checked(encoded))]
         if len(kept) <= hp.val_size:
             raise UserError(f"{hp.dataset}: {len(kept)} usable rows leave none for training with --data.val_size {hp.val_size}")

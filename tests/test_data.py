@@ -97,7 +97,7 @@ def test_truncation_keeps_prompt_end_and_completion_start(tiny_model_dir, tokeni
 def test_drop_policy_counts_dropped_rows(tiny_model_dir, tmp_path, caplog):
     rows = [dict(ROW, prompt=f"question {i}") for i in range(4)] + [{"prompt": "x" * 300, "chosen": "a", "rejected": "b"}]
     dm = make_dm(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), val_size=1, truncation="drop", max_prompt_length=100)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO"), pytest.warns(UserWarning, match="1 rows dropped before the held-out split"):
         dm.setup("fit")
     assert len(dm.train_rows) + len(dm.val_rows) == 4
     assert "5 rows, 0 truncated, 1 dropped" in caplog.text
