@@ -7,6 +7,7 @@ elsewhere). Either padding side works: position ids start at 0 on each row's fir
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel
 
 from lit_rlhf.data import collate_prompts
@@ -16,8 +17,6 @@ from lit_rlhf.ops import label_logps, last_token_index, position_ids, truncate_a
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[PreTrainedModel, torch.Tensor]:
     """The transformers model inside `model` (peft adapters still active) and its backbone's last hidden states (B, T, H)."""
-    from torch.distributed.fsdp import FSDPModule
-
     inner = unwrap(model)
     mask = batch["attention_mask"]
     backbone = getattr(inner, inner.base_model_prefix)
