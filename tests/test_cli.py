@@ -62,7 +62,7 @@ def test_every_strategy_fragment_parses_after_a_recipe(fragment, capsys):
 
 
 def test_strategy_fragments_exist():
-    assert {p.name for p in STRATEGIES} == {"ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml"}
+    assert {p.name for p in STRATEGIES} == {"ddp.yaml", "fsdp.yaml", "fsdp2.yaml", "deepspeed_zero2.yaml"}
 
 
 @pytest.mark.parametrize("configs", [RECIPES, DEMO], ids=["recipes", "demo"])
