@@ -34,7 +34,7 @@ from lit_rlhf.metrics import bootstrap_ci, distinct_n, has_loop, length_controll
 from lit_rlhf.models import check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX, kl_estimate
 from lit_rlhf.precision import generation_precision as default_generation_precision
-from lit_rlhf.report import write_report
+from lit_rlhf.report import across_seeds, write_report
 from lit_rlhf.rows import load_rows
 from lit_rlhf.tasks import task_passes
 
@@ -250,6 +250,7 @@ def evaluate(
     report["seconds"] = round(time.time() - start, 1)
     report["generation_precision"] = generation_precision
     report["task"] = task_dataset
+    report["seeds"] = across_seeds(report)
     held_out_text = f"`{heldout_dataset}`" if heldout_dataset else f"`{data['dataset']}` (held-out split of `--data.*`)"
     write_report(report, output_dir, baseline, unseen_dataset, held_out_text)
     return report

@@ -132,7 +132,6 @@ def write_report(report: dict, output_dir: str, baseline: str, unseen: str, data
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report["seeds"] = across_seeds(report)
     text = markdown(report, baseline, unseen, dataset)
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(report, indent=2))
