@@ -6,7 +6,9 @@ from typing import Any, Callable, Mapping
 RANGES: dict[str, Callable[[Any], bool]] = {
     "> 0": lambda v: v > 0,
     ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
     "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
     "in [0, 1)": lambda v: 0 <= v < 1,
     "in [0, 0.5)": lambda v: 0 <= v < 0.5,
 }

@@ -1,5 +1,7 @@
 """Loss functions: tensors in, tensors out, no models."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -158,6 +160,7 @@ def ppo_policy_loss(
     cliprange: float = 0.2,
     aggregation: str = "token_mean",
     length: int = 1,
+    weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate policy loss of PPO (Schulman et al. 2017).
 
@@ -168,9 +171,10 @@ def ppo_policy_loss(
         mask: (B, T) 1 on response tokens.
         cliprange: the ratio is clipped to [1 - cliprange, 1 + cliprange].
         aggregation, length: how the per-token losses become one (`aggregate_token_losses`).
+        weights: (B, T) optional per-token weights of the losses (`truncated_importance_weights`), no gradient.
 
     Returns:
-        pg_loss (): `max(-A r, -A clip(r))` aggregated over response tokens, and stats: `clipfrac`
+        pg_loss (): `max(-A r, -A clip(r))` (times `weights`) aggregated over response tokens, and stats: `clipfrac`
         (share of tokens where the clipped term is used), `approxkl` (`0.5 mean(log r ^ 2)`),
         `ratio` (mean r).
     """
@@ -178,13 +182,34 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = aggregate_token_losses(torch.max(pg_losses, pg_losses_clipped), mask, aggregation, length)
+    token_losses = torch.max(pg_losses, pg_losses_clipped)  # (B, T)
+    if weights is not None:
+        token_losses = token_losses * weights.detach()
+    pg_loss = aggregate_token_losses(token_losses, mask, aggregation, length)
     stats = {
         "clipfrac": masked_mean((pg_losses_clipped > pg_losses).float(), mask),
         "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
         "ratio": masked_mean(ratio, mask),
     }
     return pg_loss, {k: v.detach() for k, v in stats.items()}
+
+
+def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS, Yao et al. 2025) for samples drawn by another engine than the trainer.
+
+    vLLM samples with its own kernels, so its probability of a token differs a little from the trainer's
+    for the same weights. The policy gradient assumes the trainer's; each token is reweighted by the
+    ratio of the two, truncated at `cap` so that a token vLLM found unlikely cannot dominate the batch.
+
+    Args:
+        logprobs: (B, T) the trainer's log-probs of the sampled tokens (the old log-probs of PPO).
+        sampler_logprobs: (B, T) the sampling engine's log-probs of the same tokens.
+        cap: the upper bound of a weight (>= 1).
+
+    Returns:
+        (B, T) `min(exp(logprobs - sampler_logprobs), cap)`.
+    """
+    return torch.exp(logprobs - sampler_logprobs).clamp(max=cap)
 
 
 def ppo_value_loss(

@@ -40,15 +40,16 @@ from transformers import GenerationConfig
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.errors import UserError
 from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator
-from lit_rlhf.losses import aggregate_token_losses, ppo_policy_loss, ppo_value_loss
+from lit_rlhf.losses import aggregate_token_losses, ppo_policy_loss, ppo_value_loss, truncated_importance_weights
 from lit_rlhf.distributed import no_backward_sync, sharded, sum_over_processes
 from lit_rlhf.forward import generate_responses, sequence_scores, token_logps, token_values
 from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
-from lit_rlhf.ops import IGNORE_INDEX, group_minibatches, kl_estimate
+from lit_rlhf.ops import IGNORE_INDEX, group_minibatches, kl_estimate, masked_mean
 from lit_rlhf.plugins import declared_arguments, resolve
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
 from lit_rlhf.rewards import RewardFunctions, reward_stats, weighted_total
 from lit_rlhf.rollout import Rollout
+from lit_rlhf.vllm_engine import VLLMEngine, policy_weights
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (B, P + R), prompts left-padded
 ESTIMATOR_CONTRACT = (
@@ -66,6 +67,7 @@ class PPOModule(AlignmentModule):
         "response_length": "> 0", "temperature": "> 0", "num_generations": "> 0", "kl_coef": ">= 0", "gamma": "in [0, 1]", "lam": "in [0, 1]",
         "ppo_epochs": "> 0", "num_minibatches": "> 0", "gradient_accumulation_steps": "> 0", "rollout_batch_size": "> 0", "cliprange": "> 0",
         "cliprange_value": "> 0", "vf_coef": ">= 0", "max_grad_norm": "> 0", "sample_every_n_steps": "> 0",
+        "importance_sampling_cap": ">= 1", "vllm_gpu_memory_utilization": "in (0, 1]",
     }  # fmt: skip
 
     def __init__(
@@ -97,6 +99,9 @@ class PPOModule(AlignmentModule):
         vf_coef: float = 0.1,
         max_grad_norm: float = 1.0,
         sample_every_n_steps: int = 10,
+        rollout_engine: Literal["hf", "vllm"] = "hf",
+        importance_sampling_cap: Optional[float] = 2.0,
+        vllm_gpu_memory_utilization: float = 0.3,
         **kwargs,
     ):
         """PPO and its critic-free relatives (RLOO, GRPO, Dr. GRPO, REINFORCE++), the estimator a flag.
@@ -157,6 +162,14 @@ class PPOModule(AlignmentModule):
             vf_coef: Weight of the value loss (`gae`).
             max_grad_norm: Gradient norm clip of each optimizer step.
             sample_every_n_steps: Log a table of prompt / response / score to TensorBoard every N PPO steps.
+            rollout_engine: Who samples the rollouts: `hf` (`model.generate` on the policy itself) or `vllm` (a vLLM
+                engine in this process, sent the policy's weights before every rollout; an extra:
+                `pip install 'lit-rlhf[vllm]'`, lit_rlhf/vllm_engine.py). Either way the old log-probs are the
+                trainer's own; `rollout/logprob_diff` logs how far vLLM's differ. Validation answers use `hf`.
+            importance_sampling_cap: With `vllm`: each token's policy loss is weighted by min(p_trainer / p_vllm,
+                cap), truncated importance sampling for the engines' mismatch (Yao et al. 2025; TRL's
+                `vllm_importance_sampling_cap`). null: no correction.
+            vllm_gpu_memory_utilization: Share of the GPU's memory the vLLM engine may take (colocated with training).
         """
         super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate, **kwargs)
         entry = resolve(advantage_estimator, ESTIMATORS, "--model.advantage_estimator")
@@ -196,6 +209,7 @@ class PPOModule(AlignmentModule):
         # top_k=0, top_p=1: sample from the full distribution, the one the log-probs are computed from
         self.generation_config = GenerationConfig(do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0, **stop)
         self.greedy_config = GenerationConfig(do_sample=False, **stop)
+        self.engine: Optional[VLLMEngine] = None  # started by on_fit_start with --model.rollout_engine vllm
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -222,6 +236,20 @@ class PPOModule(AlignmentModule):
         super().on_fit_start()
         if self.trainer.world_size > 1:  # the same seed on every process would sample alike: offset it by rank
             torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
+        if self.hparams.rollout_engine == "vllm" and self.engine is None:
+            self.engine = self.start_vllm()
+
+    def start_vllm(self) -> VLLMEngine:
+        """The colocated vLLM engine, in the precision the trainer computes in. One process only: vLLM starts a
+        process group of its own, which a multi-process strategy's would clash with."""
+        hp = self.hparams
+        if self.trainer.world_size > 1:
+            raise UserError(f"--model.rollout_engine vllm runs in one process here, not {self.trainer.world_size}: drop --trainer.strategy or use hf")
+        if str(hp.model_name_or_path).endswith(".gguf"):
+            raise UserError(f"--model.rollout_engine vllm starts from a transformers folder or hub id, not {hp.model_name_or_path}: save the model once (lit-rlhf fetch-smollm2)")
+        dtype = torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32
+        max_model_len = self.trainer.datamodule.hparams.max_prompt_length + hp.response_length
+        return VLLMEngine(hp.model_name_or_path, max_model_len, dtype, seed=int(torch.initial_seed()) % 2**31, gpu_memory_utilization=hp.vllm_gpu_memory_utilization)
 
     def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         return sum_over_processes(self._trainer, tensor)
@@ -254,6 +282,18 @@ class PPOModule(AlignmentModule):
         config = self.greedy_config if greedy else self.generation_config
         return generate_responses(self.model, prompts, self.tokenizer, generation_config=config, synced_gpus=sharded(self._trainer))
 
+    def sample_with_vllm(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """Push the policy's weights into the vLLM engine, then sample `num_generations` responses to each prompt of
+        `batch` (B, P), groups contiguous: responses, response_mask (B * k, R), contains_eos (B * k,), and vLLM's
+        log-probs of its samples (B * k, R)."""
+        hp = self.hparams
+        self.engine.push(policy_weights(self.model, self.engine.dtype))
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]  # left padding dropped
+        seed = int(torch.randint(2**31, ()))  # from the run's stream: a resumed run samples as the uninterrupted one
+        out = self.engine.sample(prompts, hp.num_generations, hp.response_length, hp.temperature, self.tokenizer.eos_token_id,
+                                 self.tokenizer.pad_token_id, seed)  # fmt: skip
+        return tuple(tensor.to(self.device) for tensor in out)
+
     @torch.no_grad()
     def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
         """Generate `num_generations` responses per prompt with the policy, then score, old log-probs, reference
@@ -262,7 +302,10 @@ class PPOModule(AlignmentModule):
         prompts = {key: batch[key].repeat_interleave(k, 0) for key in ("input_ids", "attention_mask")}  # (B * k, P), groups contiguous
         P = prompts["input_ids"].shape[1]
         start = time.perf_counter()
-        responses, response_mask, contains_eos = self.generate(prompts)  # (B * k, R)
+        if self.engine is not None:
+            responses, response_mask, contains_eos, sampler_logprobs = self.sample_with_vllm(batch)  # (B * k, R)
+        else:
+            (responses, response_mask, contains_eos), sampler_logprobs = self.generate(prompts), None
         generation_seconds = time.perf_counter() - start
         sequences = torch.cat([prompts["input_ids"], responses], 1)  # (B * k, P + R)
         mask = torch.cat([prompts["attention_mask"], response_mask], 1)
@@ -288,7 +331,7 @@ class PPOModule(AlignmentModule):
             input_ids=sequences, attention_mask=mask, labels=labels, response_mask=response_mask.float(), contains_eos=contains_eos,
             logprobs=torch.cat(parts["logprobs"]), ref_logprobs=torch.cat(parts["ref_logprobs"]), scores=scores,
             generation_seconds=generation_seconds, values=torch.cat(parts["values"]) if parts["values"] else None,
-            source_scores=source_scores,
+            source_scores=source_scores, sampler_logprobs=sampler_logprobs,
         )  # fmt: skip
 
     def source_scores(self, model_scores: Optional[torch.Tensor], responses: torch.Tensor, response_mask: torch.Tensor,
@@ -337,7 +380,11 @@ class PPOModule(AlignmentModule):
         response_mask = rollout.response_mask[rows]  # (n, R)
         logprobs = self.response_logps(self.model, batch, P)  # (n, R)
         weighting = {"aggregation": self.estimator.aggregation, "length": hp.response_length}
-        loss, pg_stats = ppo_policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], response_mask, hp.cliprange, **weighting)
+        weights = None
+        if rollout.sampler_logprobs is not None and hp.importance_sampling_cap is not None:
+            weights = truncated_importance_weights(rollout.logprobs[rows], rollout.sampler_logprobs[rows], hp.importance_sampling_cap)
+        loss, pg_stats = ppo_policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], response_mask, hp.cliprange,
+                                         weights=weights, **weighting)  # fmt: skip
         stats = {"loss/policy_avg": loss.detach(), "policy/approxkl_avg": pg_stats["approxkl"],
                  "policy/clipfrac_avg": pg_stats["clipfrac"], "val/ratio": pg_stats["ratio"]}  # fmt: skip
         if hp.kl_in_loss:  # GRPO: k3 to the reference, per token
@@ -405,6 +452,8 @@ class PPOModule(AlignmentModule):
             "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0], device=self.device),
         }
         stats |= reward_stats(rollout.source_scores, self.reward_sources, rollout.scores, self.hparams.num_generations)
+        if rollout.sampler_logprobs is not None:  # how far the engine that sampled is from the trainer, per token
+            stats["rollout/logprob_diff"] = masked_mean((rollout.logprobs - rollout.sampler_logprobs).abs(), rollout.response_mask)
         self.log_stats(stats, "train", batch_size=len(scores))
         if batch_idx % self.hparams.sample_every_n_steps == 0:
             self.log_samples([text for text in batch["prompt_text"] for _ in range(self.hparams.num_generations)], rollout)

@@ -22,6 +22,7 @@ class Rollout:
     generation_seconds: float  # wall time of the sampling
     values: Optional[torch.Tensor] = None  # (N, R) V(s_t) before each response token; with a value model only
     source_scores: Optional[torch.Tensor] = None  # (S, N) each reward source's score, nan where a function returned None
+    sampler_logprobs: Optional[torch.Tensor] = None  # (N, R) under the engine that sampled (vLLM); None: the policy itself
     # filled in by `compute_advantages`
     kl: Optional[torch.Tensor] = None  # (N, R) per-token KL estimate to the reference
     non_score_reward: Optional[torch.Tensor] = None  # (N, R) -kl_coef * kl

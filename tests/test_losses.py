@@ -16,6 +16,7 @@ from lit_rlhf.losses import (
     reward_loss,
     rpo_nll_loss,
     simpo,
+    truncated_importance_weights,
 )
 
 
@@ -152,6 +153,21 @@ def test_ppo_policy_loss_aggregates_like_its_argument():
     assert ppo_policy_loss(logprobs, logprobs, advantages, mask)[0] == (-1 - 1 + 2) / 3  # token_mean
     assert ppo_policy_loss(logprobs, logprobs, advantages, mask, aggregation="sequence_mean")[0] == (-1 + 2) / 2
     assert ppo_policy_loss(logprobs, logprobs, advantages, mask, aggregation="constant", length=2)[0] == (-2 / 2 + 2 / 2) / 2
+
+
+def test_truncated_importance_weights_by_hand():
+    # trainer log-probs minus sampler log-probs: ln 0.5, 0, ln 3 -> ratios 0.5, 1, 3; the last is cut to the cap 2
+    logprobs = torch.tensor([[math.log(0.25), -1.0, math.log(0.9)]])
+    sampler = torch.tensor([[math.log(0.5), -1.0, math.log(0.3)]])
+    weights = truncated_importance_weights(logprobs, sampler, cap=2.0)
+    assert torch.allclose(weights, torch.tensor([[0.5, 1.0, 2.0]]))
+
+
+def test_ppo_policy_loss_weights_each_token():
+    # ratio 1, advantages 1 and -2, weights 0.5 and 2: token losses -0.5 and 4, token mean 1.75; without weights -1, 2 -> 0.5
+    logprobs, mask, advantages = torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, -2.0]])
+    assert ppo_policy_loss(logprobs, logprobs, advantages, mask, weights=torch.tensor([[0.5, 2.0]]))[0] == 1.75
+    assert ppo_policy_loss(logprobs, logprobs, advantages, mask)[0] == 0.5
 
 
 def test_ppo_value_loss_by_hand():

@@ -1,0 +1,116 @@
+"""PPO/GRPO runs with `--model.rollout_engine vllm`, recording what tests/test_vllm.py asserts on.
+
+    python tests/vllm_checks.py OUT_FILE MODEL_DIR REWARD_DIR ROWS
+
+vLLM starts a process group and pins torch's threads in the process it runs in, so these runs get a
+process of their own. One engine is started by the first run (as `on_fit_start` does) and handed to
+the others, which use the same tiny model: starting vLLM is the slow part.
+"""
+
+import sys
+import types
+
+import torch
+from lightning.pytorch.callbacks import LambdaCallback
+
+import lit_rlhf.ppo
+from lit_rlhf.cli import cli
+from lit_rlhf.forward import token_logps
+from lit_rlhf.vllm_engine import VLLMEngine
+
+
+def fit_args(model_dir: str, reward_dir: str, rows: str, estimator: str, *extra: str) -> list[str]:
+    group = ["--model.num_generations", "4", "--model.kl_in_loss", "true"] if estimator == "grpo" else []
+    return [
+        "--model", "lit_rlhf.ppo.PPOModule", "--model.model_name_or_path", model_dir, "--model.reward_model_path", reward_dir,
+        "--model.rollout_engine", "vllm", "--model.advantage_estimator", estimator, *group, "--model.response_length", "8",
+        "--model.learning_rate", "1e-2", "--model.gradient_accumulation_steps", "1", "--data.dataset", rows,
+        "--data.mode", "prompts", "--data.max_length", "64", "--data.max_prompt_length", "32", "--data.val_size", "4",
+        "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1",
+        "--seed_everything", "0", *extra,
+    ]  # fmt: skip
+
+
+FIXED = torch.tensor([[256, 257, 104, 105, 33, 32, 119, 111, 114, 108, 100, 258]])  # a sequence scored at every rollout
+SEEN: list[tuple[torch.Tensor, torch.Tensor]] = []  # per rollout: the engine's and the trainer's log-probs of FIXED
+RUNNING = {}
+
+
+def recorded_sample(self, *args, **kwargs):
+    """`VLLMEngine.sample`, called by the module after its push: first score FIXED with the engine and the trainer."""
+    batch = {"input_ids": FIXED, "attention_mask": torch.ones_like(FIXED), "labels": FIXED.masked_fill(torch.arange(12) == 0, -100)}
+    SEEN.append((self.sequence_logprobs(FIXED[0].tolist()), token_logps(RUNNING["module"].model, batch)[0, :].detach()))
+    return sample(self, *args, **kwargs)
+
+
+sample, VLLMEngine.sample = VLLMEngine.sample, recorded_sample
+
+
+def fit(args: list[str], engine=None, score=None):
+    """Build the run, hand it `engine` (None: it starts its own), optionally replace its reward-model `score`, fit:
+    the module, its metrics after each step and what SEEN recorded."""
+    run = cli(args, run=False)
+    steps = []
+    run.trainer.callbacks.append(LambdaCallback(on_train_batch_end=lambda trainer, *_: steps.append(
+        {k: v.item() for k, v in trainer.callback_metrics.items()})))  # fmt: skip
+    module = RUNNING["module"] = run.model
+    module.engine = engine
+    start_vllm = module.start_vllm
+
+    def recorded_start():  # does starting vLLM leave the run's RNG stream where it was?
+        before = torch.get_rng_state()
+        started = start_vllm()
+        RUNNING["rng_kept"] = torch.equal(before, torch.get_rng_state())
+        return started
+
+    module.start_vllm = recorded_start
+    if score is not None:
+        module.score = types.MethodType(score, module)
+    SEEN.clear()
+    run.trainer.fit(module, datamodule=run.datamodule)
+    return module, steps, SEEN[:]
+
+
+def main(out_file: str, model_dir: str, reward_dir: str, rows: str) -> None:
+    results = {}
+    calls = []
+    original = lit_rlhf.ppo.ppo_policy_loss
+    lit_rlhf.ppo.ppo_policy_loss = lambda *a, **k: calls.append(original(*a, **k)) or calls[-1]
+    # 1. GRPO, 3 steps: the engine starts in on_fit_start
+    module, metrics, seen = fit(fit_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "16", "--data.batch_size", "2",
+                                         "--trainer.limit_train_batches", "3"))  # fmt: skip
+    engine = module.engine
+    results["grpo"] = {"metrics": metrics, "first_stats": calls[0][1], "seen": seen}
+    results["rng_kept"] = RUNNING["rng_kept"]
+
+    # 2. GAE (a value model), one step
+    calls.clear()
+    module, metrics, seen = fit(fit_args(model_dir, reward_dir, rows, "gae", "--data.limit", "12", "--data.batch_size", "8",
+                                         "--trainer.limit_train_batches", "1", "--model.ppo_epochs", "2"), engine=engine)  # fmt: skip
+    results["gae"] = {"metrics": metrics, "first_stats": calls[0][1], "seen": seen}
+
+    # 3. LoRA: pushed merged; the trainer's own model is unmerged after each push
+    module, metrics, seen = fit(fit_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "12", "--data.batch_size", "2",
+                                         "--trainer.limit_train_batches", "2", "--model.lora_r", "4"), engine=engine)  # fmt: skip
+    merged = [m.merged for m in module.model.modules() if hasattr(m, "merged")]
+    results["lora"] = {"metrics": metrics, "seen": seen, "merged": merged}
+
+    # 4. a toy reward: the share of ASCII bytes in the response, learned with vLLM rollouts
+    scores = []
+
+    def toy_score(self, batch, context_length):
+        response, response_mask = batch["input_ids"][:, context_length:], batch["attention_mask"][:, context_length:]
+        score = ((response < 128) * response_mask).sum(1) / response_mask.sum(1)
+        scores.append(score.mean().item())
+        return score
+
+    fit(fit_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "164", "--data.batch_size", "4", "--model.kl_coef", "0.01",
+                 "--model.temperature", "1.0", "--model.ppo_epochs", "4", "--trainer.limit_train_batches", "10"),
+        engine=engine, score=toy_score)  # fmt: skip
+    results["toy_scores"] = scores
+    torch.save(results, out_file)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
