@@ -19,7 +19,6 @@ import resource
 import time
 
 import lightning as L
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import lit_rlhf.dpo
