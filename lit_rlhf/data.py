@@ -13,6 +13,7 @@ token is its EOS (`<|im_end|>`), and a mask built from the pad id would drop the
 end-of-turn token of every completion.
 """
 
+import json
 from contextlib import contextmanager
 from functools import partial
 from typing import Literal, Optional
@@ -28,7 +29,7 @@ from lit_rlhf.loader import CountingDataLoader, ResumableBatchSampler
 from lit_rlhf.models import load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
 from lit_rlhf.rows import load_rows
-from lit_rlhf.tokenization import COMPLETIONS, cache_dir, encode_row, tokenize_cached, unpaired_rows
+from lit_rlhf.tokenization import COMPLETIONS, cache_dir, encode_row, row_messages, tokenize_cached, unpaired_rows
 
 
 @contextmanager
@@ -47,20 +48,40 @@ def local_rank_zero_first(trainer):
             trainer.strategy.barrier("local_rank_zero_first")
 
 
-def split_by_prompt(rows: list[dict], val_size: int, seed: int) -> tuple[list[int], list[int]]:
-    """Positions of the validation and of the training rows, each in a seeded random order.
+def linked_rows(*keys: list) -> list[int]:
+    """Each row's group: the first row linked to it by an equal key in any of the `keys` columns (one value
+    per row; None links nothing), directly or through other rows (union-find)."""
+    parent = list(range(len(keys[0])))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = i = parent[parent[i]]
+        return i
+
+    for column in keys:
+        first: dict = {}
+        for i, key in enumerate(column):
+            if key is not None:
+                a, b = root(i), root(first.setdefault(key, i))
+                parent[max(a, b)] = min(a, b)
+    return [root(i) for i in range(len(parent))]
+
+
+def split_by_prompt(prompts: list, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """Positions of the validation and of the training rows, each in a seeded random order; `prompts` holds
+    each row's prompt (any hashable value, equal for rows that share a prompt).
 
     Rows are visited in that order, each taking every row of its prompt to validation unless that
     would pass `val_size`: rows that share a prompt stay on one side, so validation never scores a
     prompt that training saw. With enough distinct prompts exactly `val_size` rows are held out (with
     distinct prompts only, the first `val_size` rows of the order)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(tuple(row["prompt"]), []).append(i)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    groups: dict = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
     held_out: dict[int, None] = {}  # an ordered set
     for i in order:
-        group = groups[tuple(rows[i]["prompt"])]
+        group = groups[prompts[i]]
         if len(held_out) == val_size:
             break
         if i not in held_out and len(held_out) + len(group) <= val_size:
@@ -252,18 +273,22 @@ class PreferenceDataModule(L.LightningDataModule):
             f" max_prompt_length={hp.max_prompt_length}); tokens {'read from' if from_cache else 'written to'} the cache"
             f" {cache_dir('tokenized')} ({self.fingerprint})"
         )
-        if len(encoded) < len(rows) and hp.val_size:
-            rank_zero_warn(
-                f"{hp.dataset}: {len(rows) - len(encoded)} rows dropped before the held-out split, so the split differs from"
-                " that of a run that drops other rows (another --data.max_length or --data.truncation): stages that must"
-                " not train on each other's held-out rows need the same rows dropped"
-            )
-        kept = [dict(e, index=i) for i, e in enumerate(self.degenerate_rows_checked(encoded))]
-        if len(kept) <= hp.val_size:
+        # The split is drawn over every row, then the rows that tokenization or --data.dedupe dropped leave it: a run
+        # that drops other rows (another max length) holds out the same prompts, so stages never train on each other's.
+        # Rows share a prompt if their prompts are equal as written or, cut at max_prompt_length, as tokens.
+        tokens: list = [None] * len(rows)
+        for e in encoded:
+            tokens[e["source"]] = tuple(e["prompt"])
+        written = [json.dumps(row_messages(row, where, ())["prompt"]) for where, row in rows]
+        val, train = split_by_prompt(linked_rows(written, tokens), hp.val_size, hp.seed)
+        kept = {e["source"]: dict(e, index=i) for i, e in enumerate(self.degenerate_rows_checked(encoded))}
+        self.val_rows, self.train_rows = [kept[i] for i in val if i in kept], [kept[i] for i in train if i in kept]
+        if not self.train_rows:
             raise UserError(f"{hp.dataset}: {len(kept)} usable rows leave none for training with --data.val_size {hp.val_size}")
+        if len(self.val_rows) < len(val):
+            rank_zero_warn(f"{hp.dataset}: {len(val) - len(self.val_rows)} of the {len(val)} held-out rows were dropped, which leaves"
+                           f" {len(self.val_rows)} for validation (the held-out prompts stay those of a run that drops none)")  # fmt: skip
         self.num_rows = len(kept)
-        val, train = split_by_prompt(kept, hp.val_size, hp.seed)
-        self.val_rows, self.train_rows = [kept[i] for i in val], [kept[i] for i in train]
         lengths = [padded_length(row) for row in self.train_rows] if hp.group_by_length else None
         self.train_sampler = ResumableBatchSampler(len(self.train_rows), hp.batch_size, shuffle=True, lengths=lengths,
                                                   seed=hp.seed if hp.shuffle_seed is None else hp.shuffle_seed)

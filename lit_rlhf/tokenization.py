@@ -84,14 +84,16 @@ def encode_row(
 COMPLETIONS = {"pairs": ("chosen", "rejected"), "unpaired": ("completion",), "prompts": ()}
 
 
-def encode_batch(batch: dict[str, list], tokenizer, completions: tuple[str, ...], extra_columns: tuple[str, ...], **limits) -> dict[str, list]:
+def encode_batch(batch: dict[str, list], indices: list[int], tokenizer, completions: tuple[str, ...], extra_columns: tuple[str, ...],
+                 **limits) -> dict[str, list]:  # fmt: skip
     """The batched `Dataset.map` function: columns of checked chat messages (`prompt` and the completions)
-    in, columns of token ids out (`encode_messages` with `limits`); dropped rows are left out. The
-    `extra_columns` (an unpaired row's `label`, a prompt row's `answer`, ...) are passed through."""
+    in, columns of token ids out (`encode_messages` with `limits`); dropped rows are left out, and each kept
+    row says which row it came from (`source`). The `extra_columns` (an unpaired row's `label`, a prompt
+    row's `answer`, ...) are passed through."""
     encoded = [encode_messages(tokenizer, p, {k: batch[k][i] for k in completions}, **limits) for i, p in enumerate(batch["prompt"])]
-    encoded = [e if e is None else e | {k: batch[k][i] for k in extra_columns} for i, e in enumerate(encoded)]
+    encoded = [e if e is None else e | {"source": source} | {k: batch[k][i] for k in extra_columns} for i, (e, source) in enumerate(zip(encoded, indices))]
     kept = [e for e in encoded if e is not None]
-    return {k: [e[k] for e in kept] for k in ("prompt", *completions, "truncated", "prompt_text", *extra_columns)}
+    return {k: [e[k] for e in kept] for k in ("prompt", *completions, "truncated", "prompt_text", "source", *extra_columns)}
 
 
 def unpaired_rows(rows: list[tuple[str, dict]], split_pairs: bool) -> list[tuple[str, dict]]:
@@ -156,9 +158,9 @@ def tokenize_cached(rows: list[tuple[str, dict]], tokenizer, completions: tuple[
     from_cache = writable and datasets.is_caching_enabled() and any(cache_file.parent.glob(f"{fingerprint}*.arrow"))
     ids, truncated, text = datasets.List(datasets.Value("int32")), datasets.Value("bool"), datasets.Value("string")
     features = datasets.Features({"prompt": ids, **{k: ids for k in completions}, "truncated": truncated, "prompt_text": text,
-                                  **{k: source.features[k] for k in extra_columns}})  # fmt: skip
+                                  "source": datasets.Value("int64"), **{k: source.features[k] for k in extra_columns}})  # fmt: skip
     encoded = source.map(
-        partial(encode_batch, tokenizer=tokenizer, completions=completions, extra_columns=extra_columns, **limits), batched=True, remove_columns=source.column_names, features=features,
+        partial(encode_batch, tokenizer=tokenizer, completions=completions, extra_columns=extra_columns, **limits), batched=True, with_indices=True, remove_columns=source.column_names, features=features,
         num_proc=num_proc if num_proc > 1 else None,  # None: in this process (1 would start one worker)
         cache_file_name=str(cache_file) if writable else None, keep_in_memory=not writable, new_fingerprint=fingerprint, desc="Tokenizing",
     )  # fmt: skip

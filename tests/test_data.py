@@ -97,11 +97,25 @@ def test_truncation_keeps_prompt_end_and_completion_start(tiny_model_dir, tokeni
 def test_drop_policy_counts_dropped_rows(tiny_model_dir, tmp_path, caplog):
     rows = [dict(ROW, prompt=f"question {i}") for i in range(4)] + [{"prompt": "x" * 300, "chosen": "a", "rejected": "b"}]
     dm = make_dm(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), val_size=1, truncation="drop", max_prompt_length=100)
-    with caplog.at_level("INFO"), pytest.warns(UserWarning, match="1 rows dropped before the held-out split"):
+    with caplog.at_level("INFO"):
         dm.setup("fit")
     assert len(dm.train_rows) + len(dm.val_rows) == 4
     assert "5 rows, 0 truncated, 1 dropped" in caplog.text
 
+
+def test_dropped_rows_leave_the_held_out_prompts_as_they_were(tiny_model_dir, real_rows, caplog):
+    """The split is drawn before rows are dropped: a stage that drops long rows holds out the same prompts as
+    one that keeps them all, so neither trains on the other's held-out prompts."""
+    def split(**limits):
+        dm = make_dm(tiny_model_dir, real_rows, limit=120, val_size=40, max_prompt_length=128, **limits)
+        dm.setup("fit")
+        return dm, {r["prompt_text"] for r in dm.val_rows}, {r["prompt_text"] for r in dm.train_rows}
+
+    whole, whole_val, whole_train = split(max_length=2048)
+    with pytest.warns(UserWarning, match=r"\d+ of the 40 held-out rows were dropped, which leaves \d+ for validation"):
+        cut, cut_val, cut_train = split(max_length=800, truncation="drop")  # about half the rows
+    assert len(whole.val_rows) == 40 and 0 < len(cut.val_rows) < 40 and len(cut.train_rows) < len(whole.train_rows)
+    assert cut_val <= whole_val and cut_train <= whole_train
 
 def test_split_is_deterministic_and_disjoint(tiny_model_dir, real_rows):
     splits = []
@@ -318,11 +332,11 @@ def test_length_grouped_batches_cover_every_row_once_with_less_padding_and_resum
 def test_split_by_prompt_keeps_each_prompt_on_one_side_and_holds_out_val_size_rows():
     from lit_rlhf.data import split_by_prompt
 
-    rows = [{"prompt": [p]} for p in [1, 1, 1, 2, 3, 4, 4, 5, 6, 7]]
+    prompts = [1, 1, 1, 2, 3, 4, 4, 5, 6, 7]
     for seed in range(20):
-        val, train = split_by_prompt(rows, 4, seed)
+        val, train = split_by_prompt(prompts, 4, seed)
         assert len(val) == 4 and sorted(val + train) == list(range(10))
-        assert not {rows[i]["prompt"][0] for i in val} & {rows[i]["prompt"][0] for i in train}
-    distinct = [{"prompt": [i]} for i in range(10)]  # distinct prompts: the first val_size rows of the seeded order
+        assert not {prompts[i] for i in val} & {prompts[i] for i in train}
+    distinct = list(range(10))  # distinct prompts: the first val_size rows of the seeded order
     order = torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
     assert split_by_prompt(distinct, 4, 3) == (order[:4], order[4:])
