@@ -281,7 +281,7 @@ class PreferenceDataModule(L.LightningDataModule):
             tokens[e["source"]] = tuple(e["prompt"])
         written = [json.dumps(row_messages(row, where, ())["prompt"]) for where, row in rows]
         val, train = split_by_prompt(linked_rows(written, tokens), hp.val_size, hp.seed)
-        kept = {e["source"]: dict(e, index=i) for i, e in enumerate(self.degenerate_rows_checked(encoded))}
+        kept = {e.pop("source"): dict(e, index=i) for i, e in enumerate(self.degenerate_rows_checked(encoded))}
         self.val_rows, self.train_rows = [kept[i] for i in val if i in kept], [kept[i] for i in train if i in kept]
         if not self.train_rows:
             raise UserError(f"{hp.dataset}: {len(kept)} usable rows leave none for training with --data.val_size {hp.val_size}")
