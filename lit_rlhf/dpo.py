@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
@@ -133,8 +134,9 @@ class DPOModule(AlignmentModule):
         the rows, the shares are summed over processes (each row is 0 on every process but its own), and
         rank 0 writes the cache. Rank 0 decides, so that all processes load or all compute."""
         if self.ref_logps_cache.isnan().any():
-            path = self.reference_cache_file() if self.trainer.is_global_zero else None
-            table = self.trainer.strategy.broadcast(torch.load(path, weights_only=True) if path and path.is_file() else None)
+            path = self.reference_cache_file()  # in every process: a sharded (FSDP2) weight is gathered to be hashed
+            cached = self.trainer.is_global_zero and path.is_file()
+            table = self.trainer.strategy.broadcast(torch.load(path, weights_only=True) if cached else None)
             if table is not None:
                 rank_zero_info(f"reference log-probs of {len(table)} rows read from {path}; reference model freed")
             else:
@@ -142,7 +144,7 @@ class DPOModule(AlignmentModule):
                 with self.trainer.precision_plugin.forward_context():  # as the policy's log-probs will be computed
                     share = self.reference_share(loader)
                 table = self.trainer.strategy.reduce(share, reduce_op="sum")
-                if path is not None:
+                if self.trainer.is_global_zero:
                     with written_atomically(path) as partial:  # runs sharing the cache never read half a table
                         torch.save(table.cpu(), partial)
                 rank_zero_info(f"precomputed reference log-probs of {len(table)} rows, cached in {path}; reference model freed")
@@ -164,8 +166,9 @@ class DPOModule(AlignmentModule):
         (`PreferenceDataModule.fingerprint`: data, tokenizer, mode and length settings) and the precision."""
         reference = self.ref_model if self.ref_model is not None else self.model
         key = hashlib.blake2b(digest_size=16)
-        for name, weight in reference.named_parameters():  # not state_dict(): under FSDP that is a collective
+        for name, weight in reference.named_parameters():
             if "lora_" not in name:
+                weight = weight.full_tensor() if isinstance(weight, DTensor) else weight  # FSDP2: the whole weight, not this shard
                 key.update(f"{name} {weight.dtype} {tuple(weight.shape)}".encode())
                 key.update(weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         key.update(f"{reference.config.to_json_string()} {self.trainer.datamodule.fingerprint} {self.trainer.precision}".encode())

@@ -67,3 +67,19 @@ def test_grpo_sharded_over_two_processes_generates_trains_and_resumes(tiny_model
     assert max_difference(resumed0["initial_weights"], rank0["weights"][0]) == 0.0
     assert resumed0["global_step"] == resumed1["global_step"] == 2 and len(resumed0["metrics"]) == 1
     assert not set(resumed0["train_rows"][0]) & set(rank0["train_rows"][0])  # the next prompts, not the first ones again
+
+
+def test_dpo_with_lora_and_precomputed_reference_sharded_trains_like_one_process(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    """LoRA adapters sharded with their blocks, the reference (the adapter disabled) computed once over both
+    processes' shares of the rows: the step and the merged export equal one process's."""
+    extra = ["--model.learning_rate", "1e-3", "--model.lora_r", "4", "--model.precompute_ref_logps", "true", *EVEN_VALIDATION]
+    rank0, rank1, _ = fit_two_processes(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 2, 1, *extra), tmp_path / "fsdp2", strategy=FSDP2)
+    monkeypatch.chdir(tmp_path)
+    one = fit_and_record(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 4, 1, *extra))
+    assert_half_of_the_weights_each(rank0, rank1)
+    assert set(rank0["weights"][0]) == set(one["weights"][0]) and all("lora_" in k for k in one["weights"][0])
+    assert rank0["metrics"][0]["loss"] == pytest.approx(log(2), abs=1e-6)
+    assert_like_one_process(rank0, rank1, one, ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected"))
+    sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp2/logs/dpo/version_0/hf").state_dict()
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "logs/dpo/version_0/hf").state_dict()
+    assert max_difference(sharded, whole) < 1e-5  # adapters merged into whole weights, as one process exports them
