@@ -125,6 +125,19 @@ def test_first_minibatch_of_first_update_is_on_policy(
     assert run.trainer.global_step == 2  # ppo_epochs x num_minibatches optimizer steps
 
 
+def ascii_share_score(scores: list[float]):
+    """A reward-model `score` method: the share of response tokens that are ASCII bytes (ids < 128), each
+    batch's mean appended to `scores`."""
+
+    def score(self, batch, context_length):
+        response, response_mask = batch["input_ids"][:, context_length:], batch["attention_mask"][:, context_length:]
+        share = ((response < 128) * response_mask).sum(1) / response_mask.sum(1)
+        scores.append(share.mean().item())
+        return share
+
+    return score
+
+
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
 def test_toy_reward_is_learned(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, estimator):
     """Reward = share of response tokens that are ASCII bytes (ids < 128): about 0.5 at random init.
@@ -136,14 +149,7 @@ def test_toy_reward_is_learned(tiny_model_dir, tiny_reward_dir, real_rows, tmp_p
                        "--model.gradient_accumulation_steps", "1", "--model.ppo_epochs", "4", "--seed_everything", "0",
                        "--trainer.limit_train_batches", "10", *estimator_args(estimator, num_generations=4)), run=False)  # fmt: skip
     scores = []
-
-    def toy_score(self, batch, context_length):
-        response, response_mask = batch["input_ids"][:, context_length:], batch["attention_mask"][:, context_length:]
-        score = ((response < 128) * response_mask).sum(1) / response_mask.sum(1)
-        scores.append(score.mean().item())
-        return score
-
-    run.model.score = types.MethodType(toy_score, run.model)
+    run.model.score = types.MethodType(ascii_share_score(scores), run.model)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     assert len(scores) == 10
     assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.15, scores

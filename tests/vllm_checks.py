@@ -17,6 +17,7 @@ import lit_rlhf.ppo
 from lit_rlhf.cli import cli
 from lit_rlhf.forward import token_logps
 from lit_rlhf.vllm_engine import VLLMEngine
+from test_ppo import ascii_share_score
 
 
 def fit_args(model_dir: str, reward_dir: str, rows: str, estimator: str, *extra: str) -> list[str]:
@@ -98,16 +99,9 @@ def main(out_file: str, model_dir: str, reward_dir: str, rows: str) -> None:
 
     # 4. a toy reward: the share of ASCII bytes in the response, learned with vLLM rollouts
     scores = []
-
-    def toy_score(self, batch, context_length):
-        response, response_mask = batch["input_ids"][:, context_length:], batch["attention_mask"][:, context_length:]
-        score = ((response < 128) * response_mask).sum(1) / response_mask.sum(1)
-        scores.append(score.mean().item())
-        return score
-
     fit(fit_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "164", "--data.batch_size", "4", "--model.kl_coef", "0.01",
                  "--model.temperature", "1.0", "--model.ppo_epochs", "4", "--trainer.limit_train_batches", "10"),
-        engine=engine, score=toy_score)  # fmt: skip
+        engine=engine, score=ascii_share_score(scores))  # fmt: skip
     results["toy_scores"] = scores
     torch.save(results, out_file)
 
