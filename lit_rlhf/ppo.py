@@ -43,7 +43,7 @@ from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator
 from lit_rlhf.losses import aggregate_token_losses, ppo_policy_loss, ppo_value_loss, truncated_importance_weights
 from lit_rlhf.distributed import no_backward_sync, sharded, sum_over_processes
 from lit_rlhf.forward import generate_responses, sequence_scores, token_logps, token_values
-from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
+from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer, unwrap
 from lit_rlhf.ops import IGNORE_INDEX, group_minibatches, kl_estimate, masked_mean
 from lit_rlhf.plugins import declared_arguments, resolve
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
@@ -248,7 +248,8 @@ class PPOModule(AlignmentModule):
         if str(hp.model_name_or_path).endswith(".gguf"):
             raise UserError(f"--model.rollout_engine vllm starts from a transformers folder or hub id, not {hp.model_name_or_path}: save the model once (lit-rlhf fetch-smollm2)")
         dtype = torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32
-        max_model_len = self.trainer.datamodule.hparams.max_prompt_length + hp.response_length
+        dm = self.trainer.datamodule  # without one, prompts may be as long as the model's positions
+        max_model_len = dm.hparams.max_prompt_length + hp.response_length if dm is not None else unwrap(self.model).config.max_position_embeddings
         return VLLMEngine(hp.model_name_or_path, max_model_len, dtype, seed=int(torch.initial_seed()) % 2**31, gpu_memory_utilization=hp.vllm_gpu_memory_utilization)
 
     def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
