@@ -31,3 +31,14 @@ def test_one_seed_names_the_policies_plainly_and_tuning_reads_the_held_out_split
     (args,) = evaluations
     assert set(json.loads(args[args.index("--models") + 1])) == {"base", "dpo", "ppo"}
     assert "--heldout_dataset" not in args
+
+
+def test_demo_stages_write_no_checkpoints(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    """A 135M checkpoint with its optimizer state is 1.5 GB: 3 seeds of checkpoints filled a disk. The demo's
+    flags turn them off in Lightning's ModelCheckpoint."""
+    from lit_rlhf.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    run = cli(["-c", str(demo.DEMO_CONFIGS / "reward.yaml"), *demo.NO_CHECKPOINTS, "--model.model_name_or_path", tiny_model_dir,
+               "--data.dataset", str(real_rows)], run=False)  # fmt: skip
+    assert run.trainer.checkpoint_callback.save_last is False and run.trainer.checkpoint_callback.save_top_k == 0
