@@ -215,6 +215,12 @@ class DPOModule(AlignmentModule):
         self.log_stats(stats, stage, batch_size=len(losses))
         return stats["loss"]
 
+    def over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(B,) of this process -> (W * B,) the same of every process, in rank order, without gradient."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor.detach()
+        return self.all_gather(tensor.detach()).flatten()
+
     def unpaired_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         """The loss of an unpaired batch `[matched; mismatched]` (KTO), and its statistics: implicit rewards
         of desirable (`rewards/chosen`) and undesirable (`rewards/rejected`) rows, and the reference point `kl`."""
@@ -231,7 +237,9 @@ class DPOModule(AlignmentModule):
         if self.needs_reference:
             values["ref_logps"], values["ref_kl_logps"] = self.live_reference_logps(batch).chunk(2)
             rewards = hp.beta * (logps - values["ref_logps"]).detach()  # (B,)
-            stats["kl"] = (kl_logps - values["ref_kl_logps"]).mean().clamp(min=0)
+            # KTO's reference point is a mean over the batch: over every process's rows, as one process with them all
+            values["kl_logps"], values["ref_kl_logps"] = (self.over_processes(values[k]) for k in ("kl_logps", "ref_kl_logps"))
+            stats["kl"] = (values["kl_logps"] - values["ref_kl_logps"]).mean().clamp(min=0)
         else:
             rewards = hp.beta * (logps / values["lengths"]).detach()
         loss = self.preference_loss(**{name: values[name] for name in self.loss_arguments}).mean()

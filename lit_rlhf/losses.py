@@ -87,7 +87,8 @@ def orpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta: f
 # KTO reads unpaired rows (`--data.mode unpaired`): a loss that declares `labels` is called with any of
 # `UNPAIRED_LOSS_ARGUMENTS` instead:
 #   logps, ref_logps        (B,) summed log-probs of each row's completion, under the policy and the reference
-#   kl_logps, ref_kl_logps  (B,) the same of each prompt with another row's completion (`collate_unpaired`)
+#   kl_logps, ref_kl_logps  (W * B,) the same of each prompt with another row's completion (`collate_unpaired`),
+#                           the rows of all W processes' batches, without gradient (one process: W = 1)
 #   lengths                 (B,) completion token counts
 #   labels                  (B,) bool, true for a desirable completion
 #   beta, desirable_weight, undesirable_weight   the module's flags

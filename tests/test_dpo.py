@@ -311,6 +311,27 @@ def test_kto_starts_at_one_half_and_its_batch_holds_each_prompt_with_the_next_ro
     assert math.isclose(step0_loss(module, batch), 0.5, abs_tol=1e-6)
 
 
+def test_kto_reference_point_is_the_mean_over_every_processs_rows(tiny_model_dir, real_rows, monkeypatch):
+    """Two processes: z = max(0, mean of log pi(y'|x) - log ref(y'|x)) over both batches' mismatched rows, as one
+    process with the whole batch would compute it. Here this process's rows give 0 (policy == reference) and
+    the other process's (a stand-in for the all-gather) 2, so z = 1 where this process alone would use 0."""
+    dm = PreferenceDataModule(dataset=str(real_rows), tokenizer_name_or_path=tiny_model_dir, mode="unpaired", split_pairs=True,
+                              limit=6, val_size=2, batch_size=4, max_length=64, max_prompt_length=32)  # fmt: skip
+    dm.setup("fit")
+    batch = dm.train_dataloader().collate_fn([row for row in dm.train_rows if row["label"]][:3])  # desirable rows
+    module = DPOModule(model_name_or_path=tiny_model_dir, loss_type="kto", beta=0.1)
+    gathered = iter([2.0, 0.0])  # what the other process adds: policy log-probs 2 above, reference ones 0 above this one's
+    monkeypatch.setattr(module, "all_gather", lambda t: torch.stack([t, t + next(gathered)]))
+    module._trainer = types.SimpleNamespace(world_size=2)
+    logged = {}
+    monkeypatch.setattr(module, "log_stats", lambda stats, stage, batch_size: logged.update(stats))
+    with torch.no_grad():
+        loss = module.unpaired_step(batch, "train").item()
+    assert logged["kl"].item() == pytest.approx(1.0, abs=1e-5)
+    # r = 0 on every (desirable) row: 1 - sigmoid(0.1 * (0 - z)) = 0.52498 with z = 1; z = 0 would give 0.5
+    assert batch["label"].all() and loss == pytest.approx(1 - 1 / (1 + math.exp(0.1)), abs=1e-5)
+
+
 @pytest.mark.parametrize("data", ["unpaired rows", "split pairs"])
 def test_kto_trains_on_unpaired_rows_and_on_split_pairs(tiny_model_dir, real_rows, tmp_path, monkeypatch, data):
     monkeypatch.chdir(tmp_path)
