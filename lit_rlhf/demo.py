@@ -19,8 +19,8 @@ UNSEEN_ROWS = ASSETS / "dolly_sample.jsonl"
 FINAL_ROWS = ASSETS / "human_like_dpo_final.jsonl"  # the final table's prompts: no stage reads them, no choice was tuned on them
 
 
-# The demo keeps each stage's exported model only: a checkpoint of the 135M model with its AdamW state is 1.5 GB
-# (PPO: 3 GB, policy and value model), about 40 GB over 3 seeds, and the demo retrains rather than resumes.
+# The demo keeps each stage's exported model only: checkpoints with their AdamW state filled a disk over 3 seeds
+# (README), and the demo retrains rather than resumes.
 NO_CHECKPOINTS = ("--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0")
 
 
