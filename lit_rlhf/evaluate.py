@@ -59,9 +59,11 @@ def is_boilerplate(text: str) -> bool:
 @torch.no_grad()
 def over_batches(fn, model, pairs: Pairs, pad_id: int, batch_size: int) -> torch.Tensor:
     """`fn(model, batch) -> (B, ...)` (e.g. `sequence_logps`, `sequence_scores`) over (prompt, completion)
-    token-id pairs in right-padded batches of `batch_size`. -> (N, ...)"""
-    loader = DataLoader(pairs, batch_size=batch_size, collate_fn=partial(collate_sequences, pad_id=pad_id))
-    return torch.cat([fn(model, batch) for batch in loader])
+    token-id pairs in right-padded batches of `batch_size`, rows of similar length batched together (less
+    padding to compute over). -> (N, ...) in the order of `pairs`"""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    loader = DataLoader([pairs[i] for i in order], batch_size=batch_size, collate_fn=partial(collate_sequences, pad_id=pad_id))
+    return torch.cat([fn(model, batch) for batch in loader])[torch.tensor(order).argsort()]
 
 
 def mean_answer_logprob(model, rows: list[dict], pad_id: int, batch_size: int) -> float:

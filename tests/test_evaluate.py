@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lit_rlhf.cli import cli
-from lit_rlhf.evaluate import is_boilerplate, main, mean_answer_logprob, sequence_kl
+from lit_rlhf.ops import IGNORE_INDEX
+from lit_rlhf.evaluate import is_boilerplate, main, mean_answer_logprob, over_batches, sequence_kl
 from lit_rlhf.report import SEEDED, across_seeds, seed_table
 
 
@@ -46,6 +47,18 @@ def test_mean_answer_logprob_by_hand():
     # row 1: mean(log 3/4, log 3/4) = log 0.75; row 2: (log 1/4 + 3 log 3/4) / 4
     expected = (math.log(0.75) + (math.log(0.25) + 3 * math.log(0.75)) / 4) / 2
     assert math.isclose(mean_answer_logprob(biased_coin_lm(), rows, pad_id=0, batch_size=2), expected, rel_tol=1e-5)
+
+
+def test_over_batches_groups_rows_by_length_and_answers_in_the_given_order():
+    pairs = [([7], [1] * 5), ([7], [1]), ([7], [1] * 5), ([7], [1])]  # completions of 5, 1, 5, 1 tokens
+    padded = []
+
+    def answer_lengths(model, batch):  # the completion tokens of each row, and the padded size of each batch
+        padded.append(batch["input_ids"].numel())
+        return (batch["labels"] != IGNORE_INDEX).sum(-1)
+
+    assert over_batches(answer_lengths, None, pairs, pad_id=0, batch_size=2).tolist() == [5, 1, 5, 1]
+    assert padded == [2 * 2, 2 * 6]  # the two short rows together, then the two long ones: no padding
 
 
 def test_sequence_kl_by_hand():
