@@ -155,8 +155,7 @@ def evaluate(
         num_logprob_rows: Rows of each set for the mean answer log-prob.
         batch_size: Prompts generated at a time (greedy answers, samples for KL, task answers).
         score_batch_size: Rows per scoring forward pass (reward models, log-probs, KL), rows of similar
-            length together: on 2 CPU cores 16 scored the reward-model accuracy pass 1.6x faster than 64
-            (docs/results.md).
+            length together; smaller than `batch_size` is faster on a CPU (docs/results.md).
         seed: Seed of the sampled responses (KL) and of the bootstrap.
         generation_precision: Weights the greedy answers are generated with: `bf16` (a bf16 copy of
             each model: decoding reads half the bytes per token) or `fp32`. Default: bf16 where the
