@@ -31,7 +31,7 @@ class DPOModule(AlignmentModule):
     algorithm = "dpo"
     progress_bar_metrics = ("loss", "rewards/accuracies")
     frozen_modules = ("ref_model",)
-    flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "label_smoothing": "in [0, 0.5)", "rpo_alpha": ">= 0", "simpo_gamma": ">= 0",
+    flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "label_smoothing": "in [0, 0.5)", "rpo_alpha": ">= 0", "simpo_gamma": ">= 0", "rdpo_alpha": ">= 0",
                                                  "desirable_weight": "> 0", "undesirable_weight": "> 0"}  # fmt: skip
 
     def __init__(
@@ -42,6 +42,7 @@ class DPOModule(AlignmentModule):
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
+        rdpo_alpha: float = 0.01,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
         ref_model_name_or_path: Optional[str] = None,
@@ -61,6 +62,8 @@ class DPOModule(AlignmentModule):
                 reference log-probs loads no reference model.
             label_smoothing: Assumed share of flipped preference labels (sigmoid and robust losses).
             simpo_gamma: SimPO's target reward margin gamma.
+            rdpo_alpha: R-DPO's alpha, the reward per token of length that the loss takes out of each
+                preference (`rdpo` loss).
             desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U, the weights of desirable and
                 undesirable rows (the paper balances them so that lambda_D n_D / (lambda_U n_U) is in [1, 4/3]).
             ref_model_name_or_path: Reference model (e.g. an SFT checkpoint). Default: a frozen copy of
@@ -180,7 +183,7 @@ class DPOModule(AlignmentModule):
     def loss_values(self, **tensors) -> dict:
         """What a preference loss may declare: `tensors` and the module's flags."""
         hp = self.hparams
-        return tensors | {name: hp[name] for name in ("beta", "label_smoothing", "simpo_gamma", "desirable_weight", "undesirable_weight")}
+        return tensors | {name: hp[name] for name in ("beta", "label_smoothing", "simpo_gamma", "rdpo_alpha", "desirable_weight", "undesirable_weight")}
 
     def pairs_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         """The loss of a pairs batch `[chosen; rejected]`, and DPO's statistics."""

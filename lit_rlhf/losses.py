@@ -27,11 +27,11 @@ def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, ma
 #   chosen_logps, rejected_logps          (B,) summed log-probs of each completion under the policy
 #   chosen_lengths, rejected_lengths      (B,) their token counts
 #   ref_chosen_logps, ref_rejected_logps  (B,) the same under the reference (declaring them loads one)
-#   beta, label_smoothing, simpo_gamma    the module's flags
+#   beta, label_smoothing, simpo_gamma, rdpo_alpha   the module's flags
 # and returning the (B,) per-pair losses. `PREFERENCE_LOSSES` names them for `--model.loss_type`.
 
 PREFERENCE_LOSS_ARGUMENTS = ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "ref_chosen_logps",
-                             "ref_rejected_logps", "beta", "label_smoothing", "simpo_gamma")  # fmt: skip
+                             "ref_rejected_logps", "beta", "label_smoothing", "simpo_gamma", "rdpo_alpha")  # fmt: skip
 
 
 def dpo_sigmoid(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float, label_smoothing: float = 0.0):
@@ -40,6 +40,16 @@ def dpo_sigmoid(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_log
     At policy == reference every pair's loss is log 2."""
     h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
     return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def rdpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen_logps, ref_rejected_logps, beta: float,
+         rdpo_alpha: float = 0.01):  # fmt: skip
+    """R-DPO (Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization"): DPO on the
+    reward `r(y) - alpha |y|`, i.e. `-log sigmoid(beta h + alpha (|y_w| - |y_l|))`, h as in DPO and `alpha`
+    `rdpo_alpha`. The part of a preference that the answers' lengths explain is not learnt as a log-ratio: on data
+    whose preferred answers are longer, the policy learns the rest of the difference rather than "longer"."""
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
+    return -F.logsigmoid(beta * h + rdpo_alpha * (chosen_lengths - rejected_lengths))
 
 
 def dpo_robust(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float, label_smoothing: float = 0.0):
@@ -113,6 +123,7 @@ PREFERENCE_LOSSES = {
     "ipo": (ipo, "IPO, Azar et al. 2023"),
     "hinge": (dpo_hinge, "SLiC hinge, Zhao et al. 2023"),
     "robust": (dpo_robust, "robust DPO, Chowdhury et al. 2024"),
+    "rdpo": (rdpo, "R-DPO, Park et al. 2024 (length-regularised DPO)"),
     "apo_zero": (apo_zero, "APO-zero, D'Oosterlinck et al. 2024"),
     "simpo": (simpo, "SimPO, Meng et al. 2024 (no reference)"),
     "orpo": (orpo, "ORPO, Hong et al. 2024 (no reference)"),

@@ -13,6 +13,7 @@ from lit_rlhf.losses import (
     orpo,
     ppo_policy_loss,
     ppo_value_loss,
+    rdpo,
     reward_loss,
     rpo_nll_loss,
     simpo,
@@ -69,6 +70,15 @@ def test_dpo_hinge_and_ipo_by_hand():
     assert dpo(0.5, "hinge") == 0.0  # relu(1 - 1)
     assert math.isclose(dpo(0.5, "ipo"), 1.0)  # (2 - 1 / (2 * 0.5))^2
     assert math.isclose(dpo(0.25, "ipo"), 0.0)  # (2 - 2)^2
+
+
+def test_rdpo_by_hand():
+    # h = 2, beta 0.5; chosen 5 tokens, rejected 2: -log sigmoid(1 + 0.1 * 3) = log(1 + e^-1.3) = 0.241008
+    lengths = (torch.tensor([5]), torch.tensor([2]))
+    assert math.isclose(rdpo(*POLICY, *lengths, *REF, beta=0.5, rdpo_alpha=0.1).item(), 0.241008, abs_tol=1e-6)
+    # a longer chosen answer explains part of the preference: less loss, so less push on the log-ratios
+    assert rdpo(*POLICY, *lengths, *REF, beta=0.5, rdpo_alpha=0.1) < rdpo(*POLICY, *lengths[::-1], *REF, beta=0.5, rdpo_alpha=0.1)
+    assert math.isclose(rdpo(*POLICY, *lengths, *REF, beta=0.5, rdpo_alpha=0.0).item(), dpo(0.5, "sigmoid"), abs_tol=1e-7)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
