@@ -52,7 +52,7 @@ score = over_batches(sequence_scores, rm, [(p, a["response"]) for p, a in zip(pr
 ended = torch.tensor([a["eos"] for a in answers]).view(-1, opts.samples)  # (prompts, samples)
 print(f"{ended.numel()} samples of {opts.prompts} prompts (temperature 0.7, 96 tokens): {ended.float().mean():.3f} end;"
       f" mean score ended {score[ended].mean():.3f} (n={int(ended.sum())}), cut {score[~ended].mean():.3f} (n={int((~ended).sum())})")
-pairs = [(a > b).float() for s, e in zip(score, ended) for a in s[e] for b in s[~e]]  # within a prompt: ended vs cut
-if pairs:
-    print(f"within a prompt, an ended answer outscores a cut one in {torch.stack(pairs).mean():.3f} of {len(pairs)} pairs;"
-          f" mean gap {torch.stack([a - b for s, e in zip(score, ended) for a in s[e] for b in s[~e]]).mean():.3f}")
+gaps = [a - b for s, e in zip(score, ended) for a in s[e] for b in s[~e]]  # within a prompt: an ended answer's score minus a cut one's
+if gaps:
+    gaps = torch.stack(gaps)
+    print(f"within a prompt, an ended answer outscores a cut one in {(gaps > 0).float().mean():.3f} of {len(gaps)} pairs; mean gap {gaps.mean():.3f}")
