@@ -7,17 +7,19 @@ own samples? (docs/results.md, "Why the answers stopped ending")
    96 and 48 tokens (no EOS), and prints the mean scores and the share of answers scored above their own cut. A
    reward model trained on cut answers prefers the cut; PPO then learns to never end.
 2. Samples `--samples` answers to each of `--prompts` training prompts from the policy (default: the base model)
-   as the demo's PPO does (temperature 0.7, 96 new tokens), scores them, and prints the share that ends, the
-   mean score of answers that end and of answers cut at the limit, and, over prompts with both kinds, how often
-   an answer that ends outscores one that does not: what a missing-EOS penalty has to outweigh.
+   as the demo's PPO does (the temperature and response length of lit_rlhf/configs/demo/ppo.yaml), scores them,
+   and prints the share that ends, the mean score of answers that end and of answers cut at the limit, and,
+   over prompts with both kinds, how often an answer that ends outscores one that does not: what a
+   missing-EOS penalty has to outweigh.
 """
 
 import argparse
 
 import torch
+import yaml
 
 from lit_rlhf.data import PreferenceDataModule
-from lit_rlhf.demo import SHIPPED_ROWS
+from lit_rlhf.demo import DEMO_CONFIGS, SHIPPED_ROWS
 from lit_rlhf.evaluate import over_batches
 from lit_rlhf.forward import generate_answers, sequence_scores
 from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer
@@ -45,12 +47,13 @@ for cut in (96, 48):
     print(f"whole scored above its {cut}-token cut: {(scores[None] > scores[cut]).float().mean():.3f}")
 
 policy = load_causal_lm(opts.policy or opts.model_dir).eval()
+ppo = yaml.safe_load((DEMO_CONFIGS / "ppo.yaml").read_text())["model"]["init_args"]
 prompts = [r["prompt"] for r in dm.train_rows[: opts.prompts] for _ in range(opts.samples)]
 torch.manual_seed(opts.seed)
-answers = generate_answers(policy, tokenizer, prompts, 96, 64, sample=True, temperature=0.7)
+answers = generate_answers(policy, tokenizer, prompts, ppo["response_length"], 64, sample=True, temperature=ppo["temperature"])
 score = over_batches(sequence_scores, rm, [(p, a["response"]) for p, a in zip(prompts, answers)], pad_id, 16).view(-1, opts.samples)
 ended = torch.tensor([a["eos"] for a in answers]).view(-1, opts.samples)  # (prompts, samples)
-print(f"{ended.numel()} samples of {opts.prompts} prompts (temperature 0.7, 96 tokens): {ended.float().mean():.3f} end;"
+print(f"{ended.numel()} samples of {opts.prompts} prompts (temperature {ppo['temperature']}, {ppo['response_length']} tokens): {ended.float().mean():.3f} end;"
       f" mean score ended {score[ended].mean():.3f} (n={int(ended.sum())}), cut {score[~ended].mean():.3f} (n={int((~ended).sum())})")
 gaps = [a - b for s, e in zip(score, ended) for a in s[e] for b in s[~e]]  # within a prompt: an ended answer's score minus a cut one's
 if gaps:
