@@ -15,6 +15,7 @@ under `output_dir`; every per-prompt mean with a bootstrap 95 % interval):
 
 import copy
 import glob
+import json
 import re
 import sys
 import time
@@ -26,6 +27,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
+from lit_rlhf.atomic import written_atomically
 from lit_rlhf.data import PreferenceDataModule, collate_sequences
 from lit_rlhf.tokenization import encode_row, render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
@@ -102,6 +104,26 @@ def reward_model_accuracy(rm, rows: list[dict], pad_id: int, batch_size: int) ->
     return {"rows": len(rows), "accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
 
 
+def resumable(path: Path, key: dict, compute, resume: bool) -> dict:
+    """`compute()` (a dict of JSON values), saved to `path` beside `key` (the settings it depends on) as soon as
+    it is computed, so that an evaluation stopped part-way loses only what it was computing. With `resume`, a
+    result saved under the same key is read back instead of computed; one saved under another key is refused.
+    Fresh or read back, the result is what JSON gives back (tuples become lists): both reports are the same."""
+    key = json.loads(json.dumps(key))
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["key"] != key:
+            changed = sorted(k for k in key.keys() | saved["key"].keys() if key.get(k) != saved["key"].get(k))
+            raise UserError(f"--resume: {path} was computed with other settings ({', '.join(changed)}); evaluate without"
+                            " --resume, or into another --output_dir")  # fmt: skip
+        print(f"read {path} (--resume)", file=sys.stderr)
+        return saved["value"]
+    value = json.loads(json.dumps(compute()))
+    with written_atomically(path) as partial:
+        partial.write_text(json.dumps({"key": key, "value": value}))
+    return value
+
+
 def evaluate(
     models: dict[str, str],
     reward_model: str,
@@ -123,6 +145,7 @@ def evaluate(
     task_dataset: Optional[str] = None,
     task_reward_funcs: list[str] = ["final_number"],
     task_rows: int = 200,
+    resume: bool = False,
 ) -> dict:
     """Evaluate causal LMs side by side and write report.md / report.json / frontier.png / TensorBoard to `output_dir`.
 
@@ -167,6 +190,11 @@ def evaluate(
             (lit_rlhf/tasks.py), is reported beside the other metrics.
         task_reward_funcs: Reward functions that judge the task's answers (a summed reward >= 1 passes).
         task_rows: Rows of `task_dataset` to answer.
+        resume: Read back what an earlier evaluation into the same `output_dir` saved (`parts/`: the reward
+            models' accuracy, then each model's results as soon as they are computed) instead of computing it
+            again: a stopped evaluation goes on from the model it was on. Only results computed with the
+            same settings and the same model paths are read; any other is refused. A model is known by its
+            path: retrained into the same folder, evaluate it without `--resume`.
     """
     check_ranges("", locals(), {"num_generation_prompts": "> 0", "max_new_tokens": "> 0", "num_rows": "> 0",
                                 "num_logprob_rows": "> 0", "batch_size": "> 0", "score_batch_size": "> 0", "task_rows": "> 0"})  # fmt: skip
@@ -201,18 +229,25 @@ def evaluate(
     gen_prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": p}])) for p in prompts]
     gen_prompts += [r["prompt"] for r in extra]
     unseen = unseen_rows(unseen_dataset, tokenizer, num_logprob_rows, data["max_length"])
-    report = {
+    generation_precision = default_generation_precision(generation_precision)
+    # what every saved part depends on besides its model (--resume reads a part back only if all of it is the same)
+    settings = {"prompts": prompt_texts, "data": data, "heldout_dataset": heldout_dataset, "unseen_dataset": unseen_dataset,
+                "reward_model": reward_model, "judge_model": judge_model, "baseline": models[baseline],
+                "max_new_tokens": max_new_tokens, "num_rows": num_rows, "num_logprob_rows": num_logprob_rows,
+                "batch_size": batch_size, "score_batch_size": score_batch_size, "seed": seed,
+                "generation_precision": generation_precision, "task_dataset": task_dataset,
+                "task_reward_funcs": task_reward_funcs, "task_rows": task_rows}  # fmt: skip
+    parts = Path(output_dir) / "parts"
+    rm_settings = {k: settings[k] for k in ("data", "heldout_dataset", "reward_model", "judge_model", "num_rows", "score_batch_size")}
+    report = resumable(parts / "reward_models.json", rm_settings, lambda: {
         "judge": {"path": judge_model, "independent": judge_model != reward_model, **reward_model_accuracy(judge, held_out[:num_rows], pad_id, score_batch_size)},
         "proxy": {"path": reward_model, **reward_model_accuracy(proxy, held_out[:num_rows], pad_id, score_batch_size)},
-        "prompts": prompt_texts,
-        "models": {},
-    }  # fmt: skip
+    }, resume) | {"prompts": prompt_texts, "models": {}}  # fmt: skip
     base_model = load_causal_lm(models[baseline]).eval()
-    generation_precision = default_generation_precision(generation_precision)
     batches = partial(over_batches, pad_id=pad_id, batch_size=score_batch_size)
     ci = partial(bootstrap_ci, seed=seed)
-    base = None
-    for name in names:
+
+    def evaluate_model(name: str) -> dict:
         began = time.time()
         model = base_model if name == baseline else load_causal_lm(models[name]).eval()
         generator = copy.deepcopy(model).to(torch.bfloat16) if generation_precision == "bf16" else model
@@ -226,16 +261,16 @@ def evaluate(
             sampled = generate_answers(model, tokenizer, gen_prompts, max_new_tokens, batch_size, sample=True)
             kl = batches(partial(sequence_kl, base_model=base_model), model, [(p, g["response"]) for p, g in zip(gen_prompts, sampled)])  # (N, 2): k1, k3
         judge_scores, lengths = batches(sequence_scores, judge, answered), torch.tensor([len(g["response"]) for g in greedy])
-        base = base or {"judge_scores": judge_scores, "lengths": lengths}
-        win = wins(judge_scores, base["judge_scores"])
+        base = report["models"].get(baseline, {"judge_scores": judge_scores, "lengths": lengths})  # per prompt (N,)
+        win = wins(judge_scores, torch.tensor(base["judge_scores"]))
         logratio = batches(sequence_logps, model, answered) - batches(sequence_logps, base_model, answered)
         texts = [g["text"] for g in greedy]
-        report["models"][name] = {
+        result = {
             "path": models[name],
             "judge_reward": ci(judge_scores),
             "proxy_reward": ci(batches(sequence_scores, proxy, answered)),
             "win_rate": ci(win),
-            "lc_win_rate": length_controlled_win_rate(win, (lengths - base["lengths"]).double()),
+            "lc_win_rate": length_controlled_win_rate(win, (lengths - torch.tensor(base["lengths"])).double()),
             "sampled_kl": ci(kl[:, 0]),
             "sampled_kl_k3": ci(kl[:, 1]),
             "greedy_logratio": logratio.mean().item(),
@@ -247,11 +282,17 @@ def evaluate(
             "logprob_preference": mean_answer_logprob(model, held_out[:num_logprob_rows], pad_id, score_batch_size),
             "logprob_unseen": mean_answer_logprob(model, unseen, pad_id, score_batch_size),
             "generations": texts,
+            "judge_scores": judge_scores.tolist(),
+            "lengths": lengths.tolist(),
         }
         if task:
-            passes = task_passes(generator, tokenizer, task, task_reward_funcs, max_new_tokens, batch_size)
-            report["models"][name]["task_pass_at_1"] = ci(passes)
-        print(f"evaluated {name} in {time.time() - began:.0f} s: judge reward {report['models'][name]['judge_reward'][0]:.3f}", file=sys.stderr)
+            result["task_pass_at_1"] = ci(task_passes(generator, tokenizer, task, task_reward_funcs, max_new_tokens, batch_size))
+        print(f"evaluated {name} in {time.time() - began:.0f} s: judge reward {result['judge_reward'][0]:.3f}", file=sys.stderr)
+        return result
+
+    for name in names:
+        key = settings | {"model": models[name]}
+        report["models"][name] = resumable(parts / f"model_{name.replace('/', '_')}.json", key, partial(evaluate_model, name), resume)
     report["seconds"] = round(time.time() - start, 1)
     report["generation_precision"] = generation_precision
     report["task"] = task_dataset

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lit_rlhf.cli import cli
+from lit_rlhf.errors import UserError
 from lit_rlhf.ops import IGNORE_INDEX
 from lit_rlhf.evaluate import is_boilerplate, main, mean_answer_logprob, over_batches, sequence_kl
 from lit_rlhf.report import SEEDED, across_seeds, seed_table
@@ -112,8 +113,8 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
         "--task_dataset", str(task), "--task_reward_funcs", f"[{tmp_path / 'judge_rewards.py'}:short]", "--task_rows", "4",
     ])  # fmt: skip
     same, base = report["models"]["same"], report["models"]["base"]
-    assert same["win_rate"] == (0.5, 0.5, 0.5) and same["lc_win_rate"] == pytest.approx(0.5) and same["greedy_logratio"] == 0.0
-    assert same["sampled_kl"] == (0.0, 0.0, 0.0) and same["sampled_kl_k3"] == (0.0, 0.0, 0.0)
+    assert same["win_rate"] == [0.5, 0.5, 0.5] and same["lc_win_rate"] == pytest.approx(0.5) and same["greedy_logratio"] == 0.0
+    assert same["sampled_kl"] == [0.0, 0.0, 0.0] and same["sampled_kl_k3"] == [0.0, 0.0, 0.0]
     assert same["logprob_unseen"] == base["logprob_unseen"] < 0
     assert same["judge_reward"] == base["judge_reward"] != base["proxy_reward"]  # the judge is another model
     assert report["judge"]["independent"] and report["judge"]["accuracy"] != report["proxy"]["accuracy"]
@@ -150,6 +151,30 @@ def test_the_prompts_come_from_the_heldout_dataset_when_given(tiny_model_dir, ti
     assert report["prompts"] == [r["prompt"] for r in rows]  # only its rows, none from --data.dataset
     assert report["judge"]["rows"] == 3 and len(report["models"]["base"]["generations"]) == 3
     assert f"`{final}`;" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_a_stopped_evaluation_resumes_from_the_model_it_was_on(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    from lit_rlhf import evaluate
+
+    final = tmp_path / "final.jsonl"
+    final.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Yes, sure.", "rejected": "No."}) + "\n" for i in range(4)))
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text(json.dumps({"instruction": "Name a fish.", "response": "Tope."}) + "\n")
+    out = tmp_path / "eval"
+    args = ["--models", json.dumps({"base": tiny_model_dir, "same": tiny_model_dir}), "--reward_model", tiny_reward_dir,
+            "--data.dataset", str(real_rows), "--heldout_dataset", str(final), "--prompts", "[]", "--unseen_dataset", str(unseen),
+            "--output_dir", str(out), "--max_new_tokens", "4", "--data.max_length", "64", "--data.max_prompt_length", "32"]  # fmt: skip
+    fresh = main(args)
+    (out / "parts" / "model_same.json").unlink()  # stopped while evaluating `same`: `base` was saved, `same` not
+    answered = []
+    generate = evaluate.generate_answers
+    monkeypatch.setattr(evaluate, "generate_answers", lambda *a, **k: answered.append(1) or generate(*a, **k))
+    resumed = main([*args, "--resume", "true"])
+    assert len(answered) == 2  # `same` alone, greedy and sampled: `base` was read back
+    assert {k: v for k, v in resumed.items() if k != "seconds"} == {k: v for k, v in fresh.items() if k != "seconds"}
+    assert resumed["models"]["same"]["win_rate"] == [0.5, 0.5, 0.5]  # against the base scores read back
+    with pytest.raises(UserError, match=r"model_base.json was computed with other settings \(max_new_tokens\)"):
+        main([*args, "--resume", "true", "--max_new_tokens", "5"])
 
 
 def test_across_seeds_by_hand():
