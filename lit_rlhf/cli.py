@@ -7,6 +7,7 @@ import warnings
 from argparse import ArgumentError
 from importlib import import_module
 from pathlib import Path
+from typing import Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -18,6 +19,7 @@ from lit_rlhf.errors import UserError
 from lit_rlhf.models import read_checkpoint
 from lit_rlhf.monitor import GenerationMonitor
 from lit_rlhf.precision import auto_precision
+from lit_rlhf.rows import content_digest
 from lit_rlhf.runs import AtomicCheckpointIO, Preemption, RemoveFailedRunDir, RunLogger, newest_checkpoint, version_folder
 
 
@@ -79,7 +81,8 @@ class LitRLHFCLI(LightningCLI):
                 f" {model.class_path.rsplit('.', 1)[-1]}; resume with the config that wrote the checkpoint"
             )
         if subcommand == "fit" and not self.config.fit.resume_with_changed_data:
-            check_same_rows(ckpt_path, ckpt.get("datamodule_hyper_parameters", {}), self.config.fit.data.as_dict())
+            digest = ckpt.get(PreferenceDataModule.__qualname__, {}).get("dataset_digest")
+            check_same_rows(ckpt_path, ckpt.get("datamodule_hyper_parameters", {}), self.config.fit.data.as_dict(), digest)
         given = model.init_args.as_dict()
         self.config = self.parser.parse_object({subcommand: {"model": {"class_path": written_by, "init_args": hparams}}}, self.config)
         self.config[subcommand].ckpt_path = str(ckpt_path)
@@ -150,9 +153,14 @@ def import_object(path: str):
     return getattr(import_module(module), name)
 
 
-def check_same_rows(ckpt_path, saved: dict, given: dict) -> None:
-    """Refuse a resume whose data flags would train or validate other rows than the checkpoint's run."""
-    changed = [f"--data.{k} {given.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in ROW_FLAGS if k in saved and saved.get(k) != given.get(k)]
+def check_same_rows(ckpt_path, saved: dict, given: dict, dataset_digest: Optional[str] = None) -> None:
+    """Refuse a resume whose data flags would train or validate other rows than the checkpoint's run. A local
+    dataset at another path whose files hold the same bytes (`dataset_digest`, saved in the checkpoint) is the same data."""
+    same = {k for k in ROW_FLAGS if saved.get(k) == given.get(k)}
+    if "dataset" not in same and dataset_digest is not None and content_digest(given["dataset"]) == dataset_digest:
+        rank_zero_info(f"resuming from {ckpt_path}: --data.dataset {given['dataset']} holds the same rows as the checkpoint's {saved.get('dataset')}")
+        same.add("dataset")
+    changed = [f"--data.{k} {given.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in ROW_FLAGS if k in saved and k not in same]
     if changed:
         raise UserError(
             f"resuming from {ckpt_path} with other data flags than it was trained with: {', '.join(changed)}; they change"

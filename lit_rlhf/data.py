@@ -28,7 +28,7 @@ from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.loader import CountingDataLoader, ResumableBatchSampler
 from lit_rlhf.models import load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
-from lit_rlhf.rows import load_rows
+from lit_rlhf.rows import content_digest, load_rows
 from lit_rlhf.tokenization import COMPLETIONS, cache_dir, encode_row, row_messages, tokenize_cached, unpaired_rows
 
 
@@ -235,6 +235,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_rows: list[dict] = []
         self.num_rows = 0  # rows kept before the split: every row's `index` is below it
         self.fingerprint = ""  # of the tokenized rows: what they depend on (`tokenize_cached`)
+        self.dataset_digest: Optional[str] = None  # of a local dataset's files: a resume may read them from another path
         self.train_sampler: Optional[ResumableBatchSampler] = None
 
     @classmethod
@@ -260,6 +261,7 @@ class PreferenceDataModule(L.LightningDataModule):
         completions = COMPLETIONS[hp.mode]
         with local_rank_zero_first(self.trainer):  # the other processes read what it downloaded and tokenized
             rows = load_rows(hp.dataset)[hp.offset :][: hp.limit]
+            self.dataset_digest = content_digest(hp.dataset)
             if hp.mode == "unpaired":
                 rows = unpaired_rows(rows, hp.split_pairs)
             encoded, self.fingerprint, from_cache = tokenize_cached(
@@ -335,12 +337,13 @@ class PreferenceDataModule(L.LightningDataModule):
         return self._loader(self.train_rows, self.train_sampler, CountingDataLoader)
 
     def state_dict(self) -> dict:
-        """The training order and position, saved in every checkpoint."""
-        return self.train_sampler.state_dict() if self.train_sampler else {}
+        """The training order and position, and the local dataset's digest, saved in every checkpoint."""
+        return {**(self.train_sampler.state_dict() if self.train_sampler else {}), "dataset_digest": self.dataset_digest}
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.train_sampler.load_state_dict(state)
+        sampler_state = {k: v for k, v in state.items() if k != "dataset_digest"}
+        if sampler_state:
+            self.train_sampler.load_state_dict(sampler_state)
 
     def val_dataloader(self) -> DataLoader:
         """In order; this process's share: every held-out row is served to one process, once."""

@@ -1,7 +1,9 @@
 """Preference rows from a hub id or local files, checked: every error names the file, the row and the field."""
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Optional
 
 from lit_rlhf.errors import UserError
 from lit_rlhf.models import hub_reachable
@@ -46,13 +48,33 @@ def _read_file(path: Path) -> list[dict]:
         raise UserError(f"{path}: cannot read it ({type(cause).__name__}: {cause})") from None
 
 
-def load_rows(dataset: str, split: str = "train") -> list[tuple[str, dict]]:
-    """`(where, row)` pairs from a hub id or a local file or folder; `where` names file and row."""
+def local_files(dataset: str) -> list[Path]:
+    """The data files of a local file or folder `dataset`, in the order they are read; [] for a hub id."""
     path = Path(dataset).expanduser()
     if path.is_file() or path.is_dir():
         files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in FILE_FORMATS)
         if not files or any(p.suffix not in FILE_FORMATS for p in files):
             raise UserError(f"{dataset}: expected a .json, .jsonl, .parquet or .csv file, or a folder of them")
+        return files
+    return []
+
+
+def content_digest(dataset: str) -> Optional[str]:
+    """SHA-256 of a local dataset's files, in reading order: the same digest for the same rows at another
+    path (a copy to scratch, another mount). None for a hub id."""
+    files = local_files(dataset)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def load_rows(dataset: str, split: str = "train") -> list[tuple[str, dict]]:
+    """`(where, row)` pairs from a hub id or a local file or folder; `where` names file and row."""
+    files, path = local_files(dataset), Path(dataset).expanduser()
+    if files:
         return [(f"{p}: row {n}", row) for p in files for n, row in enumerate(_read_file(p), start=1)]
     if dataset.startswith((".", "/", "~")) or path.suffix in FILE_FORMATS:
         raise UserError(

@@ -176,8 +176,8 @@ def test_resuming_with_other_data_flags_is_refused(tiny_model_dir, real_rows, tm
     monkeypatch.chdir(tmp_path)
     cli(reward_args(tiny_model_dir, real_rows, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"))
     ckpt = str(tmp_path / "logs/reward/version_0/checkpoints/last.ckpt")  # mid-epoch
-    other_rows = tmp_path / "other.jsonl"
-    other_rows.write_text(real_rows.read_text())
+    other_rows = tmp_path / "other.jsonl"  # the same rows in another order
+    other_rows.write_text("".join(reversed(real_rows.read_text().splitlines(keepends=True))))
     changes = {"--data.seed": ("7", 42), "--data.batch_size": ("2", 4), "--data.limit": ("20", 28), "--data.offset": ("3", 0),
                "--data.val_size": ("6", 4), "--data.max_length": ("80", 64), "--data.dataset": (str(other_rows), str(real_rows))}  # fmt: skip
     for flag, (value, saved) in changes.items():
@@ -187,6 +187,21 @@ def test_resuming_with_other_data_flags_is_refused(tiny_model_dir, real_rows, tm
     run = cli(reward_args(tiny_model_dir, real_rows, "--data.seed", "7", "--ckpt_path", ckpt, "--resume_with_changed_data", "true",
                           "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0"))  # fmt: skip
     assert run.trainer.global_step == 3 and run.datamodule.hparams.seed == 7
+
+
+def test_a_resume_reads_the_same_rows_from_another_path(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    """The dataset copied to another folder (scratch, another mount) is the same data: the resume goes on."""
+    monkeypatch.chdir(tmp_path)
+    cli(reward_args(tiny_model_dir, real_rows, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"))
+    ckpt = str(tmp_path / "logs/reward/version_0/checkpoints/last.ckpt")
+    moved = tmp_path / "scratch" / "rows.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(real_rows.read_bytes())
+    run = cli(reward_args(tiny_model_dir, moved, "--ckpt_path", ckpt, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0"))
+    assert run.trainer.global_step == 3 and run.datamodule.train_sampler.batches_done == 3  # went on at the next batch
+    moved.write_text(moved.read_text() + "\n")  # one byte more: not the checkpoint's file
+    message = fail(reward_args(tiny_model_dir, moved, "--ckpt_path", ckpt))
+    assert f"--data.dataset {str(moved)!r} (checkpoint: {str(real_rows)!r})" in message
 
 
 # ---- folders --------------------------------------------------------------------------------
