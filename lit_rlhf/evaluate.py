@@ -262,7 +262,7 @@ def evaluate(
             kl = batches(partial(sequence_kl, base_model=base_model), model, [(p, g["response"]) for p, g in zip(gen_prompts, sampled)])  # (N, 2): k1, k3
         judge_scores, lengths = batches(sequence_scores, judge, answered), torch.tensor([len(g["response"]) for g in greedy])
         base = report["models"].get(baseline, {"judge_scores": judge_scores, "lengths": lengths})  # per prompt (N,)
-        win = wins(judge_scores, torch.tensor(base["judge_scores"]))
+        win = wins(judge_scores, torch.as_tensor(base["judge_scores"]))
         logratio = batches(sequence_logps, model, answered) - batches(sequence_logps, base_model, answered)
         texts = [g["text"] for g in greedy]
         result = {
@@ -270,7 +270,7 @@ def evaluate(
             "judge_reward": ci(judge_scores),
             "proxy_reward": ci(batches(sequence_scores, proxy, answered)),
             "win_rate": ci(win),
-            "lc_win_rate": length_controlled_win_rate(win, (lengths - torch.tensor(base["lengths"])).double()),
+            "lc_win_rate": length_controlled_win_rate(win, (lengths - torch.as_tensor(base["lengths"])).double()),
             "sampled_kl": ci(kl[:, 0]),
             "sampled_kl_k3": ci(kl[:, 1]),
             "greedy_logratio": logratio.mean().item(),

@@ -67,7 +67,9 @@ def content_digest(dataset: str) -> Optional[str]:
         return None
     digest = hashlib.sha256()
     for file in files:
-        digest.update(file.read_bytes())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):  # 1 MiB at a time: a large file is not held whole
+                digest.update(block)
     return digest.hexdigest()
 
 
