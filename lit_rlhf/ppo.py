@@ -78,6 +78,7 @@ class PPOModule(AlignmentModule):
         reward_weights: Optional[list[float]] = None,
         reward_timeout: float = 30.0,
         reward_errors: Literal["stop", "none"] = "stop",
+        reward_memory_limit: Optional[float] = None,
         value_model_path: Optional[str] = None,
         learning_rate: float = 1e-5,
         response_length: int = 128,
@@ -124,6 +125,8 @@ class PPOModule(AlignmentModule):
             reward_timeout: Seconds a reward function may take for one batch; it runs in a worker process.
             reward_errors: What a reward function that hangs or raises does: `stop` the run with a line
                 naming the function, the row and the error, or give that call's rows `none` (counted).
+            reward_memory_limit: GiB of resident memory the reward worker may use (Linux): past half of it a
+                warning, past it the worker is stopped and the call fails like `reward_errors` says. Off if null.
             value_model_path: Where the value model (gae) starts: default the reward model, else (no reward
                 model) the policy's backbone with a new scalar head.
             learning_rate: Peak AdamW learning rate (policy and, with `gae`, value model).
@@ -183,7 +186,7 @@ class PPOModule(AlignmentModule):
             )
         if reward_model_path is None and not reward_funcs:
             raise UserError("PPO needs a reward: --model.reward_model_path (a reward model) and/or --model.reward_funcs (functions)")
-        self.reward_functions = RewardFunctions(reward_funcs or [], reward_timeout, reward_errors)
+        self.reward_functions = RewardFunctions(reward_funcs or [], reward_timeout, reward_errors, reward_memory_limit)
         self.reward_sources = (["reward_model"] if reward_model_path else []) + self.reward_functions.names
         if reward_weights is not None and len(reward_weights) != len(self.reward_sources):
             raise UserError(f"--model.reward_weights has {len(reward_weights)} values for {len(self.reward_sources)} reward sources"

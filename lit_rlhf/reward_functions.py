@@ -40,5 +40,20 @@ def reward_function(spec: str):
 
 
 def call_reward(spec: str, prompts: list[str], completions: list[str], columns: dict[str, list]):
-    """What a worker runs: the function `spec` names, on one batch of rows."""
+    """The function `spec` names, on one batch of rows."""
     return reward_function(spec)(prompts=prompts, completions=completions, **columns)
+
+
+def serve(connection) -> None:
+    """A reward worker's loop: says `ready`, then answers each `(spec, prompts, completions, columns)` received
+    with `("ok", rewards)` or `("raised", "TypeName: message")`, until the pipe closes."""
+    connection.send(("ready", None))
+    while True:
+        try:
+            request = connection.recv()
+        except EOFError:
+            return
+        try:
+            connection.send(("ok", call_reward(*request)))
+        except Exception as err:  # the function's error, or a return value that cannot be pickled
+            connection.send(("raised", f"{type(err).__name__}: {err}"))

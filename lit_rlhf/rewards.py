@@ -9,56 +9,148 @@ response, and each extra column of the prompt rows (e.g. `answer`) repeated for 
 responses. `None` means that the function does not apply to that row: the source is left out of the
 row's weighted total, never counted as 0.
 
-The functions run in a worker process, `timeout` seconds per call. One that hangs is stopped; one
+The functions run in one worker process, `timeout` seconds per call. One that hangs is stopped; one
 that raises, returns the wrong length or a non-number stops the run with a line naming the function,
-the row and what happened; with `on_error="none"` a hang or an exception gives that call's rows None
-instead, counted in a warning.
+the row and what happened; a worker that dies (`os._exit`, a signal, a crash of native code) is
+reported at once with its exit status or signal. With a memory limit, the worker's resident memory
+(its interpreter included; read from Linux's /proc) is checked every `POLL_SECONDS` during a call and
+after it: past half the limit a warning gives the number, past the limit the worker is stopped and
+the call fails with the number. With `on_error="none"` a failed call gives its rows None instead,
+counted in a warning; the next call starts a new worker.
 """
 
 import math
 import multiprocessing
-from multiprocessing.pool import Pool
-from typing import Literal, Optional
+import os
+import signal
+import subprocess
+import sys
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Literal, NoReturn, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_rlhf.errors import UserError
+from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.plugins import resolve
-from lit_rlhf.reward_functions import REWARD_FUNCTIONS, call_reward
+from lit_rlhf.reward_functions import REWARD_FUNCTIONS, serve
+
+#: seconds between two checks of a running call's worker (alive, resident memory)
+POLL_SECONDS = 0.2
+
 
 def source_name(spec: str) -> str:
     """A reward function's name in logs and errors: the table key, or the function name of an import path."""
     return spec.rpartition(":")[2]
 
 
-class RewardFunctions:
-    """The reward functions of a run, each called in one worker process with a timeout."""
+class CallFailed(Exception):
+    """A reward call that returned nothing; the message says why, as the error line shows it."""
 
-    def __init__(self, specs: list[str], timeout: float, on_error: Literal["stop", "none"] = "stop"):
+
+class FunctionRaised(CallFailed):
+    """The function raised in the worker, which lives on: the row it fails on can be looked for."""
+
+
+class Worker:
+    """A fresh interpreter running `reward_functions.serve` on one end of a pipe. It imports the standard library
+    and the reward functions only (no fork of a process with threads, no re-import of the main script), so it
+    starts in a fraction of a second and the memory it holds is the functions'."""
+
+    def __init__(self):
+        self.connection, child = multiprocessing.Pipe()
+        code = "import sys; from multiprocessing.connection import Connection; from lit_rlhf.reward_functions import serve; serve(Connection(int(sys.argv[1])))"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))  # the modules this process can import
+        self.process = subprocess.Popen([sys.executable, "-c", code, str(child.fileno())], pass_fds=[child.fileno()], env=env)
+        child.close()
+        self.warned = False  # about its memory
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.connection.close()
+
+    def exit_status(self) -> str:
+        """How the ended worker ended: `exit status 3` or `killed by SIGKILL`."""
+        code = self.process.wait()
+        return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+
+    def resident_gib(self) -> float:
+        """Its resident memory in GiB (VmRSS of /proc/PID/status; 0 once it has ended)."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except FileNotFoundError:
+            return 0.0
+        kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), "0")
+        return int(kib) / 2**20
+
+
+class RewardFunctions:
+    """The reward functions of a run, each called in one worker process with a timeout (and a memory limit)."""
+
+    def __init__(self, specs: list[str], timeout: float, on_error: Literal["stop", "none"] = "stop", memory_limit: Optional[float] = None):
+        """`memory_limit`: GiB of resident memory the worker may use (`--model.reward_memory_limit`); None: no limit."""
+        check_ranges("model", {"reward_memory_limit": memory_limit}, {"reward_memory_limit": "> 0"})
+        if memory_limit is not None and not Path("/proc/self/status").is_file():
+            raise UserError(f"--model.reward_memory_limit {memory_limit:g}: reads a process's memory from /proc, which only Linux has")
         for spec in specs:  # import each once here, so that a wrong name or path fails at start, naming it
             resolve(spec, REWARD_FUNCTIONS, "--model.reward_funcs")
         self.specs, self.names = list(specs), [source_name(spec) for spec in specs]
-        self.timeout, self.on_error = timeout, on_error
-        self.pool: Optional[Pool] = None
+        self.timeout, self.on_error, self.memory_limit = timeout, on_error, memory_limit
+        self.worker: Optional[Worker] = None
         self.failures = 0  # calls whose rows got None (on_error="none")
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool = None
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+
+    def stop(self, what: str) -> NoReturn:
+        """Stop the worker and fail the call with `what` happened."""
+        self.close()
+        raise CallFailed(what)
 
     def run(self, spec: str, prompts: list[str], completions: list[str], columns: dict[str, list]):
-        """One call of `spec` in the worker; a hang terminates the worker (a new one starts on the next call)."""
-        if self.pool is None:  # a fresh interpreter (no fork of a process with threads); its start-up is not timed
-            self.pool = multiprocessing.get_context("spawn").Pool(1)
-            self.pool.apply(len, ([],))
-        result = self.pool.apply_async(call_reward, (spec, prompts, completions, columns))
+        """One call of `spec` in the worker: its return value, or a CallFailed saying why there is none."""
+        if self.worker is None:
+            self.worker = Worker()
+            self.receive(math.inf)  # its `ready`: the start-up is not timed
+        self.worker.connection.send((spec, prompts, completions, columns))
+        status, value = self.receive(self.timeout)
+        if status == "raised":
+            raise FunctionRaised(f"raised {value}")
+        return value
+
+    def receive(self, timeout: float) -> tuple[str, object]:
+        """The worker's next message, the worker watched until it comes: stopped if it takes longer than `timeout`
+        or its memory passes the limit, reported at once if it dies."""
+        worker, deadline = self.worker, time.monotonic() + timeout
+        while not wait([worker.connection], min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
+            if worker.process.poll() is not None:  # its end of the pipe may live on in a process it started
+                self.stop(f"died in its worker process ({worker.exit_status()})")
+            self.check_memory()
+            if time.monotonic() >= deadline:
+                self.stop(f"did not return within --model.reward_timeout {self.timeout:g} s")
         try:
-            return result.get(self.timeout)
-        except multiprocessing.TimeoutError:
-            self.close()
-            raise TimeoutError(f"did not return within --model.reward_timeout {self.timeout:g} s") from None
+            message = worker.connection.recv()
+        except EOFError:
+            self.stop(f"died in its worker process ({worker.exit_status()})")
+        self.check_memory()
+        return message
+
+    def check_memory(self) -> None:
+        """Stop a worker whose resident memory is past the limit; warn once when it passes half of it."""
+        if self.memory_limit is None:
+            return
+        used = self.worker.resident_gib()
+        if used > self.memory_limit:
+            self.stop(f"used {used:.2f} GiB of memory in its worker process, over --model.reward_memory_limit {self.memory_limit:g} GiB")
+        if used > self.memory_limit / 2 and not self.worker.warned:
+            self.worker.warned = True
+            rank_zero_warn(f"the reward worker uses {used:.2f} GiB of memory, over half of --model.reward_memory_limit"
+                           f" {self.memory_limit:g} GiB; it is stopped past the limit")  # fmt: skip
 
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[list[float]]:
         """Each function's rewards of the rows, `nan` where it returned None: one list of len(rows) per function."""
@@ -66,26 +158,25 @@ class RewardFunctions:
         for spec, name in zip(self.specs, self.names):
             try:
                 rewards = self.run(spec, prompts, completions, columns)
-            except Exception as err:
+            except CallFailed as err:
                 if self.on_error == "none":
                     self.failures += 1
-                    rank_zero_warn(f"reward function {name} failed ({type(err).__name__}: {err}); its {len(prompts)} rows get None ({self.failures} calls so far)")
+                    rank_zero_warn(f"reward function {name} failed ({err}); its {len(prompts)} rows get None ({self.failures} calls so far)")
                     rewards = [None] * len(prompts)
                 else:
                     raise UserError(f"reward function {name} {self.failing_row(spec, prompts, completions, columns, err)}") from None
             out.append(checked(rewards, name, len(prompts)))
         return out
 
-    def failing_row(self, spec: str, prompts: list[str], completions: list[str], columns: dict[str, list], err: Exception) -> str:
-        """What went wrong, and on which row: each row is called alone until one fails."""
-        if not isinstance(err, TimeoutError):
+    def failing_row(self, spec: str, prompts: list[str], completions: list[str], columns: dict[str, list], err: CallFailed) -> str:
+        """What went wrong, and on which row: after a raise, each row is called alone until one fails."""
+        if isinstance(err, FunctionRaised):
             for i in range(len(prompts)):
                 try:
                     self.run(spec, prompts[i : i + 1], completions[i : i + 1], {k: v[i : i + 1] for k, v in columns.items()})
-                except Exception as row_err:
-                    return f"raised {type(row_err).__name__}: {row_err} on row {i} (prompt {prompts[i][:60]!r})"
-        what = str(err) if isinstance(err, TimeoutError) else f"raised {type(err).__name__}: {err}"
-        return f"{what} on a batch of {len(prompts)} rows (first prompt {prompts[0][:60]!r})"
+                except CallFailed as row_err:
+                    return f"{row_err} on row {i} (prompt {prompts[i][:60]!r})"
+        return f"{err} on a batch of {len(prompts)} rows (first prompt {prompts[0][:60]!r})"
 
 
 def checked(rewards, name: str, num_rows: int) -> list[float]:
