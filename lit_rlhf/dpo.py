@@ -18,7 +18,7 @@ from lit_rlhf.errors import UserError
 from lit_rlhf.losses import PREFERENCE_LOSS_ARGUMENTS, PREFERENCE_LOSSES, UNPAIRED_LOSS_ARGUMENTS, rpo_nll_loss
 from lit_rlhf.models import as_reference, load_causal_lm, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
-from lit_rlhf.plugins import declared_arguments, resolve
+from lit_rlhf.plugins import check_shape, declared_arguments, resolve
 
 LOSS_CONTRACT = (
     "a preference loss is called with any of the keyword arguments " + ", ".join(PREFERENCE_LOSS_ARGUMENTS)
@@ -185,6 +185,13 @@ class DPOModule(AlignmentModule):
         hp = self.hparams
         return tensors | {name: hp[name] for name in ("beta", "label_smoothing", "simpo_gamma", "rdpo_alpha", "desirable_weight", "undesirable_weight")}
 
+    def row_losses(self, values: dict, rows: int) -> torch.Tensor:
+        """The preference loss of a batch of `rows` pairs (or unpaired rows), called with the `values` it declares:
+        (B,) losses, or a UserError naming `--model.loss_type` if it returns another shape."""
+        losses = self.preference_loss(**{name: values[name] for name in self.loss_arguments})
+        check_shape(losses, (rows,), f"--model.loss_type {self.hparams.loss_type}", f"the (B,) per-{'row' if self.unpaired else 'pair'} losses")
+        return losses
+
     def pairs_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         """The loss of a pairs batch `[chosen; rejected]`, and DPO's statistics."""
         hp = self.hparams
@@ -200,7 +207,7 @@ class DPOModule(AlignmentModule):
         else:  # without a reference, SimPO's: beta times the mean token log-prob
             chosen_rewards = hp.beta * (policy_chosen / chosen_lengths).detach()
             rejected_rewards = hp.beta * (policy_rejected / rejected_lengths).detach()
-        losses = self.preference_loss(**{name: values[name] for name in self.loss_arguments})  # (B,)
+        losses = self.row_losses(values, len(policy_chosen))  # (B,)
         loss = losses.mean()
         if hp.rpo_alpha is not None:
             nll = rpo_nll_loss(policy_chosen, chosen_lengths)
@@ -245,7 +252,7 @@ class DPOModule(AlignmentModule):
             stats["kl"] = (values["kl_logps"] - values["ref_kl_logps"]).mean().clamp(min=0)
         else:
             rewards = hp.beta * (logps / values["lengths"]).detach()
-        loss = self.preference_loss(**{name: values[name] for name in self.loss_arguments}).mean()
+        loss = self.row_losses(values, B).mean()
         stats["loss"] = loss
         for name, rows in (("chosen", batch["label"]), ("rejected", ~batch["label"])):
             if rows.any():

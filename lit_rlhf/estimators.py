@@ -15,11 +15,13 @@ model's targets, or None without a value model. The math lives in `ops.py`.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 
+from lit_rlhf.errors import UserError
 from lit_rlhf.ops import gae, grpo_advantages, masked_whiten, rloo_advantages
+from lit_rlhf.plugins import check_shape
 
 ESTIMATOR_ARGUMENTS = ("rewards", "mask", "values", "k", "gamma", "lam", "sum_over_processes")
 
@@ -39,6 +41,20 @@ class Estimator:
     paper: str
     groups: bool = False
     aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+
+
+def checked_estimate(estimate, name: str, shape: torch.Size) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """What the estimator `name` (`--model.advantage_estimator`) returned for rewards of `shape` (N, T), if it keeps
+    the contract `(advantages (N, T), returns (N, T) or None)`; else a UserError naming it and the expected shapes."""
+    plugin = f"--model.advantage_estimator {name}"
+    if not (isinstance(estimate, (tuple, list)) and len(estimate) == 2):
+        raise UserError(f"{plugin} returned a {type(estimate).__name__} where it must return (advantages, returns or None), each of"
+                        f" shape (N, T), here {tuple(shape)}")  # fmt: skip
+    advantages, returns = estimate
+    check_shape(advantages, shape, plugin, "the (N, T) advantages first")
+    if returns is not None:
+        check_shape(returns, shape, plugin, "the (N, T) returns (or None) second")
+    return advantages, returns
 
 
 def sequence_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,12 @@ from lit_rlhf.tokenization import encode_row, render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.forward import generate_answers, sequence_logps, sequence_scores, token_logps
 from lit_rlhf.metrics import bootstrap_ci, distinct_n, has_loop, length_controlled_win_rate, wins
-from lit_rlhf.models import check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
+from lit_rlhf.models import check_same_vocabulary, check_source, load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX, kl_estimate
 from lit_rlhf.precision import generation_precision as default_generation_precision
 from lit_rlhf.report import across_seeds, write_report
 from lit_rlhf.rows import load_rows
-from lit_rlhf.tasks import task_passes
+from lit_rlhf.tasks import judges, task_passes
 
 DEFAULT_PROMPTS = [
     "What's your morning routine like?",
@@ -104,6 +104,18 @@ def reward_model_accuracy(rm, rows: list[dict], pad_id: int, batch_size: int) ->
     return {"rows": len(rows), "accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
 
 
+def saved_part(path: Path) -> dict:
+    """What `resumable` saved to `path` (`key` and `value`), or a UserError naming the file if it is not that."""
+    try:
+        saved = json.loads(path.read_text())
+        if isinstance(saved, dict) and saved.keys() == {"key", "value"}:
+            return saved
+        error = "not a saved result"
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        error = f"{type(err).__name__}: {err}"
+    raise UserError(f"--resume: {path} is truncated or corrupt ({error}); delete it to recompute it")
+
+
 def resumable(path: Path, key: dict, compute, resume: bool) -> dict:
     """`compute()` (a dict of JSON values), saved to `path` beside `key` (the settings it depends on) as soon as
     it is computed, so that an evaluation stopped part-way loses only what it was computing. With `resume`, a
@@ -111,7 +123,7 @@ def resumable(path: Path, key: dict, compute, resume: bool) -> dict:
     Fresh or read back, the result is what JSON gives back (tuples become lists): both reports are the same."""
     key = json.loads(json.dumps(key))
     if resume and path.is_file():
-        saved = json.loads(path.read_text())
+        saved = saved_part(path)
         if saved["key"] != key:
             changed = sorted(k for k in key.keys() | saved["key"].keys() if key.get(k) != saved["key"].get(k))
             raise UserError(f"--resume: {path} was computed with other settings ({', '.join(changed)}); evaluate without"
@@ -201,19 +213,23 @@ def evaluate(
     task = [row for _, row in load_rows(task_dataset)[:task_rows]] if task_dataset else None
     if not models:
         raise UserError("pass at least one model: --models '{base: HuggingFaceTB/SmolLM-135M-Instruct}'")
-    models = dict(models)
+    models, judge_model = dict(models), judge_model or reward_model
+    sources = [(f"--models {name}", path) for name, path in models.items()]
     if checkpoints:
         found = sorted(glob.glob(checkpoints))
         if not found:
             raise UserError(f"--checkpoints {checkpoints}: no file matches")
         models |= {Path(p).stem: p for p in found}
+        sources += [("--checkpoints", p) for p in found]
+    sources += [("--reward_model", reward_model), ("--judge_model", judge_model)]
+    for what, source in sources:  # every model found before any work starts
+        check_source(source, what)
+    task_judges = judges(task_reward_funcs, "--task_reward_funcs") if task else []
     start = time.time()
     names, baseline = list(models), next(iter(models))
     tokenizer = load_tokenizer(models[baseline])
     pad_id = tokenizer.pad_token_id
-    judge_model = judge_model or reward_model
-    sources = [("--reward_model", reward_model), ("--judge_model", judge_model)] + [(f"model '{n}'", models[n]) for n in names[1:]]
-    for what, source in sources:
+    for what, source in sources[1:]:
         check_same_vocabulary(tokenizer, source, what)
     proxy = load_scalar_model(reward_model, pad_id, trained_head=True).eval()
     judge = proxy if judge_model == reward_model else load_scalar_model(judge_model, pad_id, trained_head=True).eval()
@@ -286,7 +302,7 @@ def evaluate(
             "lengths": lengths.tolist(),
         }
         if task:
-            result["task_pass_at_1"] = ci(task_passes(generator, tokenizer, task, task_reward_funcs, max_new_tokens, batch_size))
+            result["task_pass_at_1"] = ci(task_passes(generator, tokenizer, task, task_judges, max_new_tokens, batch_size))
         print(f"evaluated {name} in {time.time() - began:.0f} s: judge reward {result['judge_reward'][0]:.3f}", file=sys.stderr)
         return result
 

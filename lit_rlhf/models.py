@@ -247,3 +247,31 @@ def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_
         if readme:
             (partial / "README.md").write_text(readme)
     return out_dir
+
+
+def check_source(source: str, flag: str) -> None:
+    """Check that a model source can be found, without loading it: a checkpoint file (and its starting model),
+    a `.gguf` file, a local folder with config.json (`_source_kwargs`), or a hub id on the hub (in the local
+    cache when the hub is unreachable). Else a UserError naming `flag`, the source and what to pass instead."""
+    if source.endswith(".ckpt"):
+        if not Path(source).expanduser().is_file():
+            raise UserError(f"{flag} {source}: no such checkpoint file")
+        return check_source(tokenizer_source(source), f"{flag} {source}: its starting model")
+    try:
+        path, kwargs = _source_kwargs(source)
+    except UserError as err:
+        raise UserError(f"{flag}: {err}") from None
+    if "gguf_file" in kwargs or Path(path).is_dir():
+        return
+    from huggingface_hub import repo_exists, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    instead = "pass a folder written by save_pretrained, a .gguf or .ckpt file, or a hub id such as HuggingFaceTB/SmolLM-135M-Instruct"
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise UserError(f"{flag} {source}: no such folder in {Path.cwd()}, and not a hub id (owner/name); {instead}") from None
+    offline = kwargs.get("local_files_only", False)
+    if not (isinstance(try_to_load_from_cache(source, "config.json"), str) if offline else repo_exists(source)):
+        where = "in the local hub cache (the hub is unreachable)" if offline else "on the hub"
+        raise UserError(f"{flag} {source}: no such folder in {Path.cwd()}, nor a model {where}; {instead}")

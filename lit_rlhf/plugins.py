@@ -67,3 +67,12 @@ def declared_arguments(function: Callable, provided: tuple[str, ...], flag: str,
             f" provided; {contract}"
         )
     return tuple(p.name for p in parameters if p.name in provided)
+
+
+def check_shape(value, shape: tuple[int, ...], plugin: str, expected: str) -> None:
+    """A UserError naming `plugin` (its flag and value) unless `value` is a tensor of `shape`; `expected` says what
+    the contract asks for, e.g. `the (B,) per-pair losses`."""
+    found = tuple(value.shape) if hasattr(value, "shape") else None
+    if found != tuple(shape):
+        got = f"a {type(value).__name__}" + ("" if found is None else f" of shape {found}")
+        raise UserError(f"{plugin} returned {got} where it must return {expected}, here of shape {tuple(shape)}")

@@ -16,7 +16,7 @@ import random
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from jsonargparse import ArgumentParser
@@ -25,9 +25,10 @@ from lit_rlhf.tokenization import render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.forward import generate_answers
 from lit_rlhf.metrics import bootstrap_ci, interval_text
-from lit_rlhf.models import load_causal_lm, load_tokenizer
+from lit_rlhf.models import check_source, load_causal_lm, load_tokenizer
+from lit_rlhf.plugins import resolve
 from lit_rlhf.precision import generation_precision as default_generation_precision
-from lit_rlhf.reward_functions import reward_function
+from lit_rlhf.reward_functions import REWARD_FUNCTIONS
 from lit_rlhf.rows import load_rows
 
 INSTRUCTION = "End your reply with a line 'Answer: <number>'."
@@ -75,12 +76,16 @@ def write_arithmetic(args: Optional[list[str]] = None) -> None:
     print(f"{cfg.out}/train.jsonl ({len(train)} problems), {cfg.out}/heldout.jsonl ({len(heldout)})")
 
 
+def judges(reward_funcs: list[str], flag: str) -> list[Callable]:
+    """The reward functions `flag` names, imported now: a wrong name or path fails before any work starts."""
+    return [resolve(spec, REWARD_FUNCTIONS, flag) for spec in reward_funcs]
+
+
 @torch.no_grad()
-def task_passes(model, tokenizer, rows: list[dict], reward_funcs: list[str], max_new_tokens: int, batch_size: int, sample: bool = False,
+def task_passes(model, tokenizer, rows: list[dict], functions: list[Callable], max_new_tokens: int, batch_size: int, sample: bool = False,
                 temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
     """(N,) 1.0 where the model's answer to row n's `prompt` passes: greedy (or sampled at `temperature`), judged
-    by `reward_funcs` (TRL's contract, the rows' other columns passed), a pass being a summed reward >= 1."""
-    functions = [reward_function(spec) for spec in reward_funcs]
+    by reward `functions` (`judges`; TRL's contract, the rows' other columns passed), a pass being a summed reward >= 1."""
     prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])) for row in rows]
     completions = [answer["text"] for answer in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature)]
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
@@ -102,8 +107,11 @@ def task_accuracy(
     has bf16 units (lit_rlhf/precision.py), else fp32."""
     check_ranges("", locals(), {"limit": "> 0", "k": "> 0", "max_new_tokens": "> 0", "batch_size": "> 0", "temperature": "> 0"})
     rows = [row for _, row in load_rows(dataset)[:limit]]
+    for name, source in models.items():  # every model found and every judge imported before any work starts
+        check_source(source, f"--models {name}")
+    functions = judges(reward_funcs, "--reward_funcs")
     tokenizer = load_tokenizer(next(iter(models.values())))
-    passes = partial(task_passes, tokenizer=tokenizer, rows=rows, reward_funcs=reward_funcs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    passes = partial(task_passes, tokenizer=tokenizer, rows=rows, functions=functions, max_new_tokens=max_new_tokens, batch_size=batch_size)
     precision, report, first = default_generation_precision(generation_precision), {}, None
     for name, path in models.items():
         model = load_causal_lm(path).eval().to(torch.bfloat16 if precision == "bf16" else torch.float32)
