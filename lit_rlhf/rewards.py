@@ -72,10 +72,11 @@ class Worker:
         self.process.wait()
         self.connection.close()
 
-    def exit_status(self) -> str:
-        """How the ended worker ended: `exit status 3` or `killed by SIGKILL`."""
+    def death(self) -> str:
+        """How the ended worker ended: `died in its worker process (exit status 3)`, or `(killed by SIGKILL)`."""
         code = self.process.wait()
-        return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        status = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        return f"died in its worker process ({status})"
 
     def resident_gib(self) -> float:
         """Its resident memory in GiB (VmRSS of /proc/PID/status; 0 once it has ended)."""
@@ -129,14 +130,14 @@ class RewardFunctions:
         worker, deadline = self.worker, time.monotonic() + timeout
         while not wait([worker.connection], min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
             if worker.process.poll() is not None:  # its end of the pipe may live on in a process it started
-                self.stop(f"died in its worker process ({worker.exit_status()})")
+                self.stop(worker.death())
             self.check_memory()
             if time.monotonic() >= deadline:
                 self.stop(f"did not return within --model.reward_timeout {self.timeout:g} s")
         try:
             message = worker.connection.recv()
-        except EOFError:
-            self.stop(f"died in its worker process ({worker.exit_status()})")
+        except (EOFError, OSError):
+            self.stop(worker.death())
         self.check_memory()
         return message
 
