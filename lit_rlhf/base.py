@@ -1,5 +1,7 @@
 """What the three trainers share: the policy/reward source, LoRA flags, optimizer, export."""
 
+import shutil
+import signal
 from functools import partial
 from pathlib import Path
 from typing import Literal, Union
@@ -16,6 +18,7 @@ from lit_rlhf.distributed import data_parallel_mesh, fsdp2, fully_shard_models, 
 from lit_rlhf.errors import NonFiniteError, UserError, check_ranges
 from lit_rlhf.models import export_pretrained, load_policy, unwrap
 from lit_rlhf.ops import linear_warmup_decay
+from lit_rlhf.runs import StopCheckpoint, signals_deferred, version_folder
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM-135M-Instruct"
 
@@ -30,6 +33,9 @@ class AlignmentModule(L.LightningModule):
     frozen_modules: tuple[str, ...] = ()
     #: submodules the optimizer trains (gradient checkpointing applies to these)
     trained_modules: tuple[str, ...] = ("model",)
+    #: `__init__` arguments a resume may change (applied from the resumed step on); a resume that changes any
+    #: other is refused (`cli.check_same_model`): they decide the models loaded, the data, or code that runs
+    resume_applies: tuple[str, ...] = ("learning_rate", "on_non_finite", "gradient_checkpointing", "attn_implementation")
     #: numeric `__init__` arguments and their ranges, checked before any model is loaded (subclasses extend it)
     flag_ranges = {"learning_rate": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0", "lora_r": ">= 0",
                    "lora_alpha": "> 0", "lora_dropout": "in [0, 1)"}  # fmt: skip
@@ -202,6 +208,16 @@ class AlignmentModule(L.LightningModule):
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
 
+    def on_train_start(self) -> None:
+        """A resume with another `--model.learning_rate`: the restored schedule goes on with it as its peak rate."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if any(base != self.hparams.learning_rate for base in scheduler.base_lrs):
+                scheduler.base_lrs = [self.hparams.learning_rate] * len(scheduler.base_lrs)
+                for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+                    group["lr"] = self.hparams.learning_rate * factor(scheduler.last_epoch)
+                scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
     def on_fit_start(self) -> None:
         rank_zero_info(f"logs and checkpoints: {Path(self.trainer.log_dir).resolve()}")
         if self.hparams.gradient_checkpointing:
@@ -211,25 +227,40 @@ class AlignmentModule(L.LightningModule):
                 module.train()  # transformers checkpoints in train mode only; dropout is 0, outputs are unchanged
 
     def on_fit_end(self) -> None:
-        """Export the trained model to `<log_dir>/hf` on rank 0; a fit that took no optimizer step exports
-        nothing and fails. Every rank reads `trainer.log_dir`: in a multi-process run it is a broadcast from
-        rank 0, which hangs if rank 0 calls it alone."""
-        if self.global_step == self.start_step:
+        """Export the trained model to `<log_dir>/hf` on rank 0, with SIGTERM and Ctrl-C held until it is written
+        (then the run exits 1 naming the export). A fit that took no optimizer step exports nothing and fails,
+        unless it resumed the last checkpoint of its own run that had finished but not been exported (a kill
+        during the export): that run's model is exported now. Every rank reads `trainer.log_dir`: in a
+        multi-process run it is a broadcast from rank 0, which hangs if rank 0 calls it alone."""
+        path = (Path(self.trainer.log_dir) / "hf").resolve()
+        if self.global_step == self.start_step and not self.finished_unexported(path):
             raise UserError(
                 f"this run took no optimizer step (global step {self.global_step}, epoch {self.current_epoch}), so"
                 " nothing was exported: a resumed checkpoint that had finished its --trainer.max_epochs /"
-                " max_steps, or no training batch (--trainer.limit_train_batches, too few rows)"
+                " max_steps and was exported already, or no training batch (--trainer.limit_train_batches, too few rows)"
             )
-        path = (Path(self.trainer.log_dir) / "hf").resolve()
         model = self.model
         if fsdp2(self.trainer):  # the shards gathered into a whole copy in process 0
             state, model = gathered_state_dict(self.model), None
             if self.trainer.is_global_zero:
                 model = self.load_trained_model()
                 model.load_state_dict(state)
-        if self.trainer.is_global_zero:
-            export_pretrained(model, self.tokenizer, path, readme=self.model_card(path))
-            rank_zero_info(f"exported {self.algorithm} model: {path}")
+        stop = next((cb.requested for cb in self.trainer.callbacks if isinstance(cb, StopCheckpoint) and cb.requested), None)
+        with signals_deferred() as received:
+            if self.trainer.is_global_zero:
+                for partial in path.parent.glob(f".{path.name}.*.partial"):  # left by an export that was killed
+                    rank_zero_info(f"removing {partial}, left by an export that was killed")
+                    shutil.rmtree(partial, ignore_errors=True)
+                export_pretrained(model, self.tokenizer, path, readme=self.model_card(path))
+                rank_zero_info(f"exported {self.algorithm} model: {path}")
+        signum = stop or next(iter(received), None)
+        if signum is not None:
+            raise UserError(f"interrupted by {signal.Signals(signum).name} at the end of training: the export was finished first: {path}")
+
+    def finished_unexported(self, export: Path) -> bool:
+        """True if this fit resumed a checkpoint of its own version folder (`export`'s parent) that has no export."""
+        ckpt_path = self.trainer.ckpt_path
+        return self.start_step > 0 and ckpt_path is not None and version_folder(Path(ckpt_path)) == export.parent and not export.exists()
 
     def model_card(self, path: Path) -> str:
         """README.md of the exported folder `path`: source, data, hyperparameters, final metrics, loading snippet."""

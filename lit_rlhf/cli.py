@@ -11,7 +11,7 @@ from typing import Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.base import AlignmentModule
 from lit_rlhf.data import PreferenceDataModule
@@ -20,7 +20,7 @@ from lit_rlhf.models import read_checkpoint
 from lit_rlhf.monitor import GenerationMonitor
 from lit_rlhf.precision import auto_precision
 from lit_rlhf.rows import content_digest
-from lit_rlhf.runs import AtomicCheckpointIO, Preemption, RemoveFailedRunDir, RunLogger, newest_checkpoint, version_folder
+from lit_rlhf.runs import AtomicCheckpointIO, RemoveFailedRunDir, RunLogger, StopCheckpoint, newest_checkpoint, version_folder
 
 
 #: DataModule flags that decide which rows train and validate, and in which order: a resumed run refuses
@@ -49,6 +49,12 @@ class LitRLHFCLI(LightningCLI):
             " Without it such a resume is refused: it would train other rows than the interrupted run.",
         )  # fmt: skip
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        """A resume unpickles tensors and plain containers only (`torch.load`'s `weights_only`): a checkpoint cannot run code."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser.set_defaults({"weights_only": True})
+        return parser
+
     def parse_arguments(self, parser, args) -> None:
         """A typo in a flag or a config key is one line naming the key and the nearest valid one."""
         try:
@@ -57,9 +63,11 @@ class LitRLHFCLI(LightningCLI):
             raise UserError(config_error(err, getattr(self, "_subcommand_parsers", None) or {"": parser})) from None
 
     def _parse_ckpt_path(self) -> None:
-        """With `--ckpt_path`, the model settings come from the checkpoint (as in LightningCLI), after
-        checks: the file must be a readable checkpoint of the configured module, every `--model.*` value
-        the checkpoint overrides is named in a warning, and data flags that would change the rows refuse.
+        """With `--ckpt_path`, the run is the command line's: nothing in the checkpoint's saved settings is used
+        (LightningCLI would take the model settings from it). A checkpoint is data, never permission:
+        `trust_remote_code` and plug-in import paths come only from the command line. So the file must be a
+        readable checkpoint of the configured module, and a `--model.*` or data flag that differs from the
+        checkpoint's is applied if the module lists it in `resume_applies`, else refused in one line.
         `--ckpt_path last` is the newest checkpoint under `<root>/logs/<algorithm>`."""
         subcommand = self.config.get("subcommand")
         self.resume_folder = None  # the version folder a resumed run continues in
@@ -83,13 +91,8 @@ class LitRLHFCLI(LightningCLI):
         if subcommand == "fit" and not self.config.fit.resume_with_changed_data:
             digest = ckpt.get(PreferenceDataModule.__qualname__, {}).get("dataset_digest")
             check_same_rows(ckpt_path, ckpt.get("datamodule_hyper_parameters", {}), self.config.fit.data.as_dict(), digest)
-        given = model.init_args.as_dict()
-        self.config = self.parser.parse_object({subcommand: {"model": {"class_path": written_by, "init_args": hparams}}}, self.config)
+        check_same_model(ckpt_path, hparams, model.init_args.as_dict(), import_object(model.class_path).resume_applies)
         self.config[subcommand].ckpt_path = str(ckpt_path)
-        used = self.config[subcommand].model.init_args.as_dict()
-        ignored = [f"--model.{k} {given[k]!r} (checkpoint: {used[k]!r})" for k in given if k in used and given[k] != used[k]]
-        if ignored:
-            rank_zero_warn(f"resuming from {ckpt_path}: the checkpoint's model settings are used; ignored " + ", ".join(ignored))
         folder = version_folder(Path(ckpt_path))
         if subcommand == "fit" and folder is not None and not (folder / "hf").exists():
             self.resume_folder = folder  # TensorBoard curves and checkpoints go on where they stopped
@@ -136,12 +139,12 @@ class LitRLHFCLI(LightningCLI):
             if self.resume_folder is not None:
                 save_dir, name, version = self.resume_folder.parent.parent, self.resume_folder.parent.name, self.resume_folder.name
             else:
-                save_dir, name, version = self.run_root(self.config[self.subcommand] if self.subcommand else self.config).parent, self.model.algorithm, None
+                save_dir, name, version = self.run_root(self.config[self.subcommand] if self.subcommand else self.config).parent.resolve(), self.model.algorithm, None
             kwargs["logger"] = RunLogger(str(save_dir), name=name, version=version)
         if not trainer_config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(Preemption())
+        trainer.callbacks.append(StopCheckpoint())
         if default_logger and self.resume_folder is None:  # a fresh version folder of ours: safe to remove when the run fails at once
             trainer.callbacks.append(RemoveFailedRunDir())
         return trainer
@@ -167,6 +170,33 @@ def check_same_rows(ckpt_path, saved: dict, given: dict, dataset_digest: Optiona
             " which rows train and in which order. Resume with the checkpoint's values, or pass"
             " --resume_with_changed_data true if you mean it"
         )
+
+
+def check_same_model(ckpt_path, saved: dict, given: dict, applies: tuple[str, ...]) -> None:
+    """Compare the `--model.*` values of a resume (`given`) with the checkpoint's (`saved`): a changed flag the
+    module `applies` on resume is named in a line; any other change refuses the resume, saying which flags to
+    pass. A flag that runs or imports code (`trust_remote_code`, an import path `file.py:function`) is read
+    from the command line only, so a checkpoint cannot switch it on: the refusal says so."""
+    changed = {k: (given[k], saved[k]) for k in given if k in saved and given[k] != saved[k]}
+    applied = [f"--model.{k} {new!r} (checkpoint: {old!r})" for k, (new, old) in changed.items() if k in applies]
+    refused = {k: v for k, v in changed.items() if k not in applies}
+    if refused:
+        flags = ", ".join(f"--model.{k} {new!r} (checkpoint: {old!r})" for k, (new, old) in refused.items())
+        code = [k for k, (_, old) in refused.items() if runs_code(k, old)]
+        raise UserError(
+            f"resuming from {ckpt_path} with other model flags than it was trained with: {flags}. A resume trains with"
+            " its command line's flags and these cannot change mid-run: resume with the command that started the run"
+            + (f"; a checkpoint never grants {', '.join(f'--model.{k}' for k in code)}: pass it on the command line if you trust it" if code else "")
+            + f" (a resume may change: {', '.join(applies)})"
+        )
+    if applied:
+        rank_zero_info(f"resuming from {ckpt_path} with changed flags, applied from here on: {', '.join(applied)}")
+
+
+def runs_code(flag: str, value) -> bool:
+    """True for a flag value that runs or imports code: `trust_remote_code` on, or an import path `module:function`."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return (flag == "trust_remote_code" and bool(value)) or any(isinstance(v, str) and ":" in v for v in values)
 
 
 def config_error(err: ArgumentError, parsers: dict) -> str:

@@ -45,13 +45,15 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 def one_line(err: BaseException) -> str:
+    """The root cause in one line, and the failure checkpoint a run wrote for it (`runs.StopCheckpoint`)."""
     cause = root_cause(err)
     text = " ".join(str(cause).split()) or "(no message)"
-    if isinstance(cause, UserError):
-        return text
     if isinstance(cause, OSError) and cause.errno in errno.errorcode:  # ENOSPC: no space left on device: PATH
         text = f"{errno.errorcode[cause.errno]}: {(cause.strerror or text).lower()}" + (f": {cause.filename}" if cause.filename else "")
-    return f"{type(cause).__name__}: {text} (run again with --debug for the traceback)"
+    if not isinstance(cause, UserError):
+        text = f"{type(cause).__name__}: {text} (run again with --debug for the traceback)"
+    note = getattr(err, "checkpoint_note", None)
+    return f"{text}; {note}" if note else text
 
 
 def run(argv: list[str]) -> None:

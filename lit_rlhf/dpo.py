@@ -31,6 +31,7 @@ class DPOModule(AlignmentModule):
     algorithm = "dpo"
     progress_bar_metrics = ("loss", "rewards/accuracies")
     frozen_modules = ("ref_model",)
+    resume_applies = AlignmentModule.resume_applies + ("beta", "label_smoothing", "simpo_gamma", "rdpo_alpha", "rpo_alpha", "desirable_weight", "undesirable_weight")
     flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "label_smoothing": "in [0, 0.5)", "rpo_alpha": ">= 0", "simpo_gamma": ">= 0", "rdpo_alpha": ">= 0",
                                                  "desirable_weight": "> 0", "undesirable_weight": "> 0"}  # fmt: skip
 

@@ -39,7 +39,7 @@ from transformers import GenerationConfig
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.errors import UserError
-from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator
+from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator, checked_estimate
 from lit_rlhf.losses import aggregate_token_losses, ppo_policy_loss, ppo_value_loss, truncated_importance_weights
 from lit_rlhf.distributed import no_backward_sync, sharded, sum_over_processes
 from lit_rlhf.forward import generate_responses, sequence_scores, token_logps, token_values
@@ -63,6 +63,11 @@ class PPOModule(AlignmentModule):
     progress_bar_metrics = ("objective/scores", "objective/kl")
     frozen_modules = ("ref_model", "reward_model")
     trained_modules = ("model", "value_model")  # critic-free estimators: ("model",), set in __init__
+    resume_applies = AlignmentModule.resume_applies + (
+        "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "gamma", "lam", "ppo_epochs", "cliprange",
+        "cliprange_value", "vf_coef", "max_grad_norm", "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit",
+        "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
+    )  # fmt: skip
     flag_ranges = AlignmentModule.flag_ranges | {
         "response_length": "> 0", "temperature": "> 0", "num_generations": "> 0", "kl_coef": ">= 0", "gamma": "in [0, 1]", "lam": "in [0, 1]",
         "ppo_epochs": "> 0", "num_minibatches": "> 0", "gradient_accumulation_steps": "> 0", "rollout_batch_size": "> 0", "cliprange": "> 0",
@@ -373,7 +378,8 @@ class PPOModule(AlignmentModule):
         rewards[torch.arange(len(last)), last] += rollout.scores
         inputs = {"rewards": rewards, "mask": response_mask, "values": rollout.values, "k": hp.num_generations,
                   "gamma": hp.gamma, "lam": hp.lam, "sum_over_processes": self.sum_over_processes}  # fmt: skip
-        advantages, returns = self.estimator.function(**{name: inputs[name] for name in self.estimator_arguments})
+        estimate = self.estimator.function(**{name: inputs[name] for name in self.estimator_arguments})
+        advantages, returns = checked_estimate(estimate, hp.advantage_estimator, rewards.shape)
         return replace(rollout, kl=kl, non_score_reward=non_score_reward, advantages=advantages, returns=returns)
 
     def micro_batch_loss(self, rollout: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -13,6 +13,7 @@ class RewardModule(AlignmentModule):
     algorithm = "reward"
     progress_bar_metrics = ("loss", "accuracy")
     flag_ranges = AlignmentModule.flag_ranges | {"margin": ">= 0"}
+    resume_applies = AlignmentModule.resume_applies + ("margin",)
 
     def __init__(
         self, model_name_or_path: str = DEFAULT_MODEL, learning_rate: float = 3e-4, margin: float = 0.0,

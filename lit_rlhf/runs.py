@@ -5,8 +5,9 @@
 - `AtomicCheckpointIO` writes each checkpoint beside its target and renames it into place: a full
   disk or a kill mid-write leaves the earlier checkpoints and no truncated file.
 - `RemoveFailedRunDir` gives back the version folder of a run that fails before its first step.
-- `Preemption` turns SIGTERM (a scheduler's preemption) and a first Ctrl-C into a checkpoint at the
-  end of the step in progress and a non-zero exit that names it.
+- `StopCheckpoint` turns SIGTERM (a scheduler's preemption) and a first Ctrl-C into a checkpoint at the
+  end of the step in progress and a non-zero exit that names it; an exception after a step writes one too.
+- `signals_deferred` holds SIGTERM and Ctrl-C back while a model is exported, so an export is never cut.
 - `newest_checkpoint` is what `--ckpt_path last` means: the newest checkpoint of the run's log folder.
 """
 
@@ -15,8 +16,9 @@ import os
 import shutil
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -27,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_rlhf.atomic import written_atomically
-from lit_rlhf.errors import UserError
+from lit_rlhf.errors import NonFiniteError, UserError
 
 
 def os_error_text(err: OSError, action: str) -> str:
@@ -97,20 +99,30 @@ def version_folder(ckpt_path: Path) -> Optional[Path]:
     return folder if ckpt_path.resolve().parent.name == "checkpoints" and folder.name.startswith("version_") else None
 
 
-class Preemption(Callback):
-    """SIGTERM, or a first Ctrl-C, ends the run at the end of the step in progress with a checkpoint.
+class StopCheckpoint(Callback):
+    """A run that stops early writes `checkpoints/last.ckpt` first, so it loses at most the step in progress.
 
-    The signal handler only notes the signal. At the end of each training step every process asks
-    whether any process was signalled (one all-reduce of a boolean, at the same point in all of them),
-    and if so all mark the run as SIGTERMed, upon which Lightning raises `SIGTERMException` when the
-    step is done. (Lightning's own SIGTERM handler broadcasts from inside the handler, at whatever
-    collective the other processes are in, which breaks a multi-process run.) On that exception
-    every process writes `checkpoints/last.ckpt` (the newest state: `--ckpt_path last` resumes it) and
-    the run exits 1 with one line that names the checkpoint. A second Ctrl-C stops at once, without one.
+    SIGTERM, or a first Ctrl-C, ends the run at the end of the step in progress. The signal handler only
+    notes the signal. At the end of each training step every process asks whether any process was
+    signalled (one all-reduce of a boolean, at the same point in all of them), and if so all mark the
+    run as SIGTERMed, upon which Lightning raises `SIGTERMException` when the step is done. (Lightning's
+    own SIGTERM handler broadcasts from inside the handler, at whatever collective the other processes
+    are in, which breaks a multi-process run.) A second Ctrl-C stops at once, without a checkpoint.
+
+    An exception raised after at least one optimizer step (a reward function's MemoryError, a NaN loss)
+    writes the checkpoint too, at the end of the last step that finished: the data position is wound
+    back to it, so the resume retrains the step that failed. In a multi-process run only an error that
+    every process raises together (a non-finite value, decided by all of them) can be saved: saving is
+    a collective, and one process cannot save alone.
+
+    The checkpoint is the newest state and `--ckpt_path last` resumes it; the run exits 1 with one line
+    that names it. A signal that arrives after the last step is saved the same way, and the run
+    still exports its model (`AlignmentModule.on_fit_end`).
     """
 
     def __init__(self) -> None:
         self.requested: Optional[int] = None  # the signal that asked the run to stop
+        self.training_ended = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         """Replace the handlers Lightning registered when `fit` started (its teardown restores the originals)."""
@@ -130,15 +142,74 @@ class Preemption(Callback):
         if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
             trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException once this step is done
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.training_ended = True
+        if self.requested is not None:  # the signal came during the last step: no SIGTERMException follows
+            self.save_last(trainer)
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
-        checkpoint = trainer.checkpoint_callback
-        folder = Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else Path(trainer.log_dir) / "checkpoints"
-        path = (folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}").resolve()
-        trainer.save_checkpoint(path)
-        exception.code = (
-            f"lit-rlhf: error: interrupted by {signal.Signals(self.requested or signal.SIGTERM).name} at step"
-            f" {trainer.global_step}, epoch {trainer.current_epoch}: checkpoint written to {path}; resume with"
-            f" --ckpt_path {path} (or --ckpt_path last)"
+        if isinstance(exception, SIGTERMException):
+            path = self.save_last(trainer)
+            exception.code = (
+                f"lit-rlhf: error: interrupted by {signal.Signals(self.requested or signal.SIGTERM).name} at step"
+                f" {trainer.global_step}, epoch {trainer.current_epoch}: checkpoint written to {path}; resume with"
+                f" --ckpt_path {path} (or --ckpt_path last)"
+            )
+        elif self.saves_on(trainer, exception):
+            sampler = getattr(trainer.datamodule, "train_sampler", None)
+            if sampler is not None:  # the batch that failed was taken but not trained: the resume takes it again
+                sampler.batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            try:
+                path = self.save_last(trainer)
+            except UserError as err:  # a full disk: the original error stays the one reported
+                exception.checkpoint_note = f"no checkpoint could be written ({err})"
+                return
+            exception.checkpoint_note = f"checkpoint of step {trainer.global_step} written to {path}; resume with --ckpt_path last"
+
+    def saves_on(self, trainer, exception: BaseException) -> bool:
+        """Whether `exception` gets a failure checkpoint: raised in `fit` after an optimizer step and before the
+        training ended, not a second Ctrl-C, and (several processes) raised by all of them together."""
+        return (
+            trainer.state.fn == "fit"
+            and not self.training_ended
+            and trainer.global_step > 0
+            and not isinstance(exception, KeyboardInterrupt)
+            and (trainer.world_size == 1 or isinstance(exception, NonFiniteError))
         )
+
+    @staticmethod
+    def save_last(trainer) -> Path:
+        """Write `checkpoints/last.ckpt` (every process calls it) and make it the one `ModelCheckpoint` updates
+        from now on, also after a resume (else a resumed run writes `last-v1.ckpt` beside it)."""
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath:
+            path = Path(checkpoint.format_checkpoint_name({}, ModelCheckpoint.CHECKPOINT_NAME_LAST))
+            checkpoint.last_model_path = str(path)
+        else:
+            path = Path(trainer.log_dir) / "checkpoints" / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state: optimizer, loops, callbacks
+        return path.resolve()
+
+
+@contextmanager
+def signals_deferred() -> Iterator[list[int]]:
+    """SIGTERM and a first Ctrl-C are noted, not acted on, inside the block: the block (an export) finishes,
+    then the caller reads the list of signals received. A second Ctrl-C stops at once. Outside the main
+    thread (where no handler can be set) the block runs as it is."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def note(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        rank_zero_info(f"\n{signal.Signals(signum).name}: finishing the export first")
+
+    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -250,9 +250,9 @@ def test_a_full_disk_leaves_no_truncated_checkpoint_and_names_enospc(tiny_model_
     monkeypatch.chdir(tmp_path)
     saves, real_save = [], torch.save
 
-    def save(obj, f):  # the third checkpoint file fills the disk half-way through
+    def save(obj, f):  # the third checkpoint file fills the disk half-way through, and the disk stays full
         saves.append(f.name)
-        if len(saves) == 3:
+        if len(saves) >= 3:
             f.write(b"half a checkpoint")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_save(obj, f)
@@ -260,8 +260,11 @@ def test_a_full_disk_leaves_no_truncated_checkpoint_and_names_enospc(tiny_model_
     monkeypatch.setattr(lit_rlhf.runs.torch, "save", save)
     message = fail(reward_args(tiny_model_dir, real_rows, "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1"))
     folder = tmp_path / "logs/reward/version_0/checkpoints"
-    assert f"ENOSPC: no space left on device while writing checkpoint {Path('logs/reward/version_0/checkpoints/epoch=0-step=2.ckpt')}" in message
+    assert f"ENOSPC: no space left on device while writing checkpoint {folder.resolve() / 'epoch=0-step=2.ckpt'}" in message
     assert "nothing half-written was left, earlier checkpoints are intact" in message
+    # the failure checkpoint is tried too, and its own ENOSPC is named after the error that stopped the run
+    assert message.endswith(f"no checkpoint could be written (ENOSPC: no space left on device while writing checkpoint {folder.resolve() / 'last.ckpt'};"
+                            " nothing half-written was left, earlier checkpoints are intact)")  # fmt: skip
     assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]
     for path in folder.iterdir():
         assert torch.load(path, weights_only=False)["global_step"] == 1

@@ -166,7 +166,7 @@ def test_resume_from_a_mid_run_checkpoint(tiny_model_dir, tiny_reward_dir, real_
     assert not any(k.startswith(("ref_model.", "reward_model.")) for k in state["state_dict"])
     assert any(k.startswith("model.") for k in state["state_dict"])
     assert any(k.startswith("value_model.") for k in state["state_dict"]) == (estimator == "gae")  # critic-free: no value weights
-    resumed = cli([*args, "--ckpt_path", str(ckpt)])  # the estimator comes from the checkpoint
+    resumed = cli([*args, *estimator_args(estimator), "--ckpt_path", str(ckpt)])  # the command that started the run, resumed
     assert resumed.model.hparams.advantage_estimator == estimator
     assert resumed.trainer.global_step == 4
     assert resumed.model.lr_schedulers().last_epoch == 4  # the scheduler was restored, then stepped 3 more times

@@ -199,16 +199,6 @@ def test_a_killed_and_resumed_run_sees_the_rows_of_an_uninterrupted_run(tiny_mod
     assert killed + resumed == uninterrupted
 
 
-def test_resuming_with_other_model_flags_names_the_ignored_ones(tiny_model_dir, real_rows, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cli(reward_args(tiny_model_dir, real_rows, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"))
-    ckpt = tmp_path / "logs/reward/version_0/checkpoints/last.ckpt"
-    with pytest.warns(UserWarning, match=r"ignored --model.learning_rate 0.5 \(checkpoint: 0.0003\), --model.margin 2.0 \(checkpoint: 0.0\)"):
-        run = cli(reward_args(tiny_model_dir, real_rows, "--model.learning_rate", "0.5", "--model.margin", "2", "--ckpt_path", str(ckpt),
-                              "--trainer.limit_val_batches", "0"))  # fmt: skip
-    assert run.model.hparams.learning_rate == 3e-4
-
-
 def test_a_broken_or_foreign_checkpoint_is_one_line(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli(reward_args(tiny_model_dir, real_rows, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"))
