@@ -97,6 +97,15 @@ def unseen_rows(dataset: str, tokenizer, limit: int, max_length: int) -> list[di
     return rows
 
 
+def preferred_answers(rows: list[dict], eos_id: int, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a model answering like the chosen answers of `rows` would show at `max_new_tokens`: per row whether
+    the answer ends (its end-of-turn token is within the first `max_new_tokens`) and its length cut there.
+    -> (ends (N,), lengths (N,)) float64; a chosen answer truncated before its end-of-turn token does not end."""
+    needed = [row["chosen"].index(eos_id) + 1 if eos_id in row["chosen"] else float("inf") for row in rows]
+    ends = torch.tensor([float(n <= max_new_tokens) for n in needed], dtype=torch.float64)
+    return ends, torch.tensor([min(n, max_new_tokens) for n in needed], dtype=torch.float64)
+
+
 def reward_model_accuracy(rm, rows: list[dict], pad_id: int, batch_size: int) -> dict:
     """Share of preference rows whose chosen answer `rm` scores above the rejected one, and the mean margin."""
     chosen = over_batches(sequence_scores, rm, [(r["prompt"], r["chosen"]) for r in rows], pad_id, batch_size)
@@ -259,6 +268,9 @@ def evaluate(
         "judge": {"path": judge_model, "independent": judge_model != reward_model, **reward_model_accuracy(judge, held_out[:num_rows], pad_id, score_batch_size)},
         "proxy": {"path": reward_model, **reward_model_accuracy(proxy, held_out[:num_rows], pad_id, score_batch_size)},
     }, resume) | {"prompts": prompt_texts, "models": {}}  # fmt: skip
+    if extra:  # the yardstick for the EOS share and length columns: the data's own preferred answers
+        ends, lengths = preferred_answers(extra, tokenizer.eos_token_id, max_new_tokens)
+        report["preferred"] = {"rows": len(extra), "eos_share": bootstrap_ci(ends, seed=seed), "length": bootstrap_ci(lengths, seed=seed)}
     base_model = load_causal_lm(models[baseline]).eval()
     batches = partial(over_batches, pad_id=pad_id, batch_size=score_batch_size)
     ci = partial(bootstrap_ci, seed=seed)

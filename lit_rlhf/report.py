@@ -83,6 +83,9 @@ def markdown(report: dict, baseline: str, unseen: str, dataset: str) -> str:
         f"KL(model || {baseline}) in nats per response, from one temperature-1 sample per prompt (k1 estimator;",
         "k3 below). A looping answer repeats some 4-word sequence at least 3 times.", "",
         "## Quality and degeneration", "", *table(report, QUALITY, baseline), "",
+        *([f"The preferred (chosen) answers of the {report['preferred']['rows']} held-out prompts, at the same length limit: ends"
+           f" with EOS {cell(report['preferred']['eos_share'])}, mean length {cell(report['preferred']['length'])} tokens"
+           " (counted to the limit): a model that answers like them shows these two columns.", ""] if report.get("preferred") else []),
         *(["## Across seeds", "",
             "Each cell: the mean over the seeds of the per-seed means above ± their standard deviation across seeds (min–max):",
             "the spread from training again, beside the intervals above, which are over prompts for one run. The last column",

@@ -73,6 +73,17 @@ def test_sequence_kl_by_hand():
     assert k3.item() == pytest.approx((2 / 3 - 1 - math.log(2 / 3)) + (2 - 1 - math.log(2)))
 
 
+def test_preferred_answers_by_hand():
+    from lit_rlhf.evaluate import preferred_answers
+
+    eos = 9
+    rows = [{"chosen": [5, 6, eos, 1]}, {"chosen": [5, 6, 7, 8, eos]}, {"chosen": [5, 6, 7, 8]}]  # ends after 3, 5, never (cut)
+    ends, lengths = preferred_answers(rows, eos, max_new_tokens=4)
+    assert ends.tolist() == [1.0, 0.0, 0.0] and lengths.tolist() == [3.0, 4.0, 4.0]
+    ends, lengths = preferred_answers(rows, eos, max_new_tokens=5)
+    assert ends.tolist() == [1.0, 1.0, 0.0] and lengths.tolist() == [3.0, 5.0, 5.0]
+
+
 def test_boilerplate_on_hand_made_strings():
     texts = [
         "As a digital AI assistant, I don't have a morning.",
@@ -128,7 +139,11 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
     assert report["proxy"]["margin"] == pytest.approx(validated.trainer.callback_metrics["val_margin"].item(), abs=1e-5)
     assert len(same["generations"]) == 5
     assert same["task_pass_at_1"] == base["task_pass_at_1"] and 0.0 <= base["task_pass_at_1"][0] <= 1.0  # the same model, the same answers
+    from lit_rlhf.evaluate import DEFAULT_PROMPTS
+
+    assert report["preferred"]["rows"] == 5 - len(DEFAULT_PROMPTS) and 0 <= report["preferred"]["eos_share"][0] <= 1 and 0 < report["preferred"]["length"][0] <= 6
     text = (out / "report.md").read_text()
+    assert f"The preferred (chosen) answers of the {5 - len(DEFAULT_PROMPTS)} held-out prompts, at the same length limit: ends with EOS" in text
     for section in ("## Quality and degeneration", "## Likelihood", "## Verifiable task", "## Reward models", "## Reward against KL", "## Generations",
                     "What's your morning routine like?"):  # fmt: skip
         assert section in text
