@@ -1,4 +1,4 @@
-"""A model on a batch: the two quantities every trainer and the evaluation read.
+"""A model on a batch: the two quantities every trainer and the evaluation read (and, from lit_rlhf/generation.py, the answers).
 
 A batch is a dict of (B, T) tensors: `input_ids`, `attention_mask` (from lengths, so a real EOS
 that equals the pad id is kept), and for log-probs `labels` (the scored tokens, IGNORE_INDEX
@@ -10,9 +10,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel
 
-from lit_rlhf.data import collate_prompts
+from lit_rlhf.generation import generate_answers, generate_responses  # noqa: F401 (the callers' import path)
 from lit_rlhf.models import unwrap
-from lit_rlhf.ops import label_logps, last_token_index, position_ids, truncate_after_eos
+from lit_rlhf.ops import label_logps, last_token_index, position_ids
 
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[PreTrainedModel, torch.Tensor]:
@@ -69,31 +69,3 @@ def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     """Reward-model score of each sequence, read at its last real token. -> (B,)"""
     values = token_values(model, batch)  # (B, T)
     return values.gather(-1, last_token_index(batch["attention_mask"])[:, None]).squeeze(-1)
-
-
-def generate_responses(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer, **generate_kwargs) -> tuple[torch.Tensor, ...]:
-    """`model.generate` on left-padded prompts (`input_ids`, `attention_mask` (B, P)), cut after the first EOS:
-    responses, response_mask (B, R), contains_eos (B,) (`ops.truncate_after_eos`). The tokenizer's pad and EOS
-    ids are passed unless a `generation_config` (which then holds them) is."""
-    prompts = batch["input_ids"]
-    if "generation_config" not in generate_kwargs:
-        generate_kwargs |= {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    out = model.generate(input_ids=prompts, attention_mask=batch["attention_mask"], **generate_kwargs)
-    return truncate_after_eos(out[:, prompts.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False,
-                     temperature: float = 1.0) -> list[dict]:  # fmt: skip
-    """Greedy (or, with `sample`, sampled at `temperature` from the whole vocabulary) answers to tokenized prompts,
-    `batch_size` at a time: per prompt its `response` ids (cut after the first EOS), `text` and whether it ended with EOS (`eos`)."""
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    out = []
-    for start in range(0, len(prompt_ids), batch_size):
-        batch = collate_prompts([{"prompt": p} for p in prompt_ids[start : start + batch_size]], tokenizer.pad_token_id)
-        batch = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask")}
-        responses, mask, eos = generate_responses(model, batch, tokenizer, max_new_tokens=max_new_tokens, **sampling)
-        for r, m, e in zip(responses, mask, eos.tolist()):
-            ids = r[m.bool()].tolist()
-            out.append({"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "eos": e})
-    return out

@@ -76,16 +76,18 @@ class VLLMEngine:
         dtype: The engine's weights (`torch.bfloat16` when the trainer computes in bf16, else fp32).
         seed: The engine's seed; each rollout also draws a request seed from torch's RNG.
         gpu_memory_utilization: Share of the GPU's memory vLLM may take (it shares the GPU with the trainer).
+        load_format: vLLM's; `dummy` starts from random weights (a folder with a config and no weights), to be pushed.
     """
 
-    def __init__(self, model: str, max_model_len: int, dtype: torch.dtype, seed: int, gpu_memory_utilization: float = 0.3):
+    def __init__(self, model: str, max_model_len: int, dtype: torch.dtype, seed: int, gpu_memory_utilization: float = 0.3,
+                 load_format: str = "auto"):  # fmt: skip
         vllm = import_vllm()
         self.vllm, self.dtype = vllm, dtype
         with kept_rng_state():
             self.llm = vllm.LLM(
                 model=model, dtype=str(dtype).removeprefix("torch."), max_model_len=max_model_len, seed=seed,
                 enforce_eager=not torch.cuda.is_available(),  # CUDA graphs on a GPU; nothing to capture on a CPU
-                gpu_memory_utilization=gpu_memory_utilization,
+                gpu_memory_utilization=gpu_memory_utilization, load_format=load_format,
                 enable_prefix_caching=False,  # a cached prefix would keep keys and values of the weights before a push
                 logprobs_mode="processed_logprobs",  # log-probs at the sampling temperature, as the trainer computes them
             )  # fmt: skip
@@ -96,15 +98,16 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True})
 
     def sample(self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, eos_token_id: int, pad_token_id: int,
-               seed: int) -> tuple[torch.Tensor, ...]:  # fmt: skip
+               seed: int, min_tokens: int = 1) -> tuple[torch.Tensor, ...]:  # fmt: skip
         """`n` responses to each prompt (token ids, no padding), sampled at `temperature` from the whole vocabulary
-        and stopped at `eos_token_id` alone (as `model.generate` with the tokenizer's EOS).
+        (greedy at 0) and stopped at `eos_token_id` alone (as `model.generate` with the tokenizer's EOS), not before
+        `min_tokens` tokens.
 
         Returns responses (N, R) (N = len(prompts) * n, the n responses of a prompt contiguous, R the longest,
         padded with `pad_token_id`), response_mask (N, R), contains_eos (N,) as `ops.truncate_after_eos`, and
         logprobs (N, R): vLLM's log-probs of its sampled tokens at `temperature`, 0 on padding."""
         params = self.vllm.SamplingParams(
-            n=n, max_tokens=max_tokens, min_tokens=1, temperature=temperature, top_k=0, top_p=1.0, seed=seed,
+            n=n, max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_k=0, top_p=1.0, seed=seed,
             ignore_eos=True, stop_token_ids=[eos_token_id], logprobs=0, detokenize=False,
         )  # fmt: skip
         requests = [self.vllm.TokensPrompt(prompt_token_ids=ids) for ids in prompts]

@@ -1,0 +1,265 @@
+"""One generation path for every caller: the fastest engine installed, the same answers.
+
+`generate` (left-padded prompt tensors in, responses cut after the first EOS out) and
+`generate_answers` (token-id prompts in, one dict per prompt out) take an engine:
+
+- `hf`: a decode loop of our own over the transformers model (`decode`) instead of `model.generate`:
+  one forward per new token on a preallocated KV cache, grouped KV heads handed to SDPA as they are,
+  the LM head on the last position only, greedy or sampled from the whole vocabulary at a temperature,
+  rows that reached EOS leaving the batch. Greedy answers are token-identical to `model.generate`'s.
+- `vllm`: `vllm_engine.VLLMEngine`, started once per architecture and dtype (from the model's config,
+  random weights) and given the model's current weights at every call.
+- `auto`: vLLM when it is installed and starts, else `hf`.
+
+What each part gave, measured: docs/speed.md, "Generation".
+"""
+
+import copy
+import importlib.util
+import tempfile
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from transformers import AttentionInterface, DynamicCache, GenerationConfig
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from lit_rlhf.data import collate_prompts
+from lit_rlhf.models import unwrap
+from lit_rlhf.ops import position_ids, truncate_after_eos
+from lit_rlhf.vllm_engine import VLLMEngine, policy_weights
+
+Engine = Literal["auto", "hf", "vllm"]
+
+
+GQA_SDPA = "lit_rlhf_gqa_sdpa"
+
+
+def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                       dropout: float = 0.0, scaling=None, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """transformers' SDPA attention, but with the grouped key/value heads handed to SDPA as they are (`enable_gqa`):
+    query (B, H, q, D), key and value (B, KV, k, D) -> (B, q, H, D). transformers copies each layer's whole KV cache
+    KV -> H heads before SDPA whenever there is a mask (`repeat_kv`); on a CPU that copy costs more than the attention."""
+    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                         is_causal=is_causal, enable_gqa=True)  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)
+AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
+
+
+@contextmanager
+def grouped_kv_attention(model: nn.Module) -> Iterator[None]:
+    """`gqa_sdpa_attention` in a transformers model that uses SDPA, for the time of the block (others untouched)."""
+    inner = unwrap(model)
+    if inner.config._attn_implementation != "sdpa":
+        yield
+        return
+    inner.set_attn_implementation(GQA_SDPA)
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation("sdpa")
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values (B, KV, T, D) are views of buffers sized for the whole generation
+    (`capacity` positions): a new token's keys and values are written in place, where `DynamicLayer` copies the
+    whole cache (`torch.cat`) at every step."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append key_states, value_states (B, KV, t, D). -> all keys and values so far, (B, KV, T, D) each"""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            B, KV, _, D = key_states.shape
+            self.buffers = tuple(key_states.new_empty(B, KV, self.capacity, D) for _ in range(2))
+        start, end = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+        self.buffers[0][:, :, start:end] = key_states
+        self.buffers[1][:, :, start:end] = value_states
+        self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (b,) of the cache."""
+        end = self.get_seq_length()
+        self.buffers = tuple(buffer[indices] for buffer in self.buffers)
+        self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
+
+
+def kv_cache(model: nn.Module, capacity: int) -> DynamicCache:
+    """An empty KV cache for `model`, preallocated for `capacity` positions where all its layers are plain
+    `DynamicLayer`s (no sliding window, no linear attention)."""
+    cache = DynamicCache(config=unwrap(model).config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, eos_token_id: int, allow_eos: bool) -> torch.Tensor:
+    """The next token of each row from its last logits (B, V): argmax when `temperature` is 0, else sampled from
+    softmax(logits / temperature) over the whole vocabulary; EOS is forbidden until `allow_eos`. -> (B,)"""
+    if not allow_eos:
+        logits = logits.clone()
+        logits[:, eos_token_id] = -float("inf")
+    if temperature == 0:
+        return logits.argmax(-1)  # the same index in the model's dtype as in fp32: widening is exact
+    return torch.multinomial((logits.float() / temperature).softmax(-1), 1).squeeze(1)
+
+
+@torch.no_grad()
+def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
+           pad_token_id: int, temperature: float = 0.0, min_new_tokens: int = 0) -> torch.Tensor:  # fmt: skip
+    """Up to `max_new_tokens` new tokens after left-padded prompts `input_ids`, `attention_mask` (B, P), greedy when
+    `temperature` is 0. A row stops at its first EOS (not before `min_new_tokens`) and leaves the batch; the loop
+    stops when every row has. -> (B, R) new tokens, `pad_token_id` after a row's EOS, R the longest row."""
+    with grouped_kv_attention(model):
+        return decode_loop(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, min_new_tokens)
+
+
+def decode_loop(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
+                pad_token_id: int, temperature: float, min_new_tokens: int) -> torch.Tensor:  # fmt: skip
+    """`decode`'s loop. -> (B, R)"""
+    B, device = input_ids.shape[0], input_ids.device
+    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)  # the rows still generating
+    cache, mask = kv_cache(model, input_ids.shape[1] + max_new_tokens), attention_mask
+    positions = position_ids(mask)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    positions = positions[:, -1:] + 1  # (B, 1)
+    for step in range(max_new_tokens):
+        tokens = next_tokens(logits[:, -1], temperature, eos_token_id, allow_eos=step >= min_new_tokens)  # (b,)
+        out[rows, step] = tokens
+        going = tokens != eos_token_id
+        if step == max_new_tokens - 1 or not going.any():
+            return out[:, : step + 1]
+        if not going.all():
+            cache.batch_select_indices(going.nonzero().squeeze(1))
+            rows, tokens, mask, positions = rows[going], tokens[going], mask[going], positions[going]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits
+        positions = positions + 1
+    return out
+
+
+VLLM_ENGINES: dict[tuple[str, torch.dtype], Optional[VLLMEngine]] = {}  # None: vLLM did not start
+
+
+def resolve_engine(engine: Engine) -> str:
+    """`auto` -> `vllm` where vLLM is installed, else `hf`."""
+    if engine not in ("auto", "hf", "vllm"):
+        raise ValueError(f"engine must be auto, hf or vllm, not {engine!r}")
+    if engine == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    return engine
+
+
+def started_vllm(model: nn.Module, tokenizer, engine: Engine) -> Optional[VLLMEngine]:
+    """The `VLLMEngine` for `model`'s architecture and dtype, or None (generate with HF) where `engine` is `hf`, or `auto`
+    and vLLM is not installed, cannot serve this process (sharded weights, a multi-process run: vLLM starts a process
+    group of its own) or does not start for this model (warned once). Started once per architecture and dtype, from
+    the config alone (random weights, `load_format="dummy"`): push the model's weights before sampling."""
+    if resolve_engine(engine) == "hf":
+        return None
+    multi_process = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if engine == "auto" and (multi_process or isinstance(model, FSDPModule)):
+        return None
+    inner = unwrap(model)
+    dtype = next(inner.parameters()).dtype
+    key = (inner.config.to_json_string(), dtype)
+    if key not in VLLM_ENGINES:
+        folder = tempfile.mkdtemp(prefix="lit-rlhf-vllm-")
+        inner.config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        try:
+            VLLM_ENGINES[key] = VLLMEngine(folder, inner.config.max_position_embeddings, dtype, seed=0, load_format="dummy")
+        except Exception as error:  # an architecture vLLM does not know, a broken install
+            if engine == "vllm":
+                raise
+            warnings.warn(f"vLLM did not start ({type(error).__name__}: {error}); generating with the HF engine")
+            VLLM_ENGINES[key] = None
+    return VLLM_ENGINES[key]
+
+
+def generate(model: nn.Module, prompts: dict[str, torch.Tensor], tokenizer, max_new_tokens: int, temperature: float = 0.0,
+             min_new_tokens: int = 0, engine: Engine = "auto") -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Responses to left-padded prompts `input_ids`, `attention_mask` (B, P): greedy when `temperature` is 0, else
+    sampled at `temperature` from the whole vocabulary; stopped at the tokenizer's EOS, not before `min_new_tokens`.
+    `auto` falls back to `hf` (with a warning) when vLLM does not start for this model (`started_vllm`).
+
+    Returns responses, response_mask (B, R), contains_eos (B,), cut after the first EOS (`ops.truncate_after_eos`)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    engine = started_vllm(model, tokenizer, engine)
+    if engine is not None:
+        engine.push(policy_weights(model, engine.dtype))
+        ids = [row[mask.bool()].tolist() for row, mask in zip(prompts["input_ids"], prompts["attention_mask"])]
+        seed = int(torch.randint(2**31, ()))  # from torch's stream: a seeded caller gets the same samples again
+        out = engine.sample(ids, 1, max_new_tokens, temperature, eos, pad, seed, min_tokens=min_new_tokens)
+        return tuple(tensor.to(prompts["input_ids"].device) for tensor in out[:3])
+    tokens = decode(model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens, eos, pad, temperature, min_new_tokens)
+    return truncate_after_eos(tokens, eos, pad)
+
+
+def decoding_settings(model: nn.Module, tokenizer, generate_kwargs: dict) -> Optional[dict]:
+    """`model.generate` keyword arguments as `generate`'s settings (max_new_tokens, temperature, min_new_tokens), or
+    None where they ask for more than `decode` does (beams, top-k/top-p, penalties, `synced_gpus`, other stop ids):
+    those go to `model.generate`. A `generation_config` is read with the keyword arguments applied on top."""
+    config = copy.deepcopy(generate_kwargs.get("generation_config") or GenerationConfig())
+    rest = config.update(**{k: v for k, v in generate_kwargs.items() if k != "generation_config"})
+    settings = config.to_diff_dict()
+    allowed = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "pad_token_id", "eos_token_id", "transformers_version"}
+    own = {k for k, v in unwrap(model).generation_config.to_diff_dict().items() if v not in (None, False)}  # model.generate adds these
+    if any(rest.values()) or not settings.keys() <= allowed or not own <= allowed | {"bos_token_id", "_from_model_config", "use_cache"}:
+        return None
+    if config.max_new_tokens is None or config.eos_token_id not in (None, tokenizer.eos_token_id) or config.pad_token_id not in (None, tokenizer.pad_token_id):
+        return None
+    if config.do_sample and (config.top_k != 0 or config.top_p not in (None, 1.0) or not config.temperature):
+        return None
+    return {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature if config.do_sample else 0.0,
+            "min_new_tokens": config.min_new_tokens or 0}  # fmt: skip
+
+
+def generate_responses(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer, **generate_kwargs) -> tuple[torch.Tensor, ...]:
+    """`model.generate`'s contract on left-padded prompts `input_ids`, `attention_mask` (B, P), cut after the first EOS:
+    responses, response_mask (B, R), contains_eos (B,). Through `generate`'s HF engine where `decoding_settings`
+    covers the keyword arguments (the same tokens for greedy, the same distribution for sampling), else through
+    `model.generate` with the tokenizer's pad and EOS ids (unless a `generation_config`, which then holds them)."""
+    settings = decoding_settings(model, tokenizer, generate_kwargs)
+    if settings is not None:
+        return generate(model, batch, tokenizer, engine="hf", **settings)
+    prompts = batch["input_ids"]
+    if "generation_config" not in generate_kwargs:
+        generate_kwargs |= {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    out = model.generate(input_ids=prompts, attention_mask=batch["attention_mask"], **generate_kwargs)
+    return truncate_after_eos(out[:, prompts.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False,
+                     temperature: float = 1.0, engine: Engine = "hf", min_new_tokens: int = 0) -> list[dict]:  # fmt: skip
+    """Greedy (or, with `sample`, sampled at `temperature` from the whole vocabulary) answers to tokenized prompts:
+    per prompt, in their order, its `response` ids (cut after the first EOS), `text` and whether it ended with EOS
+    (`eos`). The HF engine answers `batch_size` prompts at a time, prompts of similar lengths together (less padding);
+    vLLM takes them all and schedules them itself."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    size = len(order) if started_vllm(model, tokenizer, engine) is not None else batch_size
+    answers: list[Optional[dict]] = [None] * len(prompt_ids)
+    for start in range(0, len(order), size):
+        rows = order[start : start + size]
+        batch = collate_prompts([{"prompt": prompt_ids[i]} for i in rows], tokenizer.pad_token_id)
+        batch = {k: batch[k].to(unwrap(model).device) for k in ("input_ids", "attention_mask")}
+        responses, mask, eos = generate(model, batch, tokenizer, max_new_tokens, temperature if sample else 0.0, min_new_tokens, engine)
+        for i, r, m, e in zip(rows, responses, mask, eos.tolist()):
+            ids = r[m.bool()].tolist()
+            answers[i] = {"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "eos": e}
+    return answers

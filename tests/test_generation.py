@@ -1,0 +1,174 @@
+"""The one generation path (lit_rlhf/generation.py): the same answers as `model.generate`, from every engine.
+
+The vLLM test runs this file as a script in a process of its own (vLLM starts a process group and pins
+torch's threads in the process it runs in), as tests/test_vllm.py does.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from conftest import make_causal_lm, make_tokenizer
+from lit_rlhf.data import collate_prompts
+from lit_rlhf.generation import decode, decoding_settings, generate, generate_answers, generate_responses
+from lit_rlhf.ops import truncate_after_eos
+from lit_rlhf.tokenization import render_prompt, tokenize
+
+QUESTIONS = ["hi", "hello there, how are you doing today?", "a", "what is 2+2? tell me now please", "xyz abc", "ok",
+             "tell me a story about cats"]  # fmt: skip
+NEW_TOKENS = 24
+
+
+def chatty_lm(tokenizer, num_attention_heads: int = 4, num_key_value_heads: int = 2, eos_like: int = 39):
+    """The tiny LM with weights of std 0.2 (at the default 0.02 it repeats one token) and EOS's embedding (tied: also
+    its output row) a copy of byte `eos_like`'s, a little longer: greedy rows end at different steps, some not at all
+    (`eos_like` found by trying the bytes these weights answer most)."""
+    model = make_causal_lm(tokenizer, num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.2)
+        embeddings = model.get_input_embeddings().weight
+        embeddings[tokenizer.eos_token_id] = 1.02 * embeddings[eos_like]
+    return model.eval()
+
+
+def prompt_ids(tokenizer) -> list[list[int]]:
+    return [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": q}])) for q in QUESTIONS]
+
+
+def left_padded(tokenizer) -> dict[str, torch.Tensor]:
+    batch = collate_prompts([{"prompt": p} for p in prompt_ids(tokenizer)], tokenizer.pad_token_id)
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def hf_generate(model, tokenizer, batch, **kwargs) -> torch.Tensor:
+    """`model.generate`'s new tokens (B, R)."""
+    out = model.generate(**batch, max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
+    return out[:, batch["input_ids"].shape[1] :]
+
+
+def assert_rows_end_at_different_steps(responses: torch.Tensor, eos_token_id: int) -> None:
+    """The premise of an equivalence test: some rows end at different steps, some do not end. (B, R)"""
+    ends = {int(row.nonzero()[0]) if row.any() else None for row in responses == eos_token_id}
+    assert None in ends and len(ends - {None}) >= 2, ends
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return chatty_lm(tokenizer)
+
+
+def test_greedy_answers_are_those_of_model_generate(model, tokenizer):
+    batch = left_padded(tokenizer)
+    assert batch["attention_mask"].min() == 0  # left padding, pad == EOS
+    expected = hf_generate(model, tokenizer, batch, do_sample=False)
+    assert_rows_end_at_different_steps(expected, tokenizer.eos_token_id)
+    responses, mask, eos = generate(model, batch, tokenizer, NEW_TOKENS, engine="hf")
+    assert torch.equal(responses, expected)
+    assert all(map(torch.equal, (responses, mask, eos), truncate_after_eos(expected, tokenizer.eos_token_id, tokenizer.pad_token_id)))
+
+
+def test_greedy_answers_do_not_depend_on_the_batch(model, tokenizer):
+    """Sorted by length and batched 3 at a time, in the prompts' order: each answer as the prompt alone gets it."""
+    prompts = prompt_ids(tokenizer)
+    answers = generate_answers(model, tokenizer, prompts, NEW_TOKENS, batch_size=3)
+    for prompt, answer in zip(prompts, answers):
+        alone = hf_generate(model, tokenizer, {"input_ids": torch.tensor([prompt]), "attention_mask": torch.ones(1, len(prompt), dtype=torch.long)})
+        ids, _, eos = truncate_after_eos(alone, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        assert answer["response"] == ids[0][: len(answer["response"])].tolist() and answer["eos"] == eos.item()
+        assert answer["eos"] or len(answer["response"]) == NEW_TOKENS
+
+
+def test_min_new_tokens_forbids_eos_until_then(model, tokenizer):
+    batch = left_padded(tokenizer)
+    responses, mask, eos = generate(model, batch, tokenizer, NEW_TOKENS, min_new_tokens=NEW_TOKENS, engine="hf")
+    assert mask.all() and not eos.any() and responses.shape == (len(QUESTIONS), NEW_TOKENS)
+    assert torch.equal(responses, hf_generate(model, tokenizer, batch, do_sample=False, min_new_tokens=NEW_TOKENS))
+
+
+def test_sampling_draws_what_model_generate_draws_until_a_row_ends(tokenizer):
+    """The same distribution (softmax of logits / temperature over the whole vocabulary, EOS masked on the first
+    step) and the same draws from the same seed, until the first row ends and leaves the batch."""
+    model, batch = make_causal_lm(tokenizer).eval(), left_padded(tokenizer)
+    torch.manual_seed(3)
+    expected = hf_generate(model, tokenizer, batch, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, min_new_tokens=1)
+    torch.manual_seed(3)
+    tokens = decode(model, batch["input_ids"], batch["attention_mask"], NEW_TOKENS, tokenizer.eos_token_id, tokenizer.pad_token_id, 0.7, 1)
+    ended = (expected == tokenizer.eos_token_id).any(0).int().argmax() if (expected == tokenizer.eos_token_id).any() else NEW_TOKENS
+    assert ended > 4  # enough steps to compare
+    assert torch.equal(tokens[:, : ended + 1], expected[:, : ended + 1])
+    torch.manual_seed(3)  # another temperature draws other tokens from the same stream
+    assert not torch.equal(decode(model, batch["input_ids"], batch["attention_mask"], 5, tokenizer.eos_token_id, tokenizer.pad_token_id, 2.0), expected[:, :5])
+
+
+def test_the_callers_keyword_arguments_go_to_the_fast_path_or_to_model_generate(model, tokenizer):
+    stop = dict(max_new_tokens=8, min_new_tokens=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    ppo = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, **stop)  # PPO's rollout config
+    assert decoding_settings(model, tokenizer, {"generation_config": ppo}) == {"max_new_tokens": 8, "temperature": 0.7, "min_new_tokens": 1}
+    assert decoding_settings(model, tokenizer, {"generation_config": GenerationConfig(do_sample=False, **stop), "synced_gpus": False})["temperature"] == 0.0
+    assert decoding_settings(model, tokenizer, {"generation_config": ppo, "synced_gpus": True}) is None  # FSDP: every process steps
+    assert decoding_settings(model, tokenizer, {"max_new_tokens": 8, "do_sample": True, "top_k": 50}) is None
+    assert decoding_settings(model, tokenizer, {"max_new_tokens": 8, "num_beams": 2}) is None
+    assert decoding_settings(model, tokenizer, {"generation_config": ppo, "eos_token_id": 7}) is None
+    # both routes return the same thing
+    batch = left_padded(tokenizer)
+    fast = generate_responses(model, batch, tokenizer, max_new_tokens=NEW_TOKENS, do_sample=False)
+    slow = generate_responses(model, batch, tokenizer, max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.0)
+    assert all(map(torch.equal, fast, slow))
+
+
+def test_a_lora_policy_generates_with_its_adapter(model, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    batch = left_padded(tokenizer)
+    expected = hf_generate(policy, tokenizer, batch, do_sample=False)
+    assert torch.equal(generate(policy, batch, tokenizer, NEW_TOKENS, engine="hf")[0], expected)
+    assert not torch.equal(expected, hf_generate(model, tokenizer, batch, do_sample=False))  # the adapter changes answers
+
+
+def test_an_unknown_engine_is_refused(model, tokenizer):
+    with pytest.raises(ValueError, match="auto, hf or vllm"):
+        generate(model, left_padded(tokenizer), tokenizer, 2, engine="fast")
+
+
+@pytest.mark.vllm
+def test_vllm_answers_greedy_as_the_hf_engine(tmp_path):
+    """Token-identical greedy answers in fp32, and seeded samples that repeat, from an engine started from the
+    model's config alone and given its weights by a push."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, __file__, str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert_rows_end_at_different_steps(out["hf"][0], make_tokenizer().eos_token_id)
+    for hf, vllm in zip(out["hf"], out["vllm"]):
+        assert torch.equal(hf, vllm)
+    assert out["samples"][0] == out["samples"][1] and out["samples"][0] != out["samples"][2]
+
+
+def vllm_run(path: str) -> None:
+    """What test_vllm_answers_greedy_as_the_hf_engine compares, saved to `path`. vLLM's CPU attention needs heads of
+    >= 32 dims: 2 heads of 32."""
+    tokenizer = make_tokenizer()
+    model, batch = chatty_lm(tokenizer, num_attention_heads=2, num_key_value_heads=1, eos_like=165), left_padded(tokenizer)
+    prompts = prompt_ids(tokenizer)
+
+    def samples(seed: int) -> list[list[int]]:
+        torch.manual_seed(seed)
+        return [a["response"] for a in generate_answers(model, tokenizer, prompts, NEW_TOKENS, 8, sample=True, engine="vllm")]
+
+    out = {"hf": generate(model, batch, tokenizer, NEW_TOKENS, engine="hf"), "vllm": generate(model, batch, tokenizer, NEW_TOKENS, engine="vllm"),
+           "samples": [samples(0), samples(0), samples(1)]}  # fmt: skip
+    torch.save(out, path)
+
+
+if __name__ == "__main__":
+    vllm_run(sys.argv[1])
