@@ -1,6 +1,4 @@
-"""Loss functions: tensors in, tensors out, no models."""
-
-from typing import Optional
+"""Loss functions: tensors in, tensors out, no models. The policy losses of the RL update: `policy_losses.py`."""
 
 import torch
 import torch.nn.functional as F
@@ -143,67 +141,6 @@ def rpo_nll_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> to
         () `-sum(chosen_logps) / sum(chosen_lengths)`: the mean over all chosen tokens of the batch.
     """
     return -chosen_logps.sum() / chosen_lengths.sum()
-
-
-def aggregate_token_losses(losses: torch.Tensor, mask: torch.Tensor, aggregation: str = "token_mean", length: int = 1) -> torch.Tensor:
-    """One loss from per-token losses: how each response's tokens are weighted. (B, T), (B, T) -> ()
-
-    - `token_mean`: mean over every response token of the batch (PPO as in Huang et al. 2024, RLOO,
-      REINFORCE++): a long response weighs more;
-    - `sequence_mean`: the mean over each response's tokens, then over responses (GRPO): a token of a
-      short response weighs more;
-    - `constant`: each response's token sum divided by the constant `length` (e.g. the response length),
-      then the mean over responses (Dr. GRPO): no length bias either way.
-    """
-    if aggregation == "token_mean":
-        return masked_mean(losses, mask)
-    if aggregation == "sequence_mean":
-        return ((losses * mask).sum(1) / mask.sum(1)).mean()
-    if aggregation == "constant":
-        return (losses * mask).sum(1).mean() / length
-    raise ValueError(f"unknown loss aggregation {aggregation!r}; use token_mean, sequence_mean or constant")
-
-
-def ppo_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    cliprange: float = 0.2,
-    aggregation: str = "token_mean",
-    length: int = 1,
-    weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate policy loss of PPO (Schulman et al. 2017).
-
-    Args:
-        logprobs: (B, T) log-probs of the response tokens under the current policy.
-        old_logprobs: (B, T) the same under the policy that generated them.
-        advantages: (B, T) advantages (whitened, or group-relative and the same on every token of a response).
-        mask: (B, T) 1 on response tokens.
-        cliprange: the ratio is clipped to [1 - cliprange, 1 + cliprange].
-        aggregation, length: how the per-token losses become one (`aggregate_token_losses`).
-        weights: (B, T) optional per-token weights of the losses (`truncated_importance_weights`), no gradient.
-
-    Returns:
-        pg_loss (): `max(-A r, -A clip(r))` (times `weights`) aggregated over response tokens, and stats: `clipfrac`
-        (share of tokens where the clipped term is used), `approxkl` (`0.5 mean(log r ^ 2)`),
-        `ratio` (mean r).
-    """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    pg_losses = -advantages * ratio
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    token_losses = torch.max(pg_losses, pg_losses_clipped)  # (B, T)
-    if weights is not None:
-        token_losses = token_losses * weights.detach()
-    pg_loss = aggregate_token_losses(token_losses, mask, aggregation, length)
-    stats = {
-        "clipfrac": masked_mean((pg_losses_clipped > pg_losses).float(), mask),
-        "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
-        "ratio": masked_mean(ratio, mask),
-    }
-    return pg_loss, {k: v.detach() for k, v in stats.items()}
 
 
 def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:

@@ -40,7 +40,8 @@ from transformers import GenerationConfig
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.errors import UserError
 from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator, checked_estimate
-from lit_rlhf.losses import aggregate_token_losses, ppo_policy_loss, ppo_value_loss, truncated_importance_weights
+from lit_rlhf.losses import ppo_value_loss, truncated_importance_weights
+from lit_rlhf.policy_losses import POLICY_LOSS_ARGUMENTS, POLICY_LOSSES, aggregate_token_losses, checked_policy_loss
 from lit_rlhf.distributed import no_backward_sync, sharded, sum_over_processes
 from lit_rlhf.forward import generate_responses, sequence_scores, token_logps, token_values
 from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer, unwrap
@@ -56,6 +57,11 @@ ESTIMATOR_CONTRACT = (
     "an advantage estimator is called with any of the keyword arguments " + ", ".join(ESTIMATOR_ARGUMENTS)
     + " that it declares and returns (advantages, returns or None) (lit_rlhf/estimators.py)"
 )
+POLICY_STATS = {"clipfrac": "policy/clipfrac_avg", "approxkl": "policy/approxkl_avg", "ratio": "val/ratio"}  # a policy loss's stats, logged as
+POLICY_LOSS_CONTRACT = (
+    "a policy loss is called with any of the keyword arguments " + ", ".join(POLICY_LOSS_ARGUMENTS)
+    + " that it declares and returns (per-token losses (B, T), a dict of statistics) (lit_rlhf/policy_losses.py)"
+)
 
 
 class PPOModule(AlignmentModule):
@@ -65,13 +71,13 @@ class PPOModule(AlignmentModule):
     trained_modules = ("model", "value_model")  # critic-free estimators: ("model",), set in __init__
     resume_applies = AlignmentModule.resume_applies + (
         "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "gamma", "lam", "ppo_epochs", "cliprange",
-        "cliprange_value", "vf_coef", "max_grad_norm", "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit",
+        "cliprange_high", "loss_aggregation", "mask_truncated_completions", "cliprange_value", "vf_coef", "max_grad_norm", "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit",
         "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
     )  # fmt: skip
     flag_ranges = AlignmentModule.flag_ranges | {
         "response_length": "> 0", "temperature": "> 0", "num_generations": "> 0", "kl_coef": ">= 0", "gamma": "in [0, 1]", "lam": "in [0, 1]",
         "ppo_epochs": "> 0", "num_minibatches": "> 0", "gradient_accumulation_steps": "> 0", "rollout_batch_size": "> 0", "cliprange": "> 0",
-        "cliprange_value": "> 0", "vf_coef": ">= 0", "max_grad_norm": "> 0", "sample_every_n_steps": "> 0",
+        "cliprange_high": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0", "max_grad_norm": "> 0", "sample_every_n_steps": "> 0",
         "importance_sampling_cap": ">= 1", "vllm_gpu_memory_utilization": "in (0, 1]",
     }  # fmt: skip
 
@@ -100,7 +106,11 @@ class PPOModule(AlignmentModule):
         num_minibatches: int = 1,
         gradient_accumulation_steps: int = 4,
         rollout_batch_size: int = 64,
+        policy_loss: str = "ppo",
         cliprange: float = 0.2,
+        cliprange_high: Optional[float] = None,
+        loss_aggregation: Optional[Literal["token_mean", "sequence_mean", "constant"]] = None,
+        mask_truncated_completions: bool = False,
         cliprange_value: float = 0.2,
         vf_coef: float = 0.1,
         max_grad_norm: float = 1.0,
@@ -112,7 +122,7 @@ class PPOModule(AlignmentModule):
     ):
         """PPO and its critic-free relatives (RLOO, GRPO, Dr. GRPO, REINFORCE++), the estimator a flag.
 
-        A policy, a frozen reference, a frozen reward model and, with `gae`, a value model. One PPO step
+        A policy, a frozen reference (none with `kl_coef` 0), a frozen reward model and, with `gae`, a value model. One PPO step
         takes one batch of `--data.batch_size` prompts (prompts mode) and samples `num_generations`
         responses to each.
 
@@ -147,7 +157,10 @@ class PPOModule(AlignmentModule):
             num_generations: Responses sampled per prompt (k): a batch of B prompts rolls out B * k
                 responses. The k responses of a prompt form a group, kept in one minibatch and on the
                 process that holds the prompt.
-            kl_coef: Weight of the KL to the reference (a reward penalty, or with `kl_in_loss` a loss term).
+            kl_coef: Weight of the KL to the reference (a reward penalty, or with `kl_in_loss` a loss term). 0 (as
+                DAPO and TRL's GRPO default): no reference is loaded nor scored, and `objective/kl` is not logged.
+                A resume may change it either way: the reference is reloaded from `model_name_or_path`, never
+                kept in checkpoints.
             kl_estimator: `k1` (log p - log q) or `k3` ((r - 1) - log r, r = q / p), for the reward
                 penalty and `objective/kl`.
             kl_in_loss: false: the KL is a per-token reward penalty `-kl_coef * KL_t` (rloo, grpo and
@@ -165,7 +178,22 @@ class PPOModule(AlignmentModule):
             rollout_batch_size: Rows per forward of the rollout's scoring (log-probs, reference log-probs,
                 values, scores; no gradients, so little memory), as TRL's `local_rollout_forward_batch_size`.
                 At the recipe's 16 prompts one forward of 16 rows instead of 4 of 4. Lower it to save memory.
-            cliprange: Clip range of the policy ratio.
+            policy_loss: The policy's loss on each response token: POLICY_LOSS_NAMES; or `module:function` /
+                `file.py:function`, a function of your own called with any of the keyword arguments
+                POLICY_LOSS_ARGUMENTS it declares, returning (per-token losses (B, T), a dict of statistics)
+                (lit_rlhf/policy_losses.py).
+            cliprange: Clip range of the policy ratio, the low side: the ratio is clipped to [1 - cliprange,
+                1 + cliprange_high].
+            cliprange_high: The high side of the clip range (null: `cliprange`, symmetric). Larger, e.g. 0.28
+                with cliprange 0.2, is DAPO's clip-higher (Yu et al. 2025): tokens with a positive advantage may
+                rise further before their gradient is cut, against the entropy collapse of a symmetric clip.
+            loss_aggregation: How the per-token losses become one (lit_rlhf/policy_losses.py
+                `aggregate_token_losses`): `token_mean` over every token of the batch (DAPO's token-level loss,
+                Yu et al. 2025), `sequence_mean` per response then over responses (GRPO), `constant` each
+                response's sum / `response_length` (Dr. GRPO, Liu et al. 2025). null: the estimator's own.
+            mask_truncated_completions: Responses that reach `response_length` without EOS get no policy loss (and
+                no KL loss with `kl_in_loss`): DAPO's overlong filtering (Yu et al. 2025), TRL's
+                `mask_truncated_completions`. They are still sampled, scored and in the advantages' baselines.
             cliprange_value: Clip range of the value prediction (`gae`).
             vf_coef: Weight of the value loss (`gae`).
             max_grad_norm: Gradient norm clip of each optimizer step.
@@ -184,6 +212,12 @@ class PPOModule(AlignmentModule):
         self.estimator = entry if isinstance(entry, Estimator) else Estimator(entry, paper=advantage_estimator)
         flag = "--model.advantage_estimator"
         self.estimator_arguments = declared_arguments(self.estimator.function, ESTIMATOR_ARGUMENTS, flag, ESTIMATOR_CONTRACT)
+        entry = resolve(policy_loss, POLICY_LOSSES, "--model.policy_loss")
+        self.policy_loss = entry[0] if isinstance(entry, tuple) else entry
+        if not callable(self.policy_loss):
+            raise UserError(f"--model.policy_loss {policy_loss}: not a function")
+        self.policy_loss_arguments = declared_arguments(self.policy_loss, POLICY_LOSS_ARGUMENTS, "--model.policy_loss", POLICY_LOSS_CONTRACT)
+        self.aggregation = loss_aggregation or self.estimator.aggregation
         if self.estimator.groups and num_generations < 2:
             raise UserError(
                 f"--model.advantage_estimator {advantage_estimator} compares the responses to one prompt: it needs"
@@ -201,7 +235,9 @@ class PPOModule(AlignmentModule):
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
         pad_id = self.tokenizer.pad_token_id
         self.model = self.load_trained_model()
-        self.ref_model = None if hp.lora_r else load_causal_lm(model_name_or_path, **self.load_args()).requires_grad_(False)
+        self.ref_model = None  # none without a KL; with LoRA the reference is the policy with its adapter disabled
+        if self.needs_reference and not hp.lora_r:
+            self.ref_model = load_causal_lm(model_name_or_path, **self.load_args()).requires_grad_(False)
         self.reward_model = None
         if reward_model_path:
             check_same_vocabulary(self.tokenizer, reward_model_path, "--model.reward_model_path")
@@ -259,6 +295,11 @@ class PPOModule(AlignmentModule):
         dm = self.trainer.datamodule  # without one, prompts may be as long as the model's positions
         max_model_len = dm.hparams.max_prompt_length + hp.response_length if dm is not None else unwrap(self.model).config.max_position_embeddings
         return VLLMEngine(hp.model_name_or_path, max_model_len, dtype, seed=int(torch.initial_seed()) % 2**31, gpu_memory_utilization=hp.vllm_gpu_memory_utilization)
+
+    @property
+    def needs_reference(self) -> bool:
+        """True if a KL to the reference is computed (`kl_coef` > 0): only then is a reference loaded and scored."""
+        return self.hparams.kl_coef > 0
 
     def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         return sum_over_processes(self._trainer, tensor)
@@ -324,8 +365,9 @@ class PPOModule(AlignmentModule):
         for rows in torch.arange(len(sequences), device=sequences.device).split(self.hparams.rollout_batch_size):
             micro = {"input_ids": sequences[rows], "attention_mask": mask[rows], "labels": labels[rows]}
             parts["logprobs"].append(self.response_logps(self.model, micro, P))
-            with as_reference(self.model, self.ref_model) as reference:
-                parts["ref_logprobs"].append(self.response_logps(reference, micro, P))
+            if self.needs_reference:
+                with as_reference(self.model, self.ref_model) as reference:
+                    parts["ref_logprobs"].append(self.response_logps(reference, micro, P))
             if self.value_model is not None:
                 parts["values"].append(self.values(micro, P))
             if self.reward_model is not None:
@@ -338,7 +380,7 @@ class PPOModule(AlignmentModule):
             scores = scores - self.hparams.missing_eos_penalty * (~contains_eos).float()
         return Rollout(
             input_ids=sequences, attention_mask=mask, labels=labels, response_mask=response_mask.float(), contains_eos=contains_eos,
-            logprobs=torch.cat(parts["logprobs"]), ref_logprobs=torch.cat(parts["ref_logprobs"]), scores=scores,
+            logprobs=torch.cat(parts["logprobs"]), ref_logprobs=torch.cat(parts["ref_logprobs"]) if parts["ref_logprobs"] else None, scores=scores,
             generation_seconds=generation_seconds, values=torch.cat(parts["values"]) if parts["values"] else None,
             source_scores=source_scores, sampler_logprobs=sampler_logprobs,
         )  # fmt: skip
@@ -371,9 +413,9 @@ class PPOModule(AlignmentModule):
         dr_grpo) sums them per response."""
         hp = self.hparams
         response_mask = rollout.response_mask  # (N, R), N = B * k
-        kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator) * response_mask
-        non_score_reward = -hp.kl_coef * kl  # (N, R)
-        rewards = torch.zeros_like(kl) if hp.kl_in_loss else non_score_reward.clone()
+        kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator) * response_mask if self.needs_reference else None
+        non_score_reward = -hp.kl_coef * kl if self.needs_reference else torch.zeros_like(response_mask)  # (N, R)
+        rewards = torch.zeros_like(response_mask) if hp.kl_in_loss else non_score_reward.clone()
         last = response_mask.sum(-1).long() - 1  # (N,) index of the last response token
         rewards[torch.arange(len(last)), last] += rollout.scores
         inputs = {"rewards": rewards, "mask": response_mask, "values": rollout.values, "k": hp.num_generations,
@@ -383,23 +425,30 @@ class PPOModule(AlignmentModule):
         return replace(rollout, kl=kl, non_score_reward=non_score_reward, advantages=advantages, returns=returns)
 
     def micro_batch_loss(self, rollout: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The loss of rollout `rows`: clipped policy loss, + KL loss with `kl_in_loss`, + value loss with a
-        value model; and its statistics."""
+        """The loss of rollout `rows`: the policy loss (`policy_loss`, aggregated by `loss_aggregation`), + KL loss
+        with `kl_in_loss`, + value loss with a value model; and its statistics. With `mask_truncated_completions`
+        the policy and KL losses leave out the responses without EOS."""
         hp = self.hparams
         batch, P = rollout.model_inputs(rows), rollout.context_length
         response_mask = rollout.response_mask[rows]  # (n, R)
+        loss_mask = response_mask * rollout.contains_eos[rows, None] if hp.mask_truncated_completions else response_mask
         logprobs = self.response_logps(self.model, batch, P)  # (n, R)
-        weighting = {"aggregation": self.estimator.aggregation, "length": hp.response_length}
         weights = None
         if rollout.sampler_logprobs is not None and hp.importance_sampling_cap is not None:
             weights = truncated_importance_weights(rollout.logprobs[rows], rollout.sampler_logprobs[rows], hp.importance_sampling_cap)
-        loss, pg_stats = ppo_policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], response_mask, hp.cliprange,
-                                         weights=weights, **weighting)  # fmt: skip
-        stats = {"loss/policy_avg": loss.detach(), "policy/approxkl_avg": pg_stats["approxkl"],
-                 "policy/clipfrac_avg": pg_stats["clipfrac"], "val/ratio": pg_stats["ratio"]}  # fmt: skip
-        if hp.kl_in_loss:  # GRPO: k3 to the reference, per token
+        inputs = {"logprobs": logprobs, "old_logprobs": rollout.logprobs[rows], "advantages": rollout.advantages[rows], "mask": loss_mask,
+                  "cliprange_low": hp.cliprange, "cliprange_high": hp.cliprange if hp.cliprange_high is None else hp.cliprange_high,
+                  "weights": weights}  # fmt: skip
+        result = self.policy_loss(**{name: inputs[name] for name in self.policy_loss_arguments})
+        token_losses, pg_stats = checked_policy_loss(result, hp.policy_loss, logprobs.shape)
+        weighting = {"aggregation": self.aggregation, "length": hp.response_length}
+        loss = aggregate_token_losses(token_losses, loss_mask, **weighting)
+        stats = {"loss/policy_avg": loss.detach()}
+        stats |= {POLICY_STATS.get(name, f"policy/{name}"): torch.as_tensor(value, device=loss.device).detach()
+                  for name, value in pg_stats.items()}  # fmt: skip
+        if hp.kl_in_loss and self.needs_reference:  # GRPO: k3 to the reference, per token
             kl = kl_estimate(logprobs, rollout.ref_logprobs[rows], "k3")  # (n, R)
-            loss = loss + hp.kl_coef * aggregate_token_losses(kl, response_mask, **weighting)
+            loss = loss + hp.kl_coef * aggregate_token_losses(kl, loss_mask, **weighting)
         if self.value_model is not None:
             vf_loss, vf_clipfrac = ppo_value_loss(
                 self.values(batch, P), rollout.values[rows], rollout.returns[rows], response_mask, hp.cliprange_value
@@ -453,7 +502,7 @@ class PPOModule(AlignmentModule):
         scores = rollout.scores
         non_score = rollout.non_score_reward.sum(1)  # (N,)
         stats |= {
-            "objective/kl": rollout.kl.sum(1).mean(),
+            **({"objective/kl": rollout.kl.sum(1).mean()} if rollout.kl is not None else {}),  # no reference: no KL
             "objective/entropy": -(rollout.logprobs * rollout.response_mask).sum(1).mean(),
             "objective/non_score_reward": non_score.mean(),
             "objective/rlhf_reward": (scores + non_score).mean(),
@@ -493,4 +542,6 @@ class PPOModule(AlignmentModule):
 
 PPOModule.__init__.__doc__ = PPOModule.__init__.__doc__.replace(
     "ESTIMATOR_NAMES", "; ".join(f"`{name}` ({estimator.paper})" for name, estimator in ESTIMATORS.items())
-).replace("REWARD_NAMES", ", ".join(f"`{name}`" for name in REWARD_FUNCTIONS))
+).replace(
+    "POLICY_LOSS_NAMES", "; ".join(f"`{name}` ({paper})" for name, (_, paper) in POLICY_LOSSES.items())
+).replace("POLICY_LOSS_ARGUMENTS", ", ".join(POLICY_LOSS_ARGUMENTS)).replace("REWARD_NAMES", ", ".join(f"`{name}`" for name in REWARD_FUNCTIONS))

@@ -17,14 +17,14 @@ class Rollout:
     response_mask: torch.Tensor  # (N, R) float: 1 on the response tokens up to and including the first EOS
     contains_eos: torch.Tensor  # (N,) bool
     logprobs: torch.Tensor  # (N, R) under the policy that sampled them, at the sampling temperature
-    ref_logprobs: torch.Tensor  # (N, R) the same under the reference
+    ref_logprobs: Optional[torch.Tensor]  # (N, R) the same under the reference; None without one (kl_coef 0)
     scores: torch.Tensor  # (N,) the reward of each response (minus the missing-EOS penalty)
     generation_seconds: float  # wall time of the sampling
     values: Optional[torch.Tensor] = None  # (N, R) V(s_t) before each response token; with a value model only
     source_scores: Optional[torch.Tensor] = None  # (S, N) each reward source's score, nan where a function returned None
     sampler_logprobs: Optional[torch.Tensor] = None  # (N, R) under the engine that sampled (vLLM); None: the policy itself
     # filled in by `compute_advantages`
-    kl: Optional[torch.Tensor] = None  # (N, R) per-token KL estimate to the reference
+    kl: Optional[torch.Tensor] = None  # (N, R) per-token KL estimate to the reference; None without one
     non_score_reward: Optional[torch.Tensor] = None  # (N, R) -kl_coef * kl
     advantages: Optional[torch.Tensor] = None  # (N, R), 0 off the response
     returns: Optional[torch.Tensor] = None  # (N, R) the value model's targets; with a value model only

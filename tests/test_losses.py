@@ -8,10 +8,8 @@ import torch
 
 from lit_rlhf.losses import (
     PREFERENCE_LOSSES,
-    aggregate_token_losses,
     apo_zero,
     orpo,
-    ppo_policy_loss,
     ppo_value_loss,
     rdpo,
     reward_loss,
@@ -124,60 +122,12 @@ def test_every_preference_loss_pushes_chosen_up_and_rejected_down(loss_type):
     assert (chosen.grad < 0).all() and (rejected.grad > 0).all()  # a gradient step raises chosen, lowers rejected
 
 
-def test_ppo_policy_loss_at_ratio_one():
-    logprobs = torch.tensor([[-1.0, -2.0]])
-    loss, stats = ppo_policy_loss(logprobs, logprobs, torch.tensor([[2.0, -1.0]]), torch.ones(1, 2))
-    assert torch.isclose(loss, torch.tensor(-0.5))  # mean(-A)
-    assert stats["ratio"] == 1.0 and stats["clipfrac"] == 0.0 and stats["approxkl"] == 0.0
-
-
-def test_ppo_policy_loss_at_the_clip_edges():
-    # ratios 1.5, 1.5, 0.5, 0.5 with advantages +1, -1, +1, -1 and cliprange 0.2:
-    # max(-A r, -A clip(r)) = max(-1.5, -1.2), max(1.5, 1.2), max(-0.5, -0.8), max(0.5, 0.8)
-    #                       = -1.2 (clipped), 1.5, -0.5, 0.8 (clipped)
-    old = torch.zeros(1, 4)
-    logprobs = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]])).requires_grad_()
-    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
-    loss, stats = ppo_policy_loss(logprobs, old, advantages, torch.ones(1, 4), cliprange=0.2)
-    assert torch.isclose(loss, torch.tensor((-1.2 + 1.5 - 0.5 + 0.8) / 4))
-    assert stats["clipfrac"] == 0.5
-    loss.backward()
-    assert logprobs.grad[0, 0] == 0 and logprobs.grad[0, 3] == 0  # clipped terms pass no gradient
-    assert torch.isclose(logprobs.grad[0, 1], torch.tensor(1.5 / 4))  # d(-A r)/d log r = -A r, A = -1
-
-
-def test_token_loss_aggregations_by_hand():
-    # a response of 3 tokens (losses 1, 2, 3) and one of 1 token (loss 4), padding holds 9 (must not count)
-    losses, mask = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    assert aggregate_token_losses(losses, mask, "token_mean") == (1 + 2 + 3 + 4) / 4  # 2.5: every token alike
-    assert aggregate_token_losses(losses, mask, "sequence_mean") == ((1 + 2 + 3) / 3 + 4 / 1) / 2  # 3.0: every response alike
-    assert aggregate_token_losses(losses, mask, "constant", length=4) == ((1 + 2 + 3) / 4 + 4 / 4) / 2  # 1.25: sums over 4
-    with pytest.raises(ValueError, match="unknown loss aggregation 'sum'"):
-        aggregate_token_losses(losses, mask, "sum")
-
-
-def test_ppo_policy_loss_aggregates_like_its_argument():
-    # ratio 1, advantages +1 on a 2-token response and -2 on a 1-token one: per-token losses -1, -1 | 2
-    logprobs, mask = torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    advantages = torch.tensor([[1.0, 1.0], [-2.0, -2.0]])
-    assert ppo_policy_loss(logprobs, logprobs, advantages, mask)[0] == (-1 - 1 + 2) / 3  # token_mean
-    assert ppo_policy_loss(logprobs, logprobs, advantages, mask, aggregation="sequence_mean")[0] == (-1 + 2) / 2
-    assert ppo_policy_loss(logprobs, logprobs, advantages, mask, aggregation="constant", length=2)[0] == (-2 / 2 + 2 / 2) / 2
-
-
 def test_truncated_importance_weights_by_hand():
     # trainer log-probs minus sampler log-probs: ln 0.5, 0, ln 3 -> ratios 0.5, 1, 3; the last is cut to the cap 2
     logprobs = torch.tensor([[math.log(0.25), -1.0, math.log(0.9)]])
     sampler = torch.tensor([[math.log(0.5), -1.0, math.log(0.3)]])
     weights = truncated_importance_weights(logprobs, sampler, cap=2.0)
     assert torch.allclose(weights, torch.tensor([[0.5, 1.0, 2.0]]))
-
-
-def test_ppo_policy_loss_weights_each_token():
-    # ratio 1, advantages 1 and -2, weights 0.5 and 2: token losses -0.5 and 4, token mean 1.75; without weights -1, 2 -> 0.5
-    logprobs, mask, advantages = torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, -2.0]])
-    assert ppo_policy_loss(logprobs, logprobs, advantages, mask, weights=torch.tensor([[0.5, 2.0]]))[0] == 1.75
-    assert ppo_policy_loss(logprobs, logprobs, advantages, mask)[0] == 0.5
 
 
 def test_ppo_value_loss_by_hand():

@@ -7,11 +7,11 @@ import types
 import pytest
 import torch
 
-import lit_rlhf.ppo
 from lit_rlhf.cli import cli
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.errors import UserError
 from lit_rlhf.estimators import ESTIMATORS
+from lit_rlhf.policy_losses import POLICY_LOSSES
 from lit_rlhf.rows import load_rows
 from lit_rlhf.ppo import PPOModule
 
@@ -33,6 +33,14 @@ def estimator_args(estimator: str, num_generations: int = 2) -> list[str]:
     group = ["--model.num_generations", str(num_generations)] if ESTIMATORS[estimator].groups else []
     kl_in_loss = ["--model.kl_in_loss", "true"] if estimator == "grpo" else []
     return ["--model.advantage_estimator", estimator, *group, *kl_in_loss]
+
+
+def spy_policy_loss(monkeypatch, name: str = "ppo") -> list:
+    """The (losses, stats) of every call of the policy loss `name`, in order (a module built afterwards calls the spy)."""
+    calls = []
+    function, paper = POLICY_LOSSES[name]
+    monkeypatch.setitem(POLICY_LOSSES, name, (lambda **k: calls.append(function(**k)) or calls[-1], paper))
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +108,7 @@ def test_first_minibatch_of_first_update_is_on_policy(
     tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, estimator, checkpointing, precision
 ):
     monkeypatch.chdir(tmp_path)
-    calls = []
-    original = lit_rlhf.ppo.ppo_policy_loss
-    monkeypatch.setattr(lit_rlhf.ppo, "ppo_policy_loss", lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
+    calls = spy_policy_loss(monkeypatch)
     run = cli(["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "12", "--model.ppo_epochs", "2",
                "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-2", "--trainer.limit_train_batches", "1",
                "--model.gradient_checkpointing", checkpointing, "--trainer.precision", precision, *estimator_args(estimator))])  # fmt: skip
@@ -266,3 +272,61 @@ def test_an_estimator_plugin_is_checked_against_the_contract(tiny_model_dir, tin
         PPOModule(reward_model_path="unused", model_name_or_path="unused", advantage_estimator="my_estimators.py:needs_a_critic")
     with pytest.raises(UserError, match="compares the responses to one prompt: it needs --model.num_generations 2 or more"):
         PPOModule(reward_model_path="unused", model_name_or_path="unused", advantage_estimator="my_estimators.py:median_baseline")
+
+
+@pytest.mark.parametrize("policy_loss, flags", [
+    ("gspo", []),
+    ("cispo", ["--model.cliprange_high", "0.28", "--model.loss_aggregation", "token_mean", "--model.kl_coef", "0"]),
+])  # fmt: skip
+def test_gspo_and_cispo_fit_and_their_first_minibatch_is_on_policy(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch,
+                                                                  policy_loss, flags):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    calls = spy_policy_loss(monkeypatch, policy_loss)
+    run = cli(["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "12", "--data.batch_size", "4",
+               "--model.ppo_epochs", "2", "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-2",
+               "--trainer.limit_train_batches", "1", "--model.policy_loss", policy_loss, *estimator_args("grpo"), *flags)])  # fmt: skip
+    metrics = run.trainer.callback_metrics
+    without_kl = "--model.kl_coef" in flags
+    assert (run.model.ref_model is None) == without_kl and ("objective/kl" in metrics) != without_kl
+    if not without_kl:
+        assert metrics["objective/kl"] == 0.0  # policy == reference at the first rollout
+    assert run.model.aggregation == ("token_mean" if flags else "sequence_mean")  # the flag, else GRPO's own
+    _, first = calls[0]
+    assert first["ratio"].item() == pytest.approx(1.0, abs=1e-6) and first["approxkl"].item() < 1e-10 and first["clipfrac"] == 0.0
+    _, later = calls[-1]  # second epoch, after an optimizer step with a large learning rate
+    assert abs(later["ratio"].item() - 1.0) > 1e-4
+    assert run.trainer.global_step == 2 and len(calls) == 2 * 2  # 2 epochs x 2 micro-batches
+
+
+POLICY_LOSS_PLUGIN = """
+def reinforce(logprobs, advantages, mask):
+    \"\"\"REINFORCE (Williams 1992): -A log pi per token, no ratio, no clip.\"\"\"
+    return -advantages * logprobs, {"logprob": (logprobs * mask).sum() / mask.sum()}
+"""
+
+
+def test_a_policy_loss_from_the_users_own_file_trains_by_flag(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_policy_losses.py").write_text(POLICY_LOSS_PLUGIN)
+    run = cli(["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "12", "--model.ppo_epochs", "1",
+               "--model.gradient_accumulation_steps", "1", "--trainer.limit_train_batches", "1",
+               "--model.policy_loss", "my_policy_losses.py:reinforce")])  # fmt: skip
+    metrics = run.trainer.callback_metrics
+    assert run.trainer.global_step == 1 and run.model.policy_loss.__name__ == "reinforce"
+    assert metrics["policy/logprob"] < 0 and "val/ratio" not in metrics  # its own statistics, logged under policy/
+    assert metrics["loss/policy_avg"] != 0
+
+
+def test_a_resume_may_switch_the_kl_on_and_change_the_dapo_flags(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    """A run without KL has no reference; its resume with `kl_coef` > 0 loads one from the policy's source (the
+    reference is never in a checkpoint), and a changed clip-higher is applied."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "36", "--model.ppo_epochs", "1",
+            "--model.gradient_accumulation_steps", "1", "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1",
+            "--model.mask_truncated_completions", "true", *estimator_args("rloo"))]  # fmt: skip
+    run = cli([*args, "--model.kl_coef", "0", "--model.cliprange_high", "0.28", "--trainer.max_steps", "2"])
+    assert run.model.ref_model is None and "objective/kl" not in run.trainer.callback_metrics
+    ckpt = tmp_path / "logs/ppo/version_0/checkpoints/epoch=0-step=1.ckpt"
+    resumed = cli([*args, "--model.kl_coef", "0.05", "--model.cliprange_high", "0.3", "--ckpt_path", str(ckpt)])
+    assert resumed.model.ref_model is not None and resumed.model.hparams.cliprange_high == 0.3
+    assert resumed.trainer.callback_metrics["objective/kl"] >= 0 and resumed.trainer.global_step == 4

@@ -199,11 +199,11 @@ def test_a_function_reward_is_learned_without_a_reward_model(tiny_model_dir, plu
 
 
 def test_first_minibatch_is_on_policy_with_functions_and_a_resume_keeps_them(tiny_model_dir, plugin, tmp_path, monkeypatch):
-    import lit_rlhf.ppo
+    from lit_rlhf.policy_losses import POLICY_LOSSES
 
     calls = []
-    original = lit_rlhf.ppo.ppo_policy_loss
-    monkeypatch.setattr(lit_rlhf.ppo, "ppo_policy_loss", lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
+    original, paper = POLICY_LOSSES["ppo"]
+    monkeypatch.setitem(POLICY_LOSSES, "ppo", (lambda **k: calls.append(original(**k)) or calls[-1], paper))
     args = ["fit", *function_args(tiny_model_dir, prompt_rows(tmp_path, 24), "--data.limit", "24", "--data.batch_size", "4",
             "--model.reward_funcs", f"[{plugin}:count_a, final_number]", "--model.reward_weights", "[1.0, 2.0]",
             "--model.gradient_accumulation_steps", "1", "--model.ppo_epochs", "1", "--checkpoint.every_n_train_steps", "1",

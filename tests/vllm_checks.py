@@ -13,9 +13,9 @@ import types
 import torch
 from lightning.pytorch.callbacks import LambdaCallback
 
-import lit_rlhf.ppo
 from lit_rlhf.cli import cli
 from lit_rlhf.forward import token_logps
+from lit_rlhf.policy_losses import POLICY_LOSSES
 from lit_rlhf.vllm_engine import VLLMEngine
 from test_ppo import ascii_share_score
 
@@ -76,8 +76,8 @@ def fit(args: list[str], engine=None, score=None):
 def main(out_file: str, model_dir: str, reward_dir: str, rows: str) -> None:
     results = {}
     calls = []
-    original = lit_rlhf.ppo.ppo_policy_loss
-    lit_rlhf.ppo.ppo_policy_loss = lambda *a, **k: calls.append(original(*a, **k)) or calls[-1]
+    original, paper = POLICY_LOSSES["ppo"]
+    POLICY_LOSSES["ppo"] = (lambda **k: calls.append(original(**k)) or calls[-1], paper)
     # 1. GRPO, 3 steps: the engine starts in on_fit_start
     module, metrics, seen = fit(fit_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "16", "--data.batch_size", "2",
                                          "--trainer.limit_train_batches", "3"))  # fmt: skip
