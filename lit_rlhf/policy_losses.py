@@ -88,7 +88,7 @@ def gspo(logprobs, old_logprobs, advantages, mask, cliprange_low: float, clipran
     response, the geometric mean of its tokens' ratios `s_i = exp(mean_t log(pi / pi_old))`, clipped per response:
     `max(-A_i s_i, -A_i clip(s_i, 1 - low, 1 + high))` on each of its tokens (aggregated `sequence_mean`, the
     paper's mean over responses). A_i is the response's mean advantage over its tokens (the group estimators
-    give every token the same). The paper's clip ranges are ~1000 times PPO's smaller (3e-4, 4e-4)."""
+    give every token the same). The paper's clip ranges are about 1000 times smaller than PPO's (3e-4 low, 4e-4 high)."""
     log_ratio = logprobs - old_logprobs
     lengths = mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
     sequence_ratio = torch.exp((log_ratio * mask).sum(1, keepdim=True) / lengths)  # (B, 1)

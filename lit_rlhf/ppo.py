@@ -57,7 +57,8 @@ ESTIMATOR_CONTRACT = (
     "an advantage estimator is called with any of the keyword arguments " + ", ".join(ESTIMATOR_ARGUMENTS)
     + " that it declares and returns (advantages, returns or None) (lit_rlhf/estimators.py)"
 )
-POLICY_STATS = {"clipfrac": "policy/clipfrac_avg", "approxkl": "policy/approxkl_avg", "ratio": "val/ratio"}  # a policy loss's stats, logged as
+# the names a policy loss's statistics are logged under (any other `name` as `policy/<name>`)
+POLICY_STATS = {"clipfrac": "policy/clipfrac_avg", "approxkl": "policy/approxkl_avg", "ratio": "val/ratio"}
 POLICY_LOSS_CONTRACT = (
     "a policy loss is called with any of the keyword arguments " + ", ".join(POLICY_LOSS_ARGUMENTS)
     + " that it declares and returns (per-token losses (B, T), a dict of statistics) (lit_rlhf/policy_losses.py)"
@@ -71,8 +72,8 @@ class PPOModule(AlignmentModule):
     trained_modules = ("model", "value_model")  # critic-free estimators: ("model",), set in __init__
     resume_applies = AlignmentModule.resume_applies + (
         "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "gamma", "lam", "ppo_epochs", "cliprange",
-        "cliprange_high", "loss_aggregation", "mask_truncated_completions", "cliprange_value", "vf_coef", "max_grad_norm", "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit",
-        "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
+        "cliprange_high", "loss_aggregation", "mask_truncated_completions", "cliprange_value", "vf_coef", "max_grad_norm",
+        "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit", "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
     )  # fmt: skip
     flag_ranges = AlignmentModule.flag_ranges | {
         "response_length": "> 0", "temperature": "> 0", "num_generations": "> 0", "kl_coef": ">= 0", "gamma": "in [0, 1]", "lam": "in [0, 1]",
@@ -544,4 +545,6 @@ PPOModule.__init__.__doc__ = PPOModule.__init__.__doc__.replace(
     "ESTIMATOR_NAMES", "; ".join(f"`{name}` ({estimator.paper})" for name, estimator in ESTIMATORS.items())
 ).replace(
     "POLICY_LOSS_NAMES", "; ".join(f"`{name}` ({paper})" for name, (_, paper) in POLICY_LOSSES.items())
-).replace("POLICY_LOSS_ARGUMENTS", ", ".join(POLICY_LOSS_ARGUMENTS)).replace("REWARD_NAMES", ", ".join(f"`{name}`" for name in REWARD_FUNCTIONS))
+).replace(
+    "POLICY_LOSS_ARGUMENTS", ", ".join(POLICY_LOSS_ARGUMENTS)
+).replace("REWARD_NAMES", ", ".join(f"`{name}`" for name in REWARD_FUNCTIONS))

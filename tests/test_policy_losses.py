@@ -108,7 +108,7 @@ def test_cispo_keeps_the_gradient_of_a_clipped_token():
 
 
 @pytest.mark.parametrize("name", list(POLICY_LOSSES))
-def test_every_policy_loss_weights_each_token_and_is_minus_a_at_ratio_one(name):
+def test_every_policy_loss_weights_each_token(name):
     # ratio 1, advantages 1 and -2 on one response, weights 0.5 and 2: PPO's token losses -0.5 and 4 (token mean 1.75).
     # GSPO: the response's mean advantage -0.5 -> losses 0.25, 1 -> 0.625. PPO's and CISPO's gradients are -A w / 2 per
     # token; GSPO's loss 1/2 sum_t (-A s w_t) moves with s = exp(mean_t log r_t), ds / dlog pi_j = s / 2, so each token
