@@ -1,7 +1,7 @@
 """Generated tokens per second of each generation engine on this machine, against its compute limit.
 
-    python benchmarks/generation.py                       # SmolLM2-135M (lit-rlhf fetch-smollm2), about 10 minutes
-    python benchmarks/generation.py --full                # every engine at every size and dtype, about 30 minutes
+    python benchmarks/generation.py                       # SmolLM2-135M (lit-rlhf fetch-smollm2), about 6 minutes alone
+    python benchmarks/generation.py --full                # every engine at every size and dtype (longer)
     python benchmarks/generation.py --engines hf vllm --dtypes bf16 --batch-sizes 64 --new-tokens 128
 
 Every row of a batch generates exactly N new tokens (EOS forbidden until then: `min_new_tokens`), greedy,

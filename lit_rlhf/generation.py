@@ -228,15 +228,17 @@ def generate(model: nn.Module, prompts: dict[str, torch.Tensor], tokenizer, max_
 def decoding_settings(model: nn.Module, tokenizer, generate_kwargs: dict) -> Optional[dict]:
     """`model.generate` keyword arguments as `generate`'s settings (max_new_tokens, temperature, min_new_tokens), or
     None where they ask for more than `decode` does (beams, top-k/top-p, penalties, `synced_gpus`, other stop ids):
-    those go to `model.generate`. A `generation_config` is read with the keyword arguments applied on top."""
-    config = copy.deepcopy(generate_kwargs.get("generation_config") or GenerationConfig())
+    those go to `model.generate`. Read as `model.generate` reads them: the model's own generation config, a
+    `generation_config`'s settings over it, the other keyword arguments over both."""
+    config = copy.deepcopy(unwrap(model).generation_config)
+    config.update(**(generate_kwargs.get("generation_config") or GenerationConfig()).to_diff_dict())
     rest = config.update(**{k: v for k, v in generate_kwargs.items() if k != "generation_config"})
-    settings = config.to_diff_dict()
-    allowed = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "pad_token_id", "eos_token_id", "transformers_version"}
-    own = {k for k, v in unwrap(model).generation_config.to_diff_dict().items() if v not in (None, False)}  # model.generate adds these
-    if any(rest.values()) or not settings.keys() <= allowed or not own <= allowed | {"bos_token_id", "_from_model_config", "use_cache"}:
+    allowed = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "pad_token_id", "eos_token_id",
+               "bos_token_id", "use_cache", "transformers_version", "_from_model_config"}  # fmt: skip
+    settings = {k for k, v in config.to_diff_dict().items() if v not in (None, False)}
+    if any(rest.values()) or not settings <= allowed or config.max_new_tokens is None:
         return None
-    if config.max_new_tokens is None or config.eos_token_id not in (None, tokenizer.eos_token_id) or config.pad_token_id not in (None, tokenizer.pad_token_id):
+    if config.eos_token_id not in (tokenizer.eos_token_id, [tokenizer.eos_token_id]) or config.pad_token_id != tokenizer.pad_token_id:
         return None
     if config.do_sample and (config.top_k != 0 or config.top_p not in (None, 1.0) or not config.temperature):
         return None
@@ -246,15 +248,15 @@ def decoding_settings(model: nn.Module, tokenizer, generate_kwargs: dict) -> Opt
 
 def generate_responses(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer, **generate_kwargs) -> tuple[torch.Tensor, ...]:
     """`model.generate`'s contract on left-padded prompts `input_ids`, `attention_mask` (B, P), cut after the first EOS:
-    responses, response_mask (B, R), contains_eos (B,). Through `generate`'s HF engine where `decoding_settings`
-    covers the keyword arguments (the same tokens for greedy, the same distribution for sampling), else through
-    `model.generate` with the tokenizer's pad and EOS ids (unless a `generation_config`, which then holds them)."""
+    responses, response_mask (B, R), contains_eos (B,). The tokenizer's pad and EOS ids are passed unless a
+    `generation_config` (which then holds them) is. Through `generate`'s HF engine where `decoding_settings` covers
+    the keyword arguments (the same tokens for greedy, the same distribution for sampling), else `model.generate`."""
+    if "generation_config" not in generate_kwargs:
+        generate_kwargs |= {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     settings = decoding_settings(model, tokenizer, generate_kwargs)
     if settings is not None:
         return generate(model, batch, tokenizer, engine="hf", **settings)
     prompts = batch["input_ids"]
-    if "generation_config" not in generate_kwargs:
-        generate_kwargs |= {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     with kv_cache_kept(model):
         out = model.generate(input_ids=prompts, attention_mask=batch["attention_mask"], **generate_kwargs)
     return truncate_after_eos(out[:, prompts.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -115,9 +115,13 @@ def test_the_callers_keyword_arguments_go_to_the_fast_path_or_to_model_generate(
     assert decoding_settings(model, tokenizer, {"generation_config": ppo}) == {"max_new_tokens": 8, "temperature": 0.7, "min_new_tokens": 1}
     assert decoding_settings(model, tokenizer, {"generation_config": GenerationConfig(do_sample=False, **stop), "synced_gpus": False})["temperature"] == 0.0
     assert decoding_settings(model, tokenizer, {"generation_config": ppo, "synced_gpus": True}) is None  # FSDP: every process steps
-    assert decoding_settings(model, tokenizer, {"max_new_tokens": 8, "do_sample": True, "top_k": 50}) is None
-    assert decoding_settings(model, tokenizer, {"max_new_tokens": 8, "num_beams": 2}) is None
+    assert decoding_settings(model, tokenizer, {"max_new_tokens": 8, "do_sample": True, "top_k": 50, **stop}) is None
+    assert decoding_settings(model, tokenizer, {"max_new_tokens": 8, "num_beams": 2, **stop}) is None
     assert decoding_settings(model, tokenizer, {"generation_config": ppo, "eos_token_id": 7}) is None
+    nucleus = copy.deepcopy(model)
+    nucleus.generation_config.top_p = 0.9  # what model.generate samples with when the call does not say
+    assert decoding_settings(nucleus, tokenizer, {"max_new_tokens": 8, "do_sample": True, "top_k": 0, **stop}) is None
+    assert decoding_settings(nucleus, tokenizer, {"generation_config": ppo})["temperature"] == 0.7  # the call says top_p=1
     # both routes return the same thing
     batch = left_padded(tokenizer)
     fast = generate_responses(model, batch, tokenizer, max_new_tokens=NEW_TOKENS, do_sample=False)
