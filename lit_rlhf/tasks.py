@@ -23,7 +23,7 @@ from jsonargparse import ArgumentParser
 
 from lit_rlhf.tokenization import render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
-from lit_rlhf.forward import generate_answers
+from lit_rlhf.generation import Engine, generate_answers
 from lit_rlhf.metrics import bootstrap_ci, interval_text
 from lit_rlhf.models import check_source, load_causal_lm, load_tokenizer
 from lit_rlhf.plugins import resolve
@@ -83,11 +83,11 @@ def judges(reward_funcs: list[str], flag: str) -> list[Callable]:
 
 @torch.no_grad()
 def task_passes(model, tokenizer, rows: list[dict], functions: list[Callable], max_new_tokens: int, batch_size: int, sample: bool = False,
-                temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
+                temperature: float = 1.0, engine: Engine = "hf") -> torch.Tensor:  # fmt: skip
     """(N,) 1.0 where the model's answer to row n's `prompt` passes: greedy (or sampled at `temperature`), judged
     by reward `functions` (`judges`; TRL's contract, the rows' other columns passed), a pass being a summed reward >= 1."""
     prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])) for row in rows]
-    completions = [answer["text"] for answer in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature)]
+    completions = [answer["text"] for answer in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature, engine)]
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
     scores = [f(prompts=[row["prompt"] for row in rows], completions=completions, **columns) for f in functions]
     return torch.tensor([float(sum(s or 0.0 for s in row_scores) >= 1) for row_scores in zip(*scores)])
@@ -96,7 +96,7 @@ def task_passes(model, tokenizer, rows: list[dict], functions: list[Callable], m
 def task_accuracy(
     models: dict[str, str], dataset: str, reward_funcs: list[str] = ["final_number"], limit: int = 200, k: int = 8,
     max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0, generation_precision: Optional[Literal["bf16", "fp32"]] = None,
-    temperature: float = 1.0,
+    temperature: float = 1.0, generation_engine: Engine = "hf",
 ) -> dict:  # fmt: skip
     """Per model: greedy pass@1 (mean and bootstrap 95 % interval over problems) and pass@k of `k` answers
     sampled at `temperature`, on the first `limit` prompt rows of `dataset` (`task_passes`); for every model
@@ -104,14 +104,16 @@ def task_accuracy(
     (the per-problem differences resampled together).
 
     Answers are generated with `generation_precision` weights: by default bf16 where this machine
-    has bf16 units (lit_rlhf/precision.py), else fp32."""
+    has bf16 units (lit_rlhf/precision.py), else fp32, by `generation_engine` (`hf`, `vllm`, or `auto`: vLLM
+    where installed; lit_rlhf/generation.py)."""
     check_ranges("", locals(), {"limit": "> 0", "k": "> 0", "max_new_tokens": "> 0", "batch_size": "> 0", "temperature": "> 0"})
     rows = [row for _, row in load_rows(dataset)[:limit]]
     for name, source in models.items():  # every model found and every judge imported before any work starts
         check_source(source, f"--models {name}")
     functions = judges(reward_funcs, "--reward_funcs")
     tokenizer = load_tokenizer(next(iter(models.values())))
-    passes = partial(task_passes, tokenizer=tokenizer, rows=rows, functions=functions, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    passes = partial(task_passes, tokenizer=tokenizer, rows=rows, functions=functions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     engine=generation_engine)
     precision, report, first = default_generation_precision(generation_precision), {}, None
     for name, path in models.items():
         model = load_causal_lm(path).eval().to(torch.bfloat16 if precision == "bf16" else torch.float32)
@@ -121,7 +123,8 @@ def task_accuracy(
         sampled = torch.stack([passes(model, sample=True, temperature=temperature) for _ in range(k)])  # (k, N)
         report[name] = {"greedy": bootstrap_ci(greedy, seed=seed), f"pass@{k}": sampled.max(0).values.mean().item(),
                         "sampled_pass_rate": sampled.mean().item(), "gain": bootstrap_ci(greedy - first, seed=seed),
-                        "problems": len(rows), "max_new_tokens": max_new_tokens, "temperature": temperature, "generation_precision": precision}  # fmt: skip
+                        "problems": len(rows), "max_new_tokens": max_new_tokens, "temperature": temperature, "generation_precision": precision,
+                        "generation_engine": generation_engine}  # fmt: skip
         print(f"{name}: greedy pass@1 {interval_text(report[name]['greedy'])}, pass@{k} {report[name][f'pass@{k}']:.3f}", file=sys.stderr)
     return report
 
