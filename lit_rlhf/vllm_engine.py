@@ -110,8 +110,10 @@ class VLLMEngine:
             n=n, max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_k=0, top_p=1.0, seed=seed,
             ignore_eos=True, stop_token_ids=[eos_token_id], logprobs=0, detokenize=False,
         )  # fmt: skip
-        requests = [self.vllm.TokensPrompt(prompt_token_ids=ids) for ids in prompts]
-        samples = [s for out in self.llm.generate(requests, params, use_tqdm=False) for s in out.outputs]
+        samples = []
+        for chunk in self.fitting(prompts, n, max_tokens):
+            requests = [self.vllm.TokensPrompt(prompt_token_ids=ids) for ids in chunk]
+            samples += [s for out in self.llm.generate(requests, params, use_tqdm=False) for s in out.outputs]
         R = max(len(s.token_ids) for s in samples)
         tokens = torch.full((len(samples), R), pad_token_id, dtype=torch.long)
         logprobs = torch.zeros(len(samples), R)
@@ -120,6 +122,22 @@ class VLLMEngine:
             logprobs[i, : len(s.token_ids)] = torch.tensor([step[t].logprob for step, t in zip(s.logprobs, s.token_ids)])
         responses, response_mask, contains_eos = truncate_after_eos(tokens, eos_token_id, pad_token_id)
         return responses, response_mask, contains_eos, logprobs * response_mask
+
+    def fitting(self, prompts: list[list[int]], n: int, max_tokens: int) -> Iterator[list[list[int]]]:
+        """`prompts` in consecutive runs whose `n` responses of up to `max_tokens` all fit the engine's KV cache at
+        once. vLLM preempts requests when it runs out of KV blocks, and on a CPU it cannot resume a seeded request
+        it preempted ("CPU Generator does not use offset")."""
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        chunk, used = [], 0
+        for ids in prompts:
+            blocks = n * -(-(len(ids) + max_tokens) // cache.block_size)
+            if chunk and used + blocks > cache.num_gpu_blocks:
+                yield chunk
+                chunk, used = [], 0
+            chunk.append(ids)
+            used += blocks
+        if chunk:
+            yield chunk
 
     def sequence_logprobs(self, ids: list[int]) -> torch.Tensor:
         """Log-probs (T - 1,) of tokens 1 .. T - 1 of `ids` under the engine's weights (temperature 1): what a test

@@ -4,6 +4,7 @@ The vLLM test runs this file as a script in a process of its own (vLLM starts a 
 torch's threads in the process it runs in), as tests/test_vllm.py does.
 """
 
+import types
 import copy
 import os
 import subprocess
@@ -189,3 +190,15 @@ def vllm_run(path: str) -> None:
 
 if __name__ == "__main__":
     vllm_run(sys.argv[1])
+
+
+def test_vllm_requests_are_sent_in_runs_that_fit_its_kv_cache():
+    """vLLM on a CPU cannot resume a seeded request it preempted for lack of KV blocks: each run must fit at once."""
+    from lit_rlhf.vllm_engine import VLLMEngine
+
+    cache = types.SimpleNamespace(block_size=4, num_gpu_blocks=6)
+    engine = types.SimpleNamespace(llm=types.SimpleNamespace(llm_engine=types.SimpleNamespace(vllm_config=types.SimpleNamespace(cache_config=cache))))
+    prompts = [[1] * 3, [2] * 5, [3] * 1]  # with 4 new tokens: 7, 9, 5 positions -> 2, 3, 2 blocks of 4 per response
+    assert list(VLLMEngine.fitting(engine, prompts, 1, 4)) == [prompts[:2], prompts[2:]]  # 2 + 3 <= 6 < 2 + 3 + 2
+    assert list(VLLMEngine.fitting(engine, prompts, 2, 4)) == [prompts[:1], prompts[1:2], prompts[2:]]  # 4, 6, 4 blocks
+    assert list(VLLMEngine.fitting(engine, [[1] * 40], 1, 4)) == [[[1] * 40]]  # too long for the cache: sent alone, vLLM says why
