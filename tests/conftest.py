@@ -90,3 +90,13 @@ def tiny_reward_dir(tmp_path_factory, tiny_model_dir, tokenizer) -> str:
     AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def first_prompt_batch(model_dir: str, rows: Path, batch_size: int) -> dict:
+    """The first training batch of left-padded prompts (`--data.mode prompts`) from 12 of `rows`, tokenized for `model_dir`."""
+    from lit_rlhf.data import PreferenceDataModule
+
+    dm = PreferenceDataModule(dataset=str(rows), tokenizer_name_or_path=model_dir, mode="prompts", limit=12, val_size=4,
+                              batch_size=batch_size, max_length=64, max_prompt_length=32)  # fmt: skip
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))

@@ -10,6 +10,7 @@ import torch
 from lit_rlhf.errors import UserError
 from lit_rlhf.policy_losses import POLICY_LOSSES, aggregate_token_losses, checked_policy_loss, cispo, gspo, ppo_policy_loss
 from lit_rlhf.ppo import PPOModule
+from conftest import first_prompt_batch
 
 
 def policy_loss(function, logprobs, old_logprobs, advantages, mask, aggregation="token_mean", length=1, **flags):
@@ -177,12 +178,7 @@ def test_help_names_every_policy_loss_with_its_paper():
 
 @pytest.fixture(scope="module")
 def prompt_batch(tiny_model_dir, real_rows):
-    from lit_rlhf.data import PreferenceDataModule
-
-    dm = PreferenceDataModule(dataset=str(real_rows), tokenizer_name_or_path=tiny_model_dir, mode="prompts",
-                              limit=12, val_size=4, batch_size=4, max_length=64, max_prompt_length=32)  # fmt: skip
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
+    return first_prompt_batch(tiny_model_dir, real_rows, batch_size=4)
 
 
 def test_kl_coef_0_loads_and_scores_no_reference(tiny_model_dir, tiny_reward_dir, prompt_batch):

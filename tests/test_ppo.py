@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_rlhf.cli import cli
-from lit_rlhf.data import PreferenceDataModule
+from conftest import first_prompt_batch
 from lit_rlhf.errors import UserError
 from lit_rlhf.estimators import ESTIMATORS
 from lit_rlhf.policy_losses import POLICY_LOSSES
@@ -45,10 +45,7 @@ def spy_policy_loss(monkeypatch, name: str = "ppo") -> list:
 
 @pytest.fixture(scope="module")
 def prompt_batch(tiny_model_dir, real_rows):
-    dm = PreferenceDataModule(dataset=str(real_rows), tokenizer_name_or_path=tiny_model_dir, mode="prompts",
-                              limit=12, val_size=4, batch_size=8, max_length=64, max_prompt_length=32)  # fmt: skip
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
+    return first_prompt_batch(tiny_model_dir, real_rows, batch_size=8)
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])
