@@ -125,17 +125,20 @@ class VLLMEngine:
 
     def fitting(self, prompts: list[list[int]], n: int, max_tokens: int) -> Iterator[list[list[int]]]:
         """`prompts` in consecutive runs whose `n` responses of up to `max_tokens` all fit the engine's KV cache at
-        once. vLLM preempts requests when it runs out of KV blocks, and on a CPU it cannot resume a seeded request
-        it preempted ("CPU Generator does not use offset")."""
-        cache = self.llm.llm_engine.vllm_config.cache_config
-        chunk, used = [], 0
+        once, and whose prompts are all prefilled in the run's first step. On a CPU vLLM cannot resume a seeded
+        request it stopped half-way ("CPU Generator does not use offset"): neither one it preempted for lack of
+        KV blocks nor one whose prefill it split over steps (chunked prefill, `max_num_batched_tokens` a step).
+        A prompt too long for either is sent alone."""
+        config = self.llm.llm_engine.vllm_config
+        cache, step_tokens = config.cache_config, config.scheduler_config.max_num_batched_tokens
+        chunk, blocks, tokens = [], 0, 0
         for ids in prompts:
-            blocks = n * -(-(len(ids) + max_tokens) // cache.block_size)
-            if chunk and used + blocks > cache.num_gpu_blocks:
+            need_blocks, need_tokens = n * -(-(len(ids) + max_tokens) // cache.block_size), n * len(ids)
+            if chunk and (blocks + need_blocks > cache.num_gpu_blocks or tokens + need_tokens > step_tokens):
                 yield chunk
-                chunk, used = [], 0
+                chunk, blocks, tokens = [], 0, 0
             chunk.append(ids)
-            used += blocks
+            blocks, tokens = blocks + need_blocks, tokens + need_tokens
         if chunk:
             yield chunk
 

@@ -192,13 +192,19 @@ if __name__ == "__main__":
     vllm_run(sys.argv[1])
 
 
-def test_vllm_requests_are_sent_in_runs_that_fit_its_kv_cache():
-    """vLLM on a CPU cannot resume a seeded request it preempted for lack of KV blocks: each run must fit at once."""
+def test_vllm_requests_are_sent_in_runs_that_fit_its_kv_cache_and_one_prefill_step():
+    """vLLM on a CPU cannot resume a seeded request it stopped half-way (preempted for lack of KV blocks, or its prefill
+    split over steps): each run must fit the KV cache and be prefilled in one step."""
     from lit_rlhf.vllm_engine import VLLMEngine
 
-    cache = types.SimpleNamespace(block_size=4, num_gpu_blocks=6)
-    engine = types.SimpleNamespace(llm=types.SimpleNamespace(llm_engine=types.SimpleNamespace(vllm_config=types.SimpleNamespace(cache_config=cache))))
+    def engine(blocks: int, step_tokens: int):
+        config = types.SimpleNamespace(cache_config=types.SimpleNamespace(block_size=4, num_gpu_blocks=blocks),
+                                       scheduler_config=types.SimpleNamespace(max_num_batched_tokens=step_tokens))  # fmt: skip
+        return types.SimpleNamespace(llm=types.SimpleNamespace(llm_engine=types.SimpleNamespace(vllm_config=config)))
+
     prompts = [[1] * 3, [2] * 5, [3] * 1]  # with 4 new tokens: 7, 9, 5 positions -> 2, 3, 2 blocks of 4 per response
-    assert list(VLLMEngine.fitting(engine, prompts, 1, 4)) == [prompts[:2], prompts[2:]]  # 2 + 3 <= 6 < 2 + 3 + 2
-    assert list(VLLMEngine.fitting(engine, prompts, 2, 4)) == [prompts[:1], prompts[1:2], prompts[2:]]  # 4, 6, 4 blocks
-    assert list(VLLMEngine.fitting(engine, [[1] * 40], 1, 4)) == [[[1] * 40]]  # too long for the cache: sent alone, vLLM says why
+    assert list(VLLMEngine.fitting(engine(6, 100), prompts, 1, 4)) == [prompts[:2], prompts[2:]]  # 2 + 3 <= 6 < 2 + 3 + 2
+    assert list(VLLMEngine.fitting(engine(6, 100), prompts, 2, 4)) == [prompts[:1], prompts[1:2], prompts[2:]]  # 4, 6, 4 blocks
+    assert list(VLLMEngine.fitting(engine(100, 8), prompts, 1, 4)) == [prompts[:2], prompts[2:]]  # 3 + 5 prompt tokens <= 8 < 9
+    assert list(VLLMEngine.fitting(engine(100, 8), prompts, 2, 4)) == [prompts[:1], prompts[1:2], prompts[2:]]  # 6, 10 (alone), 2
+    assert list(VLLMEngine.fitting(engine(6, 100), [[1] * 40], 1, 4)) == [[[1] * 40]]  # too long for the cache: sent alone
