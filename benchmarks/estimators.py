@@ -27,7 +27,7 @@ from speed import StepTimer, peak_gib
 ESTIMATORS = {
     "gae": [],
     "rloo": ["--model.advantage_estimator", "rloo", "--model.num_generations", "4", "--data.batch_size", "2"],
-    "grpo": ["--model.advantage_estimator", "grpo", "--model.num_generations", "4", "--data.batch_size", "2", "--model.kl_in_loss", "true"],
+    "grpo": ["--model.advantage_estimator", "grpo", "--model.num_generations", "4", "--data.batch_size", "2"],
 }  # fmt: skip
 
 

@@ -31,7 +31,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "A10"
 SIZE_360M = dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5)
 PPO = ["--model", "lit_rlhf.ppo.PPOModule", "--data.mode", "prompts", "--data.batch_size", "8", "--model.response_length", "128",
        "--model.ppo_epochs", "2", "--model.gradient_accumulation_steps", "2"]  # fmt: skip
-GRPO = ["--model.advantage_estimator", "grpo", "--model.num_generations", "8", "--model.kl_in_loss", "true", "--data.batch_size", "4"]
+GRPO = ["--model.advantage_estimator", "grpo", "--model.num_generations", "8", "--data.batch_size", "4"]
 SETTINGS = {
     "reward": ["--model", "lit_rlhf.reward.RewardModule", "--data.batch_size", "16", "--data.max_length", "512"],
     "dpo": ["--model", "lit_rlhf.dpo.DPOModule", "--data.batch_size", "8", "--data.max_length", "512"],

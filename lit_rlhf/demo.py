@@ -85,9 +85,8 @@ def verifiable(args=None) -> None:
     tasks.write_arithmetic(["--out", "logs/arithmetic", "--num_heldout", str(opts.heldout)])
     for estimator in opts.estimators:
         began = time.time()
-        kl = ["--model.kl_in_loss", "true" if estimator in ("grpo", "dr_grpo") else "false"]  # where each paper puts the KL
         policies[estimator] = str(fit("arithmetic.yaml", "--model.model_name_or_path", policies["base"], "--data.dataset", "logs/arithmetic/train.jsonl",
-                                  "--model.advantage_estimator", estimator, *kl))  # fmt: skip
+                                  "--model.advantage_estimator", estimator))  # fmt: skip
         print(f"{estimator}: trained in {(time.time() - began) / 60:.1f} min", file=sys.stderr)
     tasks.main(["--models", json.dumps(policies), "--dataset", "logs/arithmetic/heldout.jsonl", "--limit", str(opts.heldout), "--k", str(opts.k),
                 "--max_new_tokens", str(config["model"]["init_args"]["response_length"]), "--temperature", str(config["model"]["init_args"]["temperature"]),

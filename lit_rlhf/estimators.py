@@ -35,12 +35,15 @@ class Estimator:
     groups: it compares the k responses to one prompt, so `num_generations` must be 2 or more.
     aggregation: how the per-token policy losses become one (`losses.aggregate_token_losses`):
         `token_mean`, `sequence_mean` or `constant`.
+    kl_in_loss: where its paper puts the KL to the reference, the default of `--model.kl_in_loss`: false, a
+        per-token penalty in the reward; true, a k3 term in the loss.
     """
 
     function: Callable
     paper: str
     groups: bool = False
     aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    kl_in_loss: bool = False
 
 
 def checked_estimate(estimate, name: str, shape: torch.Size) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -92,13 +95,13 @@ def reinforce_pp(rewards, mask, sum_over_processes):
     return masked_whiten(returns, mask, sum_over_processes=sum_over_processes) * mask, None
 
 
-#: `--model.advantage_estimator` name -> Estimator. The papers put the KL in the reward (`kl_in_loss` false)
-#: except GRPO (k3 in the loss); Dr. GRPO changes GRPO's normalisations only.
+#: `--model.advantage_estimator` name -> Estimator. PPO, RLOO and REINFORCE++ put the KL in the reward, GRPO
+#: puts k3 in the loss; Dr. GRPO changes GRPO's normalisations only, so keeps GRPO's KL.
 ESTIMATORS = {
     "gae": Estimator(ppo_gae, "PPO with a value model, Huang et al. 2024"),
     "rloo": Estimator(rloo, "RLOO, Ahmadian et al. 2024", groups=True),
-    "grpo": Estimator(grpo, "GRPO, Shao et al. 2024", groups=True, aggregation="sequence_mean"),
-    "dr_grpo": Estimator(dr_grpo, "Dr. GRPO, Liu et al. 2025", groups=True, aggregation="constant"),
+    "grpo": Estimator(grpo, "GRPO, Shao et al. 2024", groups=True, aggregation="sequence_mean", kl_in_loss=True),
+    "dr_grpo": Estimator(dr_grpo, "Dr. GRPO, Liu et al. 2025", groups=True, aggregation="constant", kl_in_loss=True),
     "reinforce_pp": Estimator(reinforce_pp, "REINFORCE++, Hu 2025"),
 }
 

@@ -71,7 +71,7 @@ class PPOModule(AlignmentModule):
     frozen_modules = ("ref_model", "reward_model")
     trained_modules = ("model", "value_model")  # critic-free estimators: ("model",), set in __init__
     resume_applies = AlignmentModule.resume_applies + (
-        "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "gamma", "lam", "ppo_epochs", "cliprange",
+        "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "kl_in_loss", "gamma", "lam", "ppo_epochs", "cliprange",
         "cliprange_high", "loss_aggregation", "mask_truncated_completions", "cliprange_value", "vf_coef", "max_grad_norm",
         "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit", "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
     )  # fmt: skip
@@ -100,7 +100,7 @@ class PPOModule(AlignmentModule):
         num_generations: int = 1,
         kl_coef: float = 0.05,
         kl_estimator: Literal["k1", "k3"] = "k1",
-        kl_in_loss: bool = False,
+        kl_in_loss: Optional[bool] = None,
         gamma: float = 1.0,
         lam: float = 0.95,
         ppo_epochs: int = 4,
@@ -153,8 +153,6 @@ class PPOModule(AlignmentModule):
                 `module:function` / `file.py:function`, a function of your own with the same contract, or
                 an `Estimator` (lit_rlhf/estimators.py). `gae` trains a value model; the others load none
                 (none trained, none in checkpoints). rloo, grpo and dr_grpo need `num_generations` >= 2.
-                The papers' KL placement: PPO, RLOO and REINFORCE++ penalise the reward (`kl_in_loss`
-                false), GRPO adds k3 to the loss (`kl_in_loss` true).
             num_generations: Responses sampled per prompt (k): a batch of B prompts rolls out B * k
                 responses. The k responses of a prompt form a group, kept in one minibatch and on the
                 process that holds the prompt.
@@ -167,8 +165,9 @@ class PPOModule(AlignmentModule):
             kl_in_loss: false: the KL is a per-token reward penalty `-kl_coef * KL_t` (rloo, grpo and
                 dr_grpo add its sum over the response to the score). true (GRPO): the reward has no KL,
                 and the loss adds `kl_coef * k3` per response token, aggregated like the policy loss (k3
-                whatever `kl_estimator`: k1's expected gradient is 0). Either way `objective/kl` is the
-                rollout's KL and `objective/rlhf_reward` the score minus `kl_coef` times it.
+                whatever `kl_estimator`: k1's expected gradient is 0). null: where the estimator's paper puts
+                it (KL_PLACEMENT). Either way `objective/kl` is the rollout's KL and `objective/rlhf_reward`
+                the score minus `kl_coef` times it.
             gamma: GAE discount (`gae`).
             lam: GAE lambda (`gae`).
             ppo_epochs: Passes over each rollout batch.
@@ -219,6 +218,7 @@ class PPOModule(AlignmentModule):
             raise UserError(f"--model.policy_loss {policy_loss}: not a function")
         self.policy_loss_arguments = declared_arguments(self.policy_loss, POLICY_LOSS_ARGUMENTS, "--model.policy_loss", POLICY_LOSS_CONTRACT)
         self.aggregation = loss_aggregation or self.estimator.aggregation
+        self.kl_in_loss = self.estimator.kl_in_loss if kl_in_loss is None else kl_in_loss
         if self.estimator.groups and num_generations < 2:
             raise UserError(
                 f"--model.advantage_estimator {advantage_estimator} compares the responses to one prompt: it needs"
@@ -416,7 +416,7 @@ class PPOModule(AlignmentModule):
         response_mask = rollout.response_mask  # (N, R), N = B * k
         kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator) * response_mask if self.needs_reference else None
         non_score_reward = -hp.kl_coef * kl if self.needs_reference else torch.zeros_like(response_mask)  # (N, R)
-        rewards = torch.zeros_like(response_mask) if hp.kl_in_loss else non_score_reward.clone()
+        rewards = torch.zeros_like(response_mask) if self.kl_in_loss else non_score_reward.clone()
         last = response_mask.sum(-1).long() - 1  # (N,) index of the last response token
         rewards[torch.arange(len(last)), last] += rollout.scores
         inputs = {"rewards": rewards, "mask": response_mask, "values": rollout.values, "k": hp.num_generations,
@@ -447,7 +447,7 @@ class PPOModule(AlignmentModule):
         stats = {"loss/policy_avg": loss.detach()}
         stats |= {POLICY_STATS.get(name, f"policy/{name}"): torch.as_tensor(value, device=loss.device).detach()
                   for name, value in pg_stats.items()}  # fmt: skip
-        if hp.kl_in_loss and self.needs_reference:  # GRPO: k3 to the reference, per token
+        if self.kl_in_loss and self.needs_reference:  # GRPO: k3 to the reference, per token
             kl = kl_estimate(logprobs, rollout.ref_logprobs[rows], "k3")  # (n, R)
             loss = loss + hp.kl_coef * aggregate_token_losses(kl, loss_mask, **weighting)
         if self.value_model is not None:
@@ -543,6 +543,9 @@ class PPOModule(AlignmentModule):
 
 PPOModule.__init__.__doc__ = PPOModule.__init__.__doc__.replace(
     "ESTIMATOR_NAMES", "; ".join(f"`{name}` ({estimator.paper})" for name, estimator in ESTIMATORS.items())
+).replace(
+    "KL_PLACEMENT", "; ".join(f"in the {where} for " + ", ".join(name for name, e in ESTIMATORS.items() if e.kl_in_loss == in_loss)
+                              for where, in_loss in (("reward", False), ("loss", True)))
 ).replace(
     "POLICY_LOSS_NAMES", "; ".join(f"`{name}` ({paper})" for name, (_, paper) in POLICY_LOSSES.items())
 ).replace(

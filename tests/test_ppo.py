@@ -3,6 +3,7 @@ each estimator must learn, resume, flag checks."""
 
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -28,11 +29,10 @@ def ppo_args(model_dir, reward_dir, dataset, *extra):
 
 
 def estimator_args(estimator: str, num_generations: int = 2) -> list[str]:
-    """The flags of `estimator`; the group estimators sample `num_generations` responses per prompt, GRPO with
-    its KL in the loss as in the paper."""
+    """The flags of `estimator`; the group estimators sample `num_generations` responses per prompt. The KL goes
+    where the estimator's record puts it (`--model.kl_in_loss` unset)."""
     group = ["--model.num_generations", str(num_generations)] if ESTIMATORS[estimator].groups else []
-    kl_in_loss = ["--model.kl_in_loss", "true"] if estimator == "grpo" else []
-    return ["--model.advantage_estimator", estimator, *group, *kl_in_loss]
+    return ["--model.advantage_estimator", estimator, *group]
 
 
 def spy_policy_loss(monkeypatch, name: str = "ppo") -> list:
@@ -94,6 +94,23 @@ def test_rollout_samples_each_prompt_k_times_in_a_contiguous_group(tiny_model_di
     advantages = rollout.advantages  # (24, R)
     assert torch.equal(advantages, advantages[:, :1] * rollout.response_mask)
     assert torch.allclose(advantages[:, 0].view(8, 3).sum(1), torch.zeros(8), atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator, kl_in_loss, in_loss", [
+    ("grpo", None, True), ("dr_grpo", None, True), ("rloo", None, False), ("grpo", False, False), ("rloo", True, True),
+])  # fmt: skip
+def test_the_kl_goes_where_the_estimators_paper_puts_it_unless_the_flag_says(tiny_model_dir, tiny_reward_dir, prompt_batch,
+                                                                             estimator, kl_in_loss, in_loss):  # fmt: skip
+    """GRPO and Dr. GRPO put the KL in the loss, the others in the reward: only there does a reference that rates
+    each response differently change the advantages."""
+    module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, response_length=8,
+                       advantage_estimator=estimator, num_generations=2, kl_in_loss=kl_in_loss)  # fmt: skip
+    torch.manual_seed(0)
+    rollout = module.rollout(prompt_batch)
+    shift = torch.arange(len(rollout.logprobs))[:, None] * rollout.response_mask  # (N, R): response i is i nats per token less likely
+    farther = replace(rollout, ref_logprobs=rollout.ref_logprobs - shift)
+    same = torch.equal(module.compute_advantages(rollout).advantages, module.compute_advantages(farther).advantages)
+    assert module.kl_in_loss == in_loss and same == in_loss
 
 
 @pytest.mark.parametrize(

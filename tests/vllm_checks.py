@@ -21,7 +21,7 @@ from test_ppo import ascii_share_score
 
 
 def fit_args(model_dir: str, reward_dir: str, rows: str, estimator: str, *extra: str) -> list[str]:
-    group = ["--model.num_generations", "4", "--model.kl_in_loss", "true"] if estimator == "grpo" else []
+    group = ["--model.num_generations", "4"] if estimator == "grpo" else []
     return [
         "--model", "lit_rlhf.ppo.PPOModule", "--model.model_name_or_path", model_dir, "--model.reward_model_path", reward_dir,
         "--model.rollout_engine", "vllm", "--model.advantage_estimator", estimator, *group, "--model.response_length", "8",
