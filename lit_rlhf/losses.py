@@ -32,42 +32,53 @@ PREFERENCE_LOSS_ARGUMENTS = ("chosen_logps", "rejected_logps", "chosen_lengths",
                              "ref_rejected_logps", "beta", "label_smoothing", "simpo_gamma", "rdpo_alpha")  # fmt: skip
 
 
+def log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
+    """h, the log-ratio difference every DPO-family loss is a function of (Rafailov et al. 2023, eq. 7):
+    `h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))`, how much more than the reference the
+    policy prefers the chosen answer; `beta h` is the margin of DPO's implicit rewards. 0 at policy == reference.
+
+    Args:
+        chosen_logps, rejected_logps: (B,) summed log-probs of each completion under the policy.
+        ref_chosen_logps, ref_rejected_logps: (B,) the same under the reference.
+
+    Returns:
+        (B,) h of each pair.
+    """
+    return (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+
+
 def dpo_sigmoid(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float, label_smoothing: float = 0.0):
-    """DPO (Rafailov et al. 2023, eq. 7): `-log sigmoid(beta h)`, `h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) -
-    log ref(y_l))`; with `label_smoothing` e, conservative DPO `-(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)`.
-    At policy == reference every pair's loss is log 2."""
-    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
+    """DPO (Rafailov et al. 2023, eq. 7): `-log sigmoid(beta h)`; with `label_smoothing` e, conservative DPO
+    `-(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)`. At policy == reference every pair's loss is log 2."""
+    h = log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
 def rdpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen_logps, ref_rejected_logps, beta: float,
          rdpo_alpha: float = 0.01):  # fmt: skip
     """R-DPO (Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization"): DPO on the
-    reward `r(y) - alpha |y|`, i.e. `-log sigmoid(beta h + alpha (|y_w| - |y_l|))`, h as in DPO and `alpha`
-    `rdpo_alpha`. The part of a preference that the answers' lengths explain is not learnt as a log-ratio: on data
-    whose preferred answers are longer, the policy learns the rest of the difference rather than "longer"."""
-    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
+    reward `r(y) - alpha |y|`, i.e. `-log sigmoid(beta h + alpha (|y_w| - |y_l|))`, `alpha` `rdpo_alpha`. The part
+    of a preference that the answers' lengths explain is not learnt as a log-ratio: on data whose preferred answers
+    are longer, the policy learns the rest of the difference rather than "longer"."""
+    h = log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return -F.logsigmoid(beta * h + rdpo_alpha * (chosen_lengths - rejected_lengths))
 
 
 def dpo_robust(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float, label_smoothing: float = 0.0):
     """Robust DPO (Chowdhury et al. 2024): `(-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)) / (1 - 2e)`,
     unbiased under a share e of flipped labels."""
-    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
-    e = label_smoothing
+    h, e = log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps), label_smoothing
     return (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
 
 
 def dpo_hinge(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
     """SLiC's hinge on the DPO log-ratio (Zhao et al. 2023): `relu(1 - beta h)`."""
-    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
-    return torch.relu(1 - beta * h)
+    return torch.relu(1 - beta * log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
 
 
 def ipo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
-    """IPO (Azar et al. 2023, eq. 17): `(h - 1 / (2 beta))^2`, h the DPO log-ratio difference."""
-    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
-    return (h - 1 / (2 * beta)) ** 2
+    """IPO (Azar et al. 2023, eq. 17): `(h - 1 / (2 beta))^2`."""
+    return (log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps) - 1 / (2 * beta)) ** 2
 
 
 def apo_zero(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
