@@ -6,7 +6,8 @@
 - `hf`: a decode loop of our own over the transformers model (`decode`) instead of `model.generate`:
   one forward per new token on a preallocated KV cache, grouped KV heads handed to SDPA as they are,
   the LM head on the last position only, greedy or sampled from the whole vocabulary at a temperature,
-  rows that reached EOS leaving the batch. Greedy answers are token-identical to `model.generate`'s.
+  rows that reached EOS leaving the batch; in bf16 on a CPU with bf16 units each step after the prompt is
+  `fused_decode.FusedLlama`'s (Llama-architecture models). Greedy answers are token-identical to `model.generate`'s.
 - `vllm`: `vllm_engine.VLLMEngine`, started once per architecture and dtype (from the model's config,
   random weights) and given the model's current weights at every call.
 - `auto`: vLLM when it is installed and starts, else `hf`.
@@ -30,6 +31,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lit_rlhf.data import collate_prompts
+from lit_rlhf.fused_decode import FusedLlama, fusable
 from lit_rlhf.models import unwrap
 from lit_rlhf.ops import position_ids, truncate_after_eos
 from lit_rlhf.vllm_engine import VLLMEngine, policy_weights
@@ -150,10 +152,11 @@ def decode_loop(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     rows = torch.arange(B, device=device)  # the rows still generating
     cache, mask = kv_cache(model, input_ids.shape[1] + max_new_tokens), attention_mask
     positions = position_ids(mask)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     positions = positions[:, -1:] + 1  # (B, 1)
+    fused = FusedLlama(model, policy_weights(model, torch.bfloat16)) if fusable(model) else None
     for step in range(max_new_tokens):
-        tokens = next_tokens(logits[:, -1], temperature, eos_token_id, allow_eos=step >= min_new_tokens)  # (b,)
+        tokens = next_tokens(logits, temperature, eos_token_id, allow_eos=step >= min_new_tokens)  # (b,)
         out[rows, step] = tokens
         going = tokens != eos_token_id
         if step == max_new_tokens - 1 or not going.any():
@@ -162,7 +165,10 @@ def decode_loop(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
             cache.batch_select_indices(going.nonzero().squeeze(1))
             rows, tokens, mask, positions = rows[going], tokens[going], mask[going], positions[going]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits
+        if fused is not None:
+            logits = fused(tokens, positions, mask, cache)
+        else:
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
         positions = positions + 1
     return out
 
