@@ -15,7 +15,7 @@ from lit_rlhf.atomic import written_atomically
 from lit_rlhf.tokenization import cache_dir
 from lit_rlhf.forward import sequence_logps
 from lit_rlhf.errors import UserError
-from lit_rlhf.losses import PREFERENCE_LOSS_ARGUMENTS, PREFERENCE_LOSSES, UNPAIRED_LOSS_ARGUMENTS, rpo_nll_loss
+from lit_rlhf.losses import LOSS_FLAGS, PREFERENCE_LOSS_ARGUMENTS, PREFERENCE_LOSSES, UNPAIRED_LOSS_ARGUMENTS, PreferenceLoss, rpo_nll_loss
 from lit_rlhf.models import as_reference, load_causal_lm, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
 from lit_rlhf.plugins import check_shape, declared_arguments, resolve
@@ -31,9 +31,8 @@ class DPOModule(AlignmentModule):
     algorithm = "dpo"
     progress_bar_metrics = ("loss", "rewards/accuracies")
     frozen_modules = ("ref_model",)
-    resume_applies = AlignmentModule.resume_applies + ("beta", "label_smoothing", "simpo_gamma", "rdpo_alpha", "rpo_alpha", "desirable_weight", "undesirable_weight")
-    flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "label_smoothing": "in [0, 0.5)", "rpo_alpha": ">= 0", "simpo_gamma": ">= 0", "rdpo_alpha": ">= 0",
-                                                 "desirable_weight": "> 0", "undesirable_weight": "> 0"}  # fmt: skip
+    resume_applies = AlignmentModule.resume_applies + ("beta", "rpo_alpha", *LOSS_FLAGS)
+    flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "rpo_alpha": ">= 0"} | {name: flag.range for name, flag in LOSS_FLAGS.items()}
 
     def __init__(
         self,
@@ -41,6 +40,7 @@ class DPOModule(AlignmentModule):
         learning_rate: float = 1e-6,
         beta: float = 0.1,
         loss_type: str = "sigmoid",
+        # the flags of the losses' records (losses.LOSS_FLAGS): type and default here, range and help in the record
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
         rdpo_alpha: float = 0.01,
@@ -61,12 +61,7 @@ class DPOModule(AlignmentModule):
             loss_type: The preference loss: LOSS_TYPES; or `module:function` / `file.py:function`, a
                 function of your own with the same contract (lit_rlhf/losses.py). A loss that reads no
                 reference log-probs loads no reference model.
-            label_smoothing: Assumed share of flipped preference labels (sigmoid and robust losses).
-            simpo_gamma: SimPO's target reward margin gamma.
-            rdpo_alpha: R-DPO's alpha, the reward per token of length that the loss takes out of each
-                preference (`rdpo` loss).
-            desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U, the weights of desirable and
-                undesirable rows (the paper balances them so that lambda_D n_D / (lambda_U n_U) is in [1, 4/3]).
+            LOSS_FLAG_DOCS
             ref_model_name_or_path: Reference model (e.g. an SFT checkpoint). Default: a frozen copy of
                 the starting policy; with LoRA, the policy with its adapter disabled (no second copy).
             precompute_ref_logps: Compute the reference log-probs of every row once before training (each
@@ -83,7 +78,7 @@ class DPOModule(AlignmentModule):
                          gradient_checkpointing=gradient_checkpointing, **kwargs)  # fmt: skip
         hp = self.hparams
         entry = resolve(loss_type, PREFERENCE_LOSSES, "--model.loss_type")
-        self.preference_loss = entry[0] if isinstance(entry, tuple) else entry
+        self.preference_loss = entry.function if isinstance(entry, PreferenceLoss) else entry
         if not callable(self.preference_loss):
             raise UserError(f"--model.loss_type {loss_type}: not a function")
         self.unpaired = "labels" in inspect.signature(self.preference_loss).parameters
@@ -184,7 +179,7 @@ class DPOModule(AlignmentModule):
     def loss_values(self, **tensors) -> dict:
         """What a preference loss may declare: `tensors` and the module's flags."""
         hp = self.hparams
-        return tensors | {name: hp[name] for name in ("beta", "label_smoothing", "simpo_gamma", "rdpo_alpha", "desirable_weight", "undesirable_weight")}
+        return tensors | {name: hp[name] for name in ("beta", *LOSS_FLAGS)}
 
     def row_losses(self, values: dict, rows: int) -> torch.Tensor:
         """The preference loss of a batch of `rows` pairs (or unpaired rows), called with the `values` it declares:
@@ -263,5 +258,8 @@ class DPOModule(AlignmentModule):
 
 
 DPOModule.__init__.__doc__ = DPOModule.__init__.__doc__.replace(
-    "LOSS_TYPES", "; ".join(f"`{name}` ({paper})" for name, (_, paper) in PREFERENCE_LOSSES.items())
-)
+    "LOSS_TYPES", "; ".join(f"`{name}` ({loss.paper})" for name, loss in PREFERENCE_LOSSES.items())
+).replace("LOSS_FLAG_DOCS", "\n            ".join(
+    f"{name}: {flag.help} Read by " + ", ".join(f"`{loss}`" for loss, entry in PREFERENCE_LOSSES.items() if name in entry.flags) + "."
+    for name, flag in LOSS_FLAGS.items()
+))

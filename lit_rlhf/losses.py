@@ -1,5 +1,8 @@
 """Loss functions: tensors in, tensors out, no models. The policy losses of the RL update: `policy_losses.py`."""
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -25,11 +28,8 @@ def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, ma
 #   chosen_logps, rejected_logps          (B,) summed log-probs of each completion under the policy
 #   chosen_lengths, rejected_lengths      (B,) their token counts
 #   ref_chosen_logps, ref_rejected_logps  (B,) the same under the reference (declaring them loads one)
-#   beta, label_smoothing, simpo_gamma, rdpo_alpha   the module's flags
+#   beta, and the flags of the losses' records (`LOSS_FLAGS`)   the module's flags
 # and returning the (B,) per-pair losses. `PREFERENCE_LOSSES` names them for `--model.loss_type`.
-
-PREFERENCE_LOSS_ARGUMENTS = ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "ref_chosen_logps",
-                             "ref_rejected_logps", "beta", "label_smoothing", "simpo_gamma", "rdpo_alpha")  # fmt: skip
 
 
 def log_ratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
@@ -110,10 +110,7 @@ def orpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta: f
 #                           the rows of all W processes' batches, without gradient (one process: W = 1)
 #   lengths                 (B,) completion token counts
 #   labels                  (B,) bool, true for a desirable completion
-#   beta, desirable_weight, undesirable_weight   the module's flags
-
-UNPAIRED_LOSS_ARGUMENTS = ("logps", "ref_logps", "kl_logps", "ref_kl_logps", "lengths", "labels", "beta", "desirable_weight",
-                           "undesirable_weight")  # fmt: skip
+#   beta, and the flags of the losses' records (`LOSS_FLAGS`)   the module's flags
 
 
 def kto(logps, ref_logps, kl_logps, ref_kl_logps, labels, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
@@ -126,18 +123,56 @@ def kto(logps, ref_logps, kl_logps, ref_kl_logps, labels, beta: float, desirable
     return torch.where(labels, desirable_weight * (1 - torch.sigmoid(beta * (r - z))), undesirable_weight * (1 - torch.sigmoid(beta * (z - r))))
 
 
-#: `--model.loss_type` name -> (function, paper)
+@dataclass(frozen=True)
+class LossFlag:
+    """A `DPOModule` flag that some preference losses read besides `beta`: the range it is checked against before
+    any model loads (`> 0`, `>= 0`, `in [0, 0.5)`, ...) and its `--help` text."""
+
+    range: str
+    help: str
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A preference loss and every fact about it the module, `--help` and the docs read.
+
+    function: the loss (the contract above).
+    paper: where it comes from, for `--help` and docs/losses.md.
+    flags: the flags it reads besides `beta`, name -> LossFlag. Each is the `DPOModule.__init__` argument of that
+        name (its type and default): passed to any loss that declares it, range-checked, changeable on resume.
+    """
+
+    function: Callable
+    paper: str
+    flags: dict[str, LossFlag] = field(default_factory=dict)
+
+
+LABEL_SMOOTHING = {"label_smoothing": LossFlag("in [0, 0.5)", "Assumed share of flipped preference labels.")}
+
+#: `--model.loss_type` name -> PreferenceLoss
 PREFERENCE_LOSSES = {
-    "sigmoid": (dpo_sigmoid, "DPO, Rafailov et al. 2023"),
-    "ipo": (ipo, "IPO, Azar et al. 2023"),
-    "hinge": (dpo_hinge, "SLiC hinge, Zhao et al. 2023"),
-    "robust": (dpo_robust, "robust DPO, Chowdhury et al. 2024"),
-    "rdpo": (rdpo, "R-DPO, Park et al. 2024 (length-regularised DPO)"),
-    "apo_zero": (apo_zero, "APO-zero, D'Oosterlinck et al. 2024"),
-    "simpo": (simpo, "SimPO, Meng et al. 2024 (no reference)"),
-    "orpo": (orpo, "ORPO, Hong et al. 2024 (no reference)"),
-    "kto": (kto, "KTO, Ethayarajh et al. 2024 (unpaired rows: --data.mode unpaired)"),
-}
+    "sigmoid": PreferenceLoss(dpo_sigmoid, "DPO, Rafailov et al. 2023", LABEL_SMOOTHING),
+    "ipo": PreferenceLoss(ipo, "IPO, Azar et al. 2023"),
+    "hinge": PreferenceLoss(dpo_hinge, "SLiC hinge, Zhao et al. 2023"),
+    "robust": PreferenceLoss(dpo_robust, "robust DPO, Chowdhury et al. 2024", LABEL_SMOOTHING),
+    "rdpo": PreferenceLoss(rdpo, "R-DPO, Park et al. 2024 (length-regularised DPO)", {
+        "rdpo_alpha": LossFlag(">= 0", "R-DPO's alpha, the reward per token of length that the loss takes out of each preference."),
+    }),
+    "apo_zero": PreferenceLoss(apo_zero, "APO-zero, D'Oosterlinck et al. 2024"),
+    "simpo": PreferenceLoss(simpo, "SimPO, Meng et al. 2024 (no reference)", {"simpo_gamma": LossFlag(">= 0", "SimPO's target reward margin gamma.")}),
+    "orpo": PreferenceLoss(orpo, "ORPO, Hong et al. 2024 (no reference)"),
+    "kto": PreferenceLoss(kto, "KTO, Ethayarajh et al. 2024 (unpaired rows: --data.mode unpaired)", {
+        "desirable_weight": LossFlag("> 0", "KTO's lambda_D, the weight of desirable rows (the paper balances lambda_D n_D"
+                                            " / (lambda_U n_U) in [1, 4/3])."),
+        "undesirable_weight": LossFlag("> 0", "KTO's lambda_U, the weight of undesirable rows."),
+    }),
+}  # fmt: skip
+
+#: every flag of the table's losses, once: name -> LossFlag
+LOSS_FLAGS = {name: flag for loss in PREFERENCE_LOSSES.values() for name, flag in loss.flags.items()}
+PREFERENCE_LOSS_ARGUMENTS = ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "ref_chosen_logps",
+                             "ref_rejected_logps", "beta", *LOSS_FLAGS)  # fmt: skip
+UNPAIRED_LOSS_ARGUMENTS = ("logps", "ref_logps", "kl_logps", "ref_kl_logps", "lengths", "labels", "beta", *LOSS_FLAGS)
 
 
 def rpo_nll_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:

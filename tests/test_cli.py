@@ -124,6 +124,18 @@ def test_precision_is_the_machines_choice_unless_given(tiny_model_dir, real_rows
     assert cli([*args, "--trainer.precision", "32-true"], run=False).trainer.precision == "32-true"
 
 
+def test_every_flag_of_a_loss_record_is_a_dpo_flag_with_the_records_help(capsys):
+    from lit_rlhf.losses import LOSS_FLAGS
+
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(REPO / "configs" / "dpo.yaml"), "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name, flag in LOSS_FLAGS.items():
+        assert name in init_params(DPOModule), f"a loss reads {name}: DPOModule.__init__ needs the argument `{name}: <type> = <default>`"
+        assert f"--model.{name} " in out and flag.help in out, name
+        assert DPOModule.flag_ranges[name] == flag.range and name in DPOModule.resume_applies
+
+
 def test_help_lists_every_entry_of_the_tables():
     from lit_rlhf.dpo import DPOModule
     from lit_rlhf.estimators import ESTIMATORS
@@ -131,8 +143,8 @@ def test_help_lists_every_entry_of_the_tables():
     from lit_rlhf.ppo import PPOModule
     from lit_rlhf.reward_functions import REWARD_FUNCTIONS
 
-    for name, (_, paper) in PREFERENCE_LOSSES.items():
-        assert f"`{name}` ({paper})" in DPOModule.__init__.__doc__
+    for name, loss in PREFERENCE_LOSSES.items():
+        assert f"`{name}` ({loss.paper})" in DPOModule.__init__.__doc__
     for name, estimator in ESTIMATORS.items():
         assert f"`{name}` ({estimator.paper})" in PPOModule.__init__.__doc__
     assert all(f"`{name}`" in PPOModule.__init__.__doc__ for name in REWARD_FUNCTIONS)

@@ -2,12 +2,13 @@
 what each entry's record says: an entry added to a table and not to the docs fails here."""
 
 import inspect
+import re
 from pathlib import Path
 
 import pytest
 
 from lit_rlhf.estimators import ESTIMATORS
-from lit_rlhf.losses import PREFERENCE_LOSSES
+from lit_rlhf.losses import LOSS_FLAGS, PREFERENCE_LOSSES
 from lit_rlhf.policy_losses import POLICY_LOSSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,14 +49,15 @@ def test_the_policy_loss_table_has_a_row_per_policy_loss():
     assert list(table_rows("docs/cli.md", "policy loss")) == list(POLICY_LOSSES)
 
 
-def test_the_preference_loss_table_has_a_row_per_loss_saying_its_reference_and_rows():
+def test_the_preference_loss_table_has_a_row_per_loss_saying_its_reference_rows_and_flags():
     rows = table_rows("docs/losses.md", "`--model.loss_type`")
     assert list(rows) == list(PREFERENCE_LOSSES)
-    for name, (function, _) in PREFERENCE_LOSSES.items():
-        parameters = inspect.signature(function).parameters
-        reference, rows_read = (cell.strip() for cell in rows[name].split("|")[3:5])
+    for name, loss in PREFERENCE_LOSSES.items():
+        parameters = inspect.signature(loss.function).parameters
+        reference, rows_read, flags = (cell.strip() for cell in rows[name].split("|")[3:6])
         assert reference == ("yes" if any(p.startswith("ref_") for p in parameters) else "no"), name
         assert rows_read.startswith("unpaired" if "labels" in parameters else "pairs"), name
+        assert re.findall(r"`--model\.(\w+)`", flags) == list(loss.flags), name
 
 
 @pytest.mark.parametrize("table, flag", [(ESTIMATORS, "advantage_estimator"), (POLICY_LOSSES, "policy_loss"), (PREFERENCE_LOSSES, "loss_type")])
@@ -63,3 +65,8 @@ def test_the_flags_table_and_the_readme_name_every_entry(table, flag):
     row, stages = flag_row(f"--model.{flag}"), readme_section("## The stages")
     assert [name for name in table if f"`{name}`" not in row] == [], f"docs/cli.md's --model.{flag} row"
     assert [name for name in table if f"`{name}`" not in stages] == [], "README.md, The stages"
+
+
+def test_the_flags_table_names_every_flag_of_the_loss_records():
+    row = flag_row("--model.loss_type")
+    assert [name for name in LOSS_FLAGS if f"`--model.{name}`" not in row] == []

@@ -45,7 +45,7 @@ REF = (torch.tensor([-2.0]), torch.tensor([-2.0]))
 
 
 def dpo(beta, loss_type, label_smoothing=0.0):
-    function = PREFERENCE_LOSSES[loss_type][0]
+    function = PREFERENCE_LOSSES[loss_type].function
     options = {"label_smoothing": label_smoothing} if loss_type in ("sigmoid", "robust") else {}
     return function(*POLICY, *REF, beta=beta, **options).item()
 
@@ -82,7 +82,7 @@ def test_rdpo_by_hand():
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
 def test_dpo_at_policy_equal_reference_is_log_2(loss_type):
     logps = torch.tensor([-5.0, -7.0])
-    losses = PREFERENCE_LOSSES[loss_type][0](logps, logps + 1, logps, logps + 1, beta=0.1)
+    losses = PREFERENCE_LOSSES[loss_type].function(logps, logps + 1, logps, logps + 1, beta=0.1)
     assert torch.equal(losses, torch.full((2,), math.log(2)))
 
 
@@ -110,9 +110,9 @@ def test_orpo_by_hand():
     assert math.isclose(orpo(*LOGPS, *LENGTHS, beta=0.1).item(), expected, abs_tol=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", [name for name, (function, _) in PREFERENCE_LOSSES.items() if "labels" not in inspect.signature(function).parameters])
+@pytest.mark.parametrize("loss_type", [name for name, loss in PREFERENCE_LOSSES.items() if "labels" not in inspect.signature(loss.function).parameters])
 def test_every_preference_loss_pushes_chosen_up_and_rejected_down(loss_type):
-    function = PREFERENCE_LOSSES[loss_type][0]
+    function = PREFERENCE_LOSSES[loss_type].function
     chosen, rejected = torch.tensor([-4.0, -6.0], requires_grad=True), torch.tensor([-5.0, -5.0], requires_grad=True)
     values = {"chosen_logps": chosen, "rejected_logps": rejected, "chosen_lengths": torch.tensor([4, 6]),
               "rejected_lengths": torch.tensor([5, 5]), "ref_chosen_logps": torch.tensor([-4.0, -6.0]),
