@@ -49,7 +49,7 @@ class FusedLlama:
 
     Args:
         model: a `LlamaForCausalLM` (or a peft model around one) for which `fusable` holds.
-        weights: its weights under their transformers names (`vllm_engine.policy_weights`).
+        weights: its weights under their transformers names (`models.merged_weights`).
     """
 
     def __init__(self, model: nn.Module, weights: dict[str, torch.Tensor]):

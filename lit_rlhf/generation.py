@@ -32,9 +32,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lit_rlhf.data import collate_prompts
 from lit_rlhf.fused_decode import FusedLlama, fusable
-from lit_rlhf.models import unwrap
+from lit_rlhf.models import merged_weights, unwrap
 from lit_rlhf.ops import position_ids, truncate_after_eos
-from lit_rlhf.vllm_engine import VLLMEngine, policy_weights
+from lit_rlhf.vllm_engine import VLLMEngine
 
 Engine = Literal["auto", "hf", "vllm"]
 
@@ -154,7 +154,7 @@ def decode_loop(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     positions = position_ids(mask)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     positions = positions[:, -1:] + 1  # (B, 1)
-    fused = FusedLlama(model, policy_weights(model, torch.bfloat16)) if fusable(model) else None
+    fused = FusedLlama(model, merged_weights(model, torch.bfloat16)) if fusable(model) else None
     for step in range(max_new_tokens):
         tokens = next_tokens(logits, temperature, eos_token_id, allow_eos=step >= min_new_tokens)  # (b,)
         out[rows, step] = tokens
@@ -222,7 +222,7 @@ def generate(model: nn.Module, prompts: dict[str, torch.Tensor], tokenizer, max_
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     engine = started_vllm(model, tokenizer, engine)
     if engine is not None:
-        engine.push(policy_weights(model, engine.dtype))
+        engine.push(merged_weights(model, engine.dtype))
         ids = [row[mask.bool()].tolist() for row, mask in zip(prompts["input_ids"], prompts["attention_mask"])]
         seed = int(torch.randint(2**31, ()))  # from torch's stream: a seeded caller gets the same samples again
         out = engine.sample(ids, 1, max_new_tokens, temperature, eos, pad, seed, min_tokens=min_new_tokens)

@@ -229,6 +229,22 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def merged_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The policy's weights under their transformers names, in `dtype`: a LoRA policy's base weights plus its active
+    adapters' W + scale * B A, computed beside the model (peft's merge and unmerge in place round the base weights)."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        return {name: tensor.detach().to(dtype) for name, tensor in model.state_dict().items()}
+    base, deltas = model.get_base_model(), {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+    return {name.replace(".base_layer", ""): (tensor.detach() + deltas[name] if name in deltas else tensor.detach()).to(dtype)
+            for name, tensor in base.state_dict().items() if "lora_" not in name}  # fmt: skip
+
+
 def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Union[str, Path], readme: str = "") -> Path:
     """Write `model` (LoRA merged; the adapter alone into `adapter/`), `tokenizer` and `readme` as a plain
     HF folder, through `written_atomically`: a killed export never leaves a folder that looks whole. An
