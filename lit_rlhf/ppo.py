@@ -22,10 +22,11 @@ With several processes (DDP, FSDP, DeepSpeed) each process rolls out its own sha
 - whitening (gae, reinforce_pp): the advantages' mean and std are all-reduced, those of every process's
   tokens together, as in one process with all the prompts. Groups (rloo, grpo, dr_grpo) never span
   processes: each process samples all k responses of its own prompts;
-- generation: under DDP each process holds the whole policy, so `generate` runs without collectives
-  and a process that stops early (every response at EOS) waits for nobody. Under FSDP or DeepSpeed
-  ZeRO-3 the parameters are sharded and every forward is a collective: `generate(synced_gpus=True)`
-  keeps every process stepping until all are done. (ZeRO-2 shards optimizer state and gradients only.)
+- generation: under DDP each process holds the whole policy, so the HF engine samples without
+  collectives and a process that stops early (every response at EOS) waits for nobody. Under FSDP or
+  DeepSpeed ZeRO-3 the parameters are sharded and every forward is a collective: `model.generate(synced_gpus=True)`
+  keeps every process stepping until all are done (lit_rlhf/rollout_engines.py). (ZeRO-2 shards optimizer
+  state and gradients only.)
 """
 
 import math
@@ -35,22 +36,21 @@ from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from transformers import GenerationConfig
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.errors import UserError
 from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator, checked_estimate
 from lit_rlhf.losses import ppo_value_loss, truncated_importance_weights
 from lit_rlhf.policy_losses import POLICY_LOSS_ARGUMENTS, POLICY_LOSSES, aggregate_token_losses, checked_policy_loss
-from lit_rlhf.distributed import no_backward_sync, sharded, sum_over_processes
-from lit_rlhf.forward import generate_responses, sequence_scores, token_logps, token_values
-from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer, unwrap
-from lit_rlhf.ops import IGNORE_INDEX, group_minibatches, kl_estimate, masked_mean
+from lit_rlhf.distributed import no_backward_sync, sum_over_processes
+from lit_rlhf.forward import sequence_scores, token_logps, token_values
+from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
+from lit_rlhf.ops import group_minibatches, kl_estimate, masked_mean
 from lit_rlhf.plugins import declared_arguments, resolve
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
 from lit_rlhf.rewards import RewardFunctions, reward_stats, weighted_total
-from lit_rlhf.rollout import Rollout
-from lit_rlhf.vllm_engine import VLLMEngine, policy_weights
+from lit_rlhf.rollout import Rollout, joined
+from lit_rlhf.rollout_engines import ROLLOUT_ENGINES, HFRollout, RolloutEngine, summary
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (B, P + R), prompts left-padded
 ESTIMATOR_CONTRACT = (
@@ -116,7 +116,7 @@ class PPOModule(AlignmentModule):
         vf_coef: float = 0.1,
         max_grad_norm: float = 1.0,
         sample_every_n_steps: int = 10,
-        rollout_engine: Literal["hf", "vllm"] = "hf",
+        rollout_engine: str = "hf",
         importance_sampling_cap: Optional[float] = 2.0,
         vllm_gpu_memory_utilization: float = 0.3,
         **kwargs,
@@ -198,10 +198,9 @@ class PPOModule(AlignmentModule):
             vf_coef: Weight of the value loss (`gae`).
             max_grad_norm: Gradient norm clip of each optimizer step.
             sample_every_n_steps: Log a table of prompt / response / score to TensorBoard every N PPO steps.
-            rollout_engine: Who samples the rollouts: `hf` (`model.generate` on the policy itself) or `vllm` (a vLLM
-                engine in this process, sent the policy's weights before every rollout; an extra:
-                `pip install 'lit-rlhf[vllm]'`, lit_rlhf/vllm_engine.py). Either way the old log-probs are the
-                trainer's own; `rollout/logprob_diff` logs how far vLLM's differ. Validation answers use `hf`.
+            rollout_engine: Who samples the rollouts: ROLLOUT_ENGINE_NAMES; or `module:Class` / `file.py:Class`, an
+                engine of your own (lit_rlhf/rollout_engines.py). Either way the old log-probs are the trainer's own;
+                `rollout/logprob_diff` logs how far the engine's differ (vLLM's). Validation answers use `hf`.
             importance_sampling_cap: With `vllm`: each token's policy loss is weighted by min(p_trainer / p_vllm,
                 cap), truncated importance sampling for the engines' mismatch (Yao et al. 2025; TRL's
                 `vllm_importance_sampling_cap`). null: no correction.
@@ -212,6 +211,7 @@ class PPOModule(AlignmentModule):
         self.estimator = entry if isinstance(entry, Estimator) else Estimator(entry, paper=advantage_estimator)
         flag = "--model.advantage_estimator"
         self.estimator_arguments = declared_arguments(self.estimator.function, ESTIMATOR_ARGUMENTS, flag, ESTIMATOR_CONTRACT)
+        self.engine_class = resolve(rollout_engine, ROLLOUT_ENGINES, "--model.rollout_engine")
         entry = resolve(policy_loss, POLICY_LOSSES, "--model.policy_loss")
         self.policy_loss = entry[0] if isinstance(entry, tuple) else entry
         if not callable(self.policy_loss):
@@ -250,11 +250,7 @@ class PPOModule(AlignmentModule):
             self.value_model = add_lora(value_model, **self.lora_args(), task_type="SEQ_CLS")
         else:  # critic-free: no value weights to train, optimise or checkpoint
             self.value_model, self.trained_modules = None, ("model",)
-        stop = dict(max_new_tokens=hp.response_length, min_new_tokens=1, pad_token_id=pad_id, eos_token_id=self.tokenizer.eos_token_id)
-        # top_k=0, top_p=1: sample from the full distribution, the one the log-probs are computed from
-        self.generation_config = GenerationConfig(do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0, **stop)
-        self.greedy_config = GenerationConfig(do_sample=False, **stop)
-        self.engine: Optional[VLLMEngine] = None  # started by on_fit_start with --model.rollout_engine vllm
+        self.engine: Optional[RolloutEngine] = None  # started by `started_engine`
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -281,21 +277,14 @@ class PPOModule(AlignmentModule):
         super().on_fit_start()
         if self.trainer.world_size > 1:  # the same seed on every process would sample alike: offset it by rank
             torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
-        if self.hparams.rollout_engine == "vllm" and self.engine is None:
-            self.engine = self.start_vllm()
+        self.started_engine()
 
-    def start_vllm(self) -> VLLMEngine:
-        """The colocated vLLM engine, in the precision the trainer computes in. One process only: vLLM starts a
-        process group of its own, which a multi-process strategy's would clash with."""
-        hp = self.hparams
-        if self.trainer.world_size > 1:
-            raise UserError(f"--model.rollout_engine vllm runs in one process here, not {self.trainer.world_size}: drop --trainer.strategy or use hf")
-        if str(hp.model_name_or_path).endswith(".gguf"):
-            raise UserError(f"--model.rollout_engine vllm starts from a transformers folder or hub id, not {hp.model_name_or_path}: save the model once (lit-rlhf fetch-smollm2)")
-        dtype = torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32
-        dm = self.trainer.datamodule  # without one, prompts may be as long as the model's positions
-        max_model_len = dm.hparams.max_prompt_length + hp.response_length if dm is not None else unwrap(self.model).config.max_position_embeddings
-        return VLLMEngine(hp.model_name_or_path, max_model_len, dtype, seed=int(torch.initial_seed()) % 2**31, gpu_memory_utilization=hp.vllm_gpu_memory_utilization)
+    def started_engine(self) -> RolloutEngine:
+        """The engine of `--model.rollout_engine` (lit_rlhf/rollout_engines.py), started on first use: in a run, when
+        `fit` starts (vLLM's start-up is not a rollout's time)."""
+        if self.engine is None:
+            self.engine = self.engine_class(self)
+        return self.engine
 
     @property
     def needs_reference(self) -> bool:
@@ -326,45 +315,22 @@ class PPOModule(AlignmentModule):
         """
         return sequence_scores(self.reward_model, batch)
 
-    def generate(self, prompts: Batch, greedy: bool = False) -> tuple[torch.Tensor, ...]:
-        """Sample (or greedy-decode) responses to left-padded prompts, cut after the first EOS: responses,
-        response_mask (B, R), contains_eos (B,). With sharded parameters every process keeps stepping
-        (`synced_gpus`) until all are done."""
-        config = self.greedy_config if greedy else self.generation_config
-        return generate_responses(self.model, prompts, self.tokenizer, generation_config=config, synced_gpus=sharded(self._trainer))
-
-    def sample_with_vllm(self, batch: Batch) -> tuple[torch.Tensor, ...]:
-        """Push the policy's weights into the vLLM engine, then sample `num_generations` responses to each prompt of
-        `batch` (B, P), groups contiguous: responses, response_mask (B * k, R), contains_eos (B * k,), and vLLM's
-        log-probs of its samples (B * k, R)."""
-        hp = self.hparams
-        self.engine.push(policy_weights(self.model, self.engine.dtype))
-        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]  # left padding dropped
-        seed = int(torch.randint(2**31, ()))  # from the run's stream: a resumed run samples as the uninterrupted one
-        out = self.engine.sample(prompts, hp.num_generations, hp.response_length, hp.temperature, self.tokenizer.eos_token_id,
-                                 self.tokenizer.pad_token_id, seed)  # fmt: skip
-        return tuple(tensor.to(self.device) for tensor in out)
-
     @torch.no_grad()
     def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
-        """Generate `num_generations` responses per prompt with the policy, then score, old log-probs, reference
+        """Sample `num_generations` responses per prompt with the rollout engine, then score, old log-probs, reference
         log-probs and (with a value model) values, `rollout_batch_size` rows per forward."""
-        k = self.hparams.num_generations
-        prompts = {key: batch[key].repeat_interleave(k, 0) for key in ("input_ids", "attention_mask")}  # (B * k, P), groups contiguous
-        P = prompts["input_ids"].shape[1]
+        hp, k = self.hparams, self.hparams.num_generations
+        engine = self.started_engine()
         start = time.perf_counter()
-        if self.engine is not None:
-            responses, response_mask, contains_eos, sampler_logprobs = self.sample_with_vllm(batch)  # (B * k, R)
-        else:
-            (responses, response_mask, contains_eos), sampler_logprobs = self.generate(prompts), None
+        engine.sync(self.model)
+        samples = engine.sample(batch, k, hp.response_length, hp.temperature)  # (B * k, R), groups contiguous
         generation_seconds = time.perf_counter() - start
-        sequences = torch.cat([prompts["input_ids"], responses], 1)  # (B * k, P + R)
-        mask = torch.cat([prompts["attention_mask"], response_mask], 1)
-        labels = sequences.masked_fill(mask == 0, IGNORE_INDEX)
-        labels[:, :P] = IGNORE_INDEX  # only response tokens are scored
+        responses, response_mask, contains_eos = samples.responses, samples.response_mask, samples.contains_eos
+        answered = joined(batch, samples, k)  # input_ids, attention_mask, labels: (B * k, P + R)
+        P = batch["input_ids"].shape[1]
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
-        for rows in torch.arange(len(sequences), device=sequences.device).split(self.hparams.rollout_batch_size):
-            micro = {"input_ids": sequences[rows], "attention_mask": mask[rows], "labels": labels[rows]}
+        for rows in torch.arange(len(responses), device=responses.device).split(hp.rollout_batch_size):
+            micro = {key: value[rows] for key, value in answered.items()}
             parts["logprobs"].append(self.response_logps(self.model, micro, P))
             if self.needs_reference:
                 with as_reference(self.model, self.ref_model) as reference:
@@ -380,10 +346,10 @@ class PPOModule(AlignmentModule):
         if self.hparams.missing_eos_penalty is not None:
             scores = scores - self.hparams.missing_eos_penalty * (~contains_eos).float()
         return Rollout(
-            input_ids=sequences, attention_mask=mask, labels=labels, response_mask=response_mask.float(), contains_eos=contains_eos,
+            **answered, response_mask=response_mask.float(), contains_eos=contains_eos,
             logprobs=torch.cat(parts["logprobs"]), ref_logprobs=torch.cat(parts["ref_logprobs"]) if parts["ref_logprobs"] else None, scores=scores,
             generation_seconds=generation_seconds, values=torch.cat(parts["values"]) if parts["values"] else None,
-            source_scores=source_scores, sampler_logprobs=sampler_logprobs,
+            source_scores=source_scores, sampler_logprobs=samples.sampler_logprobs,
         )  # fmt: skip
 
     def source_scores(self, model_scores: Optional[torch.Tensor], responses: torch.Tensor, response_mask: torch.Tensor,
@@ -534,7 +500,8 @@ class PPOModule(AlignmentModule):
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Greedy responses to held-out prompts, scored by the reward sources: `val_objective/scores`."""
-        responses, response_mask, _ = self.generate(batch, greedy=True)
+        samples = HFRollout(self).sample(batch, 1, self.hparams.response_length, temperature=0.0)
+        responses, response_mask = samples.responses, samples.response_mask
         answered = {"input_ids": torch.cat([batch["input_ids"], responses], 1), "attention_mask": torch.cat([batch["attention_mask"], response_mask], 1)}
         model_scores = self.score(answered, batch["input_ids"].shape[1]) if self.reward_model is not None else None
         source_scores = self.source_scores(model_scores, responses, response_mask, batch["prompt_text"], batch.get("columns", {}))
@@ -550,4 +517,6 @@ PPOModule.__init__.__doc__ = PPOModule.__init__.__doc__.replace(
     "POLICY_LOSS_NAMES", "; ".join(f"`{name}` ({paper})" for name, (_, paper) in POLICY_LOSSES.items())
 ).replace(
     "POLICY_LOSS_ARGUMENTS", ", ".join(POLICY_LOSS_ARGUMENTS)
+).replace(
+    "ROLLOUT_ENGINE_NAMES", "; ".join(f"`{name}` ({summary(engine)})" for name, engine in ROLLOUT_ENGINES.items())
 ).replace("REWARD_NAMES", ", ".join(f"`{name}`" for name in REWARD_FUNCTIONS))

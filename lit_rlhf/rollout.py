@@ -5,6 +5,19 @@ from typing import Optional
 
 import torch
 
+from lit_rlhf.ops import IGNORE_INDEX
+from lit_rlhf.rollout_engines import Samples
+
+
+def joined(prompts: dict[str, torch.Tensor], samples: Samples, k: int) -> dict[str, torch.Tensor]:
+    """Each of the left-padded prompts `input_ids`, `attention_mask` (B, P), k times, followed by its sampled response:
+    `input_ids`, `attention_mask` and `labels` (B * k, P + R), the labels the response tokens (IGNORE_INDEX elsewhere)."""
+    input_ids = torch.cat([prompts["input_ids"].repeat_interleave(k, 0), samples.responses], 1)
+    attention_mask = torch.cat([prompts["attention_mask"].repeat_interleave(k, 0), samples.response_mask], 1)
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[:, : prompts["input_ids"].shape[1]] = IGNORE_INDEX  # only response tokens are scored
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
 
 @dataclass
 class Rollout:

@@ -14,7 +14,9 @@ from lit_rlhf.errors import UserError
 from lit_rlhf.estimators import ESTIMATORS
 from lit_rlhf.policy_losses import POLICY_LOSSES
 from lit_rlhf.rows import load_rows
+from lit_rlhf.ops import masked_mean
 from lit_rlhf.ppo import PPOModule
+from lit_rlhf.rollout_engines import HFRollout
 
 
 def ppo_args(model_dir, reward_dir, dataset, *extra):
@@ -222,10 +224,12 @@ def test_sample_table_shows_the_users_prompt(tiny_model_dir, tiny_reward_dir, re
     assert len(first_cells) == 8 and set(first_cells) <= user_prompts  # no chat template, no system turn
 
 
-def test_generate_keeps_processes_in_step_only_when_parameters_are_sharded(tiny_model_dir, tiny_reward_dir, prompt_batch, monkeypatch):
+def test_the_hf_engine_keeps_processes_in_step_only_when_parameters_are_sharded(tiny_model_dir, tiny_reward_dir, prompt_batch, monkeypatch):
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, response_length=2)
+    engine = module.started_engine()
+    assert isinstance(engine, HFRollout)
     synced = []
 
     def generate(input_ids, synced_gpus, **kwargs):  # one response token per prompt, no collective
@@ -235,10 +239,68 @@ def test_generate_keeps_processes_in_step_only_when_parameters_are_sharded(tiny_
     monkeypatch.setattr(module.model, "generate", generate)
     for strategy in (None, DDPStrategy(), FSDPStrategy()):  # no trainer, replicated, sharded parameters
         module._trainer = None if strategy is None else types.SimpleNamespace(strategy=strategy)
-        module.generate(prompt_batch)
+        samples = engine.sample(prompt_batch, 2, 2, temperature=0.7)
+        assert samples.responses.shape[0] == 2 * len(prompt_batch["input_ids"]) and samples.sampler_logprobs is None
     # replicated parameters: the decode loop of lit_rlhf/generation.py, no collective; sharded: model.generate with
     # synced_gpus, which keeps every process stepping until all are done
     assert synced == [True]
+
+
+ENGINE_PLUGIN = """
+import torch
+
+from lit_rlhf.rollout_engines import Samples
+
+
+class EchoEngine:
+    \"\"\"Answers each prompt with its own last 3 tokens and EOS, and says each had log-prob 0: no model at all.\"\"\"
+
+    synced = []
+
+    def __init__(self, module):
+        self.eos = module.tokenizer.eos_token_id
+
+    def sync(self, policy):
+        EchoEngine.synced.append(policy)
+
+    def sample(self, prompts, k, max_new_tokens, temperature):
+        echo = prompts["input_ids"][:, -3:].repeat_interleave(k, 0)  # (B * k, 3)
+        responses = torch.cat([echo, torch.full_like(echo[:, :1], self.eos)], 1)  # (B * k, 4)
+        return Samples(responses, torch.ones_like(responses), torch.ones(len(responses), dtype=torch.bool), torch.zeros(responses.shape))
+"""
+
+
+@pytest.mark.parametrize("spec", ["echo", "my_engines.py:EchoEngine"])
+def test_a_rollout_engine_of_ones_own_is_one_class(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, spec):
+    """A third engine is one class: registered in the table, or named by its import path."""
+    from lit_rlhf.plugins import import_function
+    from lit_rlhf.rollout_engines import ROLLOUT_ENGINES
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_engines.py").write_text(ENGINE_PLUGIN)
+    monkeypatch.setitem(ROLLOUT_ENGINES, "echo", import_function("my_engines.py:EchoEngine", "test"))
+    run = cli(ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "12", "--model.ppo_epochs", "1",
+                       "--model.gradient_accumulation_steps", "1", "--trainer.limit_train_batches", "1", "--model.rollout_engine", spec,
+                       *estimator_args("grpo")), run=False)  # fmt: skip
+    rollouts = []
+    rollout = run.model.rollout
+    run.model.rollout = lambda batch: rollouts.append((batch, rollout(batch))) or rollouts[-1][1]
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    [(batch, sampled)] = rollouts
+    assert run.model.engine_class.synced == [run.model.model]  # pushed once, before its one rollout
+    P = batch["input_ids"].shape[1]
+    assert torch.equal(sampled.input_ids[:, P : P + 3], batch["input_ids"][:, -3:].repeat_interleave(2, 0))  # 8 prompts x 2, echoed
+    metrics = run.trainer.callback_metrics
+    assert metrics["objective/eos_share"] == 1.0 and run.trainer.global_step == 1
+    # the trainer's own log-probs of the echoes, which the engine said were 0
+    assert metrics["rollout/logprob_diff"] == pytest.approx(-masked_mean(sampled.logprobs, sampled.response_mask).item())
+
+
+def test_help_names_every_rollout_engine_with_its_summary():
+    from lit_rlhf.rollout_engines import ROLLOUT_ENGINES, summary
+
+    assert [name for name in ROLLOUT_ENGINES if f"`{name}` ({summary(ROLLOUT_ENGINES[name])})" in PPOModule.__init__.__doc__] == ["hf", "vllm"]
+    assert "ROLLOUT_ENGINE_NAMES" not in PPOModule.__init__.__doc__
 
 
 ESTIMATOR_PLUGIN = """

@@ -49,7 +49,7 @@ sample, VLLMEngine.sample = VLLMEngine.sample, recorded_sample
 
 
 def fit(args: list[str], engine=None, score=None):
-    """Build the run, hand it `engine` (None: it starts its own), optionally replace its reward-model `score`, fit:
+    """Build the run, hand it `engine` (a started `rollout_engines.VLLMRollout`; None: it starts its own), optionally replace its reward-model `score`, fit:
     the module, its metrics after each step and what SEEN recorded."""
     run = cli(args, run=False)
     steps = []
@@ -57,15 +57,15 @@ def fit(args: list[str], engine=None, score=None):
         {k: v.item() for k, v in trainer.callback_metrics.items()})))  # fmt: skip
     module = RUNNING["module"] = run.model
     module.engine = engine
-    start_vllm = module.start_vllm
+    start = module.engine_class
 
-    def recorded_start():  # does starting vLLM leave the run's RNG stream where it was?
+    def recorded_start(module):  # does starting vLLM leave the run's RNG stream where it was?
         before = torch.get_rng_state()
-        started = start_vllm()
+        started = start(module)
         RUNNING["rng_kept"] = torch.equal(before, torch.get_rng_state())
         return started
 
-    module.start_vllm = recorded_start
+    module.engine_class = recorded_start
     if score is not None:
         module.score = types.MethodType(score, module)
     SEEN.clear()
