@@ -32,7 +32,8 @@ With several processes (DDP, FSDP, DeepSpeed) each process rolls out its own sha
 import math
 import time
 from dataclasses import replace
-from typing import Literal, Optional
+from functools import partial
+from typing import Callable, Literal, Optional
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -48,7 +49,7 @@ from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_
 from lit_rlhf.ops import group_minibatches, kl_estimate, masked_mean
 from lit_rlhf.plugins import declared_arguments, resolve
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
-from lit_rlhf.rewards import RewardFunctions, reward_stats, weighted_total
+from lit_rlhf.rewards import RewardFunctions, RewardModel, Rewards, Responses, reward_stats
 from lit_rlhf.rollout import Rollout, joined
 from lit_rlhf.rollout_engines import ROLLOUT_ENGINES, HFRollout, RolloutEngine, summary
 
@@ -227,10 +228,8 @@ class PPOModule(AlignmentModule):
         if reward_model_path is None and not reward_funcs:
             raise UserError("PPO needs a reward: --model.reward_model_path (a reward model) and/or --model.reward_funcs (functions)")
         self.reward_functions = RewardFunctions(reward_funcs or [], reward_timeout, reward_errors, reward_memory_limit)
-        self.reward_sources = (["reward_model"] if reward_model_path else []) + self.reward_functions.names
-        if reward_weights is not None and len(reward_weights) != len(self.reward_sources):
-            raise UserError(f"--model.reward_weights has {len(reward_weights)} values for {len(self.reward_sources)} reward sources"
-                            f" ({', '.join(self.reward_sources)}): give one weight per source")  # fmt: skip
+        model_source = [RewardModel(self.reward_model_scores)] if reward_model_path else []
+        self.rewards = Rewards(model_source + self.reward_functions.sources(), reward_weights)  # the reward model first
         self.automatic_optimization = False
         hp = self.hparams
         self.tokenizer = load_tokenizer(model_name_or_path, hp.trust_remote_code)
@@ -317,56 +316,44 @@ class PPOModule(AlignmentModule):
 
     @torch.no_grad()
     def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
-        """Sample `num_generations` responses per prompt with the rollout engine, then score, old log-probs, reference
-        log-probs and (with a value model) values, `rollout_batch_size` rows per forward."""
+        """Sample `num_generations` responses per prompt with the rollout engine, score them with the reward sources,
+        then old log-probs, reference log-probs and (with a value model) values, `rollout_batch_size` rows per forward."""
         hp, k = self.hparams, self.hparams.num_generations
         engine = self.started_engine()
         start = time.perf_counter()
         engine.sync(self.model)
         samples = engine.sample(batch, k, hp.response_length, hp.temperature)  # (B * k, R), groups contiguous
         generation_seconds = time.perf_counter() - start
-        responses, response_mask, contains_eos = samples.responses, samples.response_mask, samples.contains_eos
         answered = joined(batch, samples, k)  # input_ids, attention_mask, labels: (B * k, P + R)
         P = batch["input_ids"].shape[1]
-        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
-        for rows in torch.arange(len(responses), device=responses.device).split(hp.rollout_batch_size):
-            micro = {key: value[rows] for key, value in answered.items()}
-            parts["logprobs"].append(self.response_logps(self.model, micro, P))
-            if self.needs_reference:
-                with as_reference(self.model, self.ref_model) as reference:
-                    parts["ref_logprobs"].append(self.response_logps(reference, micro, P))
-            if self.value_model is not None:
-                parts["values"].append(self.values(micro, P))
-            if self.reward_model is not None:
-                parts["scores"].append(self.score(micro, P))
-        columns = {name: [v for v in values for _ in range(k)] for name, values in batch.get("columns", {}).items()}
-        prompt_texts = [text for text in batch.get("prompt_text", [""] * len(batch["input_ids"])) for _ in range(k)]
-        source_scores = self.source_scores(torch.cat(parts["scores"]) if parts["scores"] else None, responses, response_mask, prompt_texts, columns)
-        scores = self.total_reward(source_scores)
-        if self.hparams.missing_eos_penalty is not None:
-            scores = scores - self.hparams.missing_eos_penalty * (~contains_eos).float()
+        source_scores = self.rewards(Responses.of(batch, answered, k, self.decode))  # (B * k, F)
+        scores = self.rewards.total(source_scores)
+        if hp.missing_eos_penalty is not None:
+            scores = scores - hp.missing_eos_penalty * (~samples.contains_eos).float()
+        logprobs = self.in_chunks(partial(self.response_logps, self.model), answered, P)
+        ref_logprobs = None
+        if self.needs_reference:
+            with as_reference(self.model, self.ref_model) as reference:
+                ref_logprobs = self.in_chunks(partial(self.response_logps, reference), answered, P)
+        values = self.in_chunks(self.values, answered, P) if self.value_model is not None else None
         return Rollout(
-            **answered, response_mask=response_mask.float(), contains_eos=contains_eos,
-            logprobs=torch.cat(parts["logprobs"]), ref_logprobs=torch.cat(parts["ref_logprobs"]) if parts["ref_logprobs"] else None, scores=scores,
-            generation_seconds=generation_seconds, values=torch.cat(parts["values"]) if parts["values"] else None,
+            **answered, response_mask=samples.response_mask.float(), contains_eos=samples.contains_eos, logprobs=logprobs,
+            ref_logprobs=ref_logprobs, scores=scores, generation_seconds=generation_seconds, values=values,
             source_scores=source_scores, sampler_logprobs=samples.sampler_logprobs,
         )  # fmt: skip
 
-    def source_scores(self, model_scores: Optional[torch.Tensor], responses: torch.Tensor, response_mask: torch.Tensor,
-                      prompt_texts: list[str], columns: dict[str, list]) -> torch.Tensor:  # fmt: skip
-        """(S, N) each reward source's score of each response: the reward model's `model_scores` (N,), then each
-        reward function's (nan where it returned None) on the decoded responses (N, R)."""
-        sources = [] if model_scores is None else [model_scores]
-        if self.reward_functions.specs:
-            completions = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, response_mask)]
-            for rewards in self.reward_functions(prompt_texts, completions, columns):
-                sources.append(torch.tensor(rewards, device=responses.device))
-        return torch.stack(sources).float()
+    def in_chunks(self, function: Callable[[Batch, int], torch.Tensor], batch: Batch, context_length: int) -> torch.Tensor:
+        """`function(rows, context_length)` over `batch`'s rows, `rollout_batch_size` rows per call, concatenated. -> (N, ...)"""
+        rows = torch.arange(len(batch["input_ids"]), device=batch["input_ids"].device).split(self.hparams.rollout_batch_size)
+        return torch.cat([function({key: value[r] for key, value in batch.items()}, context_length) for r in rows])
 
-    def total_reward(self, source_scores: torch.Tensor) -> torch.Tensor:
-        """(N,) each response's weighted total over the sources that apply (`rewards.weighted_total`)."""
-        weights = self.hparams.reward_weights or [1.0] * len(source_scores)
-        return weighted_total(source_scores, torch.tensor(weights, device=source_scores.device), int(self.reward_model is not None))
+    def reward_model_scores(self, batch: Batch, context_length: int) -> torch.Tensor:
+        """The reward source `reward_model`: `score` of each prompt + response, `rollout_batch_size` rows per forward. -> (N,)"""
+        return self.in_chunks(self.score, batch, context_length)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        """A response's token ids (R,) as text, special tokens skipped: what reward functions read."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def teardown(self, stage: str) -> None:
         self.reward_functions.close()
@@ -477,7 +464,7 @@ class PPOModule(AlignmentModule):
             "objective/eos_share": rollout.contains_eos.float().mean(),
             "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0], device=self.device),
         }
-        stats |= reward_stats(rollout.source_scores, self.reward_sources, rollout.scores, self.hparams.num_generations)
+        stats |= reward_stats(rollout.source_scores, self.rewards.names, rollout.scores, self.hparams.num_generations)
         if rollout.sampler_logprobs is not None:  # how far the engine that sampled is from the trainer, per token
             stats["rollout/logprob_diff"] = masked_mean((rollout.logprobs - rollout.sampler_logprobs).abs(), rollout.response_mask)
         self.log_stats(stats, "train", batch_size=len(scores))
@@ -501,11 +488,8 @@ class PPOModule(AlignmentModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Greedy responses to held-out prompts, scored by the reward sources: `val_objective/scores`."""
         samples = HFRollout(self).sample(batch, 1, self.hparams.response_length, temperature=0.0)
-        responses, response_mask = samples.responses, samples.response_mask
-        answered = {"input_ids": torch.cat([batch["input_ids"], responses], 1), "attention_mask": torch.cat([batch["attention_mask"], response_mask], 1)}
-        model_scores = self.score(answered, batch["input_ids"].shape[1]) if self.reward_model is not None else None
-        source_scores = self.source_scores(model_scores, responses, response_mask, batch["prompt_text"], batch.get("columns", {}))
-        self.log_stats({"objective/scores": self.total_reward(source_scores).mean()}, "val", len(responses))
+        scores = self.rewards.total(self.rewards(Responses.of(batch, joined(batch, samples, 1), 1, self.decode)))  # (B,)
+        self.log_stats({"objective/scores": scores.mean()}, "val", len(scores))
 
 
 PPOModule.__init__.__doc__ = PPOModule.__init__.__doc__.replace(

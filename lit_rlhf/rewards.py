@@ -1,4 +1,8 @@
-"""Rewards written in Python (RL from verifiable rewards), with TRL's contract.
+"""The rewards of an RL step: a reward model and reward functions, as one list (TRL's `reward_funcs`).
+
+`Rewards` holds the run's reward sources in order, the reward model first, then the reward functions,
+and one weight each (`--model.reward_weights`). Each source scores every response into one column of
+an (N, F) matrix; a response's reward is the weighted sum of its row (`weighted_total`).
 
 A reward function is called as
 
@@ -26,9 +30,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from functools import cached_property
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Literal, NoReturn, Optional
+from typing import Callable, Literal, NoReturn, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -155,19 +161,24 @@ class RewardFunctions:
 
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[list[float]]:
         """Each function's rewards of the rows, `nan` where it returned None: one list of len(rows) per function."""
-        out = []
-        for spec, name in zip(self.specs, self.names):
-            try:
-                rewards = self.run(spec, prompts, completions, columns)
-            except CallFailed as err:
-                if self.on_error == "none":
-                    self.failures += 1
-                    rank_zero_warn(f"reward function {name} failed ({err}); its {len(prompts)} rows get None ({self.failures} calls so far)")
-                    rewards = [None] * len(prompts)
-                else:
-                    raise UserError(f"reward function {name} {self.failing_row(spec, prompts, completions, columns, err)}") from None
-            out.append(checked(rewards, name, len(prompts)))
-        return out
+        return [self.call(spec, prompts, completions, columns) for spec in self.specs]
+
+    def call(self, spec: str, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[float]:
+        """The function `spec`'s rewards of the rows, `nan` where it returned None (or failed, with `on_error="none"`)."""
+        name = source_name(spec)
+        try:
+            rewards = self.run(spec, prompts, completions, columns)
+        except CallFailed as err:
+            if self.on_error != "none":
+                raise UserError(f"reward function {name} {self.failing_row(spec, prompts, completions, columns, err)}") from None
+            self.failures += 1
+            rank_zero_warn(f"reward function {name} failed ({err}); its {len(prompts)} rows get None ({self.failures} calls so far)")
+            rewards = [None] * len(prompts)
+        return checked(rewards, name, len(prompts))
+
+    def sources(self) -> list["RewardFunction"]:
+        """One reward source per function, each called in this worker."""
+        return [RewardFunction(source_name(spec), spec, self) for spec in self.specs]
 
     def failing_row(self, spec: str, prompts: list[str], completions: list[str], columns: dict[str, list], err: CallFailed) -> str:
         """What went wrong, and on which row: after a raise, each row is called alone until one fails."""
@@ -196,34 +207,109 @@ def checked(rewards, name: str, num_rows: int) -> list[float]:
     return out
 
 
-def weighted_total(source_scores: torch.Tensor, weights: torch.Tensor, functions_from: int) -> torch.Tensor:
+@dataclass
+class Responses:
+    """N sampled responses, as the reward sources read them."""
+
+    batch: dict[str, torch.Tensor]  # input_ids, attention_mask (N, P + R): each prompt (left-padded) followed by its response
+    context_length: int  # P: where the responses start
+    prompts: list[str]  # (N,) the user's prompt each response answers
+    columns: dict[str, list]  # the prompt rows' other fields (e.g. `answer`), one entry per response
+    decode: Callable[[torch.Tensor], str]  # token ids -> text
+
+    @classmethod
+    def of(cls, prompts: dict, answered: dict[str, torch.Tensor], k: int, decode: Callable[[torch.Tensor], str]) -> "Responses":
+        """The k responses to each prompt of the DataModule's batch `prompts` (its `prompt_text` and `columns`, each
+        repeated k times), `answered` holding the prompts followed by the responses (N = B * k rows, groups contiguous)."""
+        texts = prompts.get("prompt_text", [""] * len(prompts["input_ids"]))
+        columns = {name: [v for v in values for _ in range(k)] for name, values in prompts.get("columns", {}).items()}
+        return cls(answered, prompts["input_ids"].shape[1], [text for text in texts for _ in range(k)], columns, decode)
+
+    @cached_property
+    def completions(self) -> list[str]:
+        """(N,) the responses as text, special tokens skipped: what reward functions read."""
+        P = self.context_length
+        return [self.decode(ids[mask.bool()]) for ids, mask in zip(self.batch["input_ids"][:, P:], self.batch["attention_mask"][:, P:])]
+
+
+@dataclass
+class RewardModel:
+    """The reward model as a reward source: `score(batch, context_length)` (B,) of each prompt + response."""
+
+    score: Callable[[dict[str, torch.Tensor], int], torch.Tensor]
+    name: str = "reward_model"
+    may_abstain: bool = False  # a nan is an error, never "does not apply"
+
+    def __call__(self, responses: Responses) -> torch.Tensor:
+        """(N,) the reward model's score of each response."""
+        return self.score(responses.batch, responses.context_length)
+
+
+@dataclass
+class RewardFunction:
+    """A reward function as a reward source, called in the run's reward worker (`RewardFunctions`)."""
+
+    name: str
+    spec: str  # a REWARD_FUNCTIONS name or an import path
+    worker: RewardFunctions
+    may_abstain: bool = True  # None: does not apply to the row
+
+    def __call__(self, responses: Responses) -> torch.Tensor:
+        """(N,) the function's reward of each response, nan where it returned None."""
+        rewards = self.worker.call(self.spec, responses.prompts, responses.completions, responses.columns)
+        return torch.tensor(rewards, device=responses.batch["input_ids"].device)
+
+
+class Rewards:
+    """The run's reward sources as one list, each with one weight, as TRL's `reward_funcs` and `reward_weights`."""
+
+    def __init__(self, sources: list, weights: Optional[list[float]] = None):
+        """`sources`: callables `(Responses) -> (N,)` with a `name` and `may_abstain` (`RewardModel`, `RewardFunction`);
+        `weights`: one per source (default: 1 each)."""
+        self.sources, self.names = sources, [source.name for source in sources]
+        if weights is not None and len(weights) != len(sources):
+            raise UserError(f"--model.reward_weights has {len(weights)} values for {len(sources)} reward sources"
+                            f" ({', '.join(self.names)}): give one weight per source")  # fmt: skip
+        self.weights = [1.0] * len(sources) if weights is None else list(weights)
+
+    def __call__(self, responses: Responses) -> torch.Tensor:
+        """(N, F) each source's score of each response (float), nan where a function returned None."""
+        return torch.stack([source(responses) for source in self.sources], 1).float()
+
+    def total(self, scores: torch.Tensor) -> torch.Tensor:
+        """(N,) each response's weighted total of its `scores` (N, F) over the sources that apply (`weighted_total`)."""
+        may_abstain = torch.tensor([source.may_abstain for source in self.sources], device=scores.device)
+        return weighted_total(scores, torch.tensor(self.weights, device=scores.device), may_abstain)
+
+
+def weighted_total(scores: torch.Tensor, weights: torch.Tensor, may_abstain: torch.Tensor) -> torch.Tensor:
     """Each row's reward: the weighted sum of its sources, leaving out a function's None (nan) rather than counting it 0.
 
     Args:
-        source_scores: (S, N) each source's score of each row; rows `functions_from`.. are reward functions,
-            nan where one returned None. A reward model's nan (before them) stays nan: it is an error.
-        weights: (S,) one weight per source.
-        functions_from: the first row of `source_scores` that is a reward function.
+        scores: (N, F) each source's score of each row, nan where a function returned None.
+        weights: (F,) one weight per source.
+        may_abstain: (F,) bool, the sources whose nan means "does not apply" (reward functions). Another source's
+            nan (a reward model's) stays nan: it is an error.
 
     Returns:
-        (N,) `sum_s w_s r_s` over the sources that apply to the row (0 where none does).
+        (N,) `sum_f w_f r_f` over the sources that apply to the row (0 where none does).
     """
-    weighted = weights[:, None] * source_scores  # (S, N)
-    return weighted[:functions_from].sum(0) + weighted[functions_from:].nansum(0)
+    weighted = weights * scores  # (N, F)
+    return weighted.masked_fill(may_abstain & scores.isnan(), 0.0).sum(1)
 
 
-def reward_stats(source_scores: torch.Tensor, names: list[str], total: torch.Tensor, k: int) -> dict:
-    """TensorBoard scalars of one rollout's rewards: each source's mean over the rows it applies to
-    (`rewards/<name>/mean`) and its share of None (`rewards/<name>/none_share`), the weighted total
-    (`rewards/total`), the share of rows no source applies to (`rewards/unscored_share`) and, with k > 1,
-    the share of groups whose k totals are all equal (`rewards/flat_group_share`: no learning signal
-    for the group estimators)."""
-    none = source_scores.isnan()  # (S, N)
-    stats = {"rewards/total": total.mean(), "rewards/unscored_share": none.all(0).float().mean()}
-    for name, scores, missing in zip(names, source_scores, none):
+def reward_stats(scores: torch.Tensor, names: list[str], total: torch.Tensor, k: int) -> dict:
+    """TensorBoard scalars of one rollout's rewards, from each source's `scores` (N, F) and the weighted `total` (N,):
+    each source's mean over the rows it applies to (`rewards/<name>/mean`) and its share of None
+    (`rewards/<name>/none_share`), the weighted total (`rewards/total`), the share of rows no source applies
+    to (`rewards/unscored_share`) and, with k > 1, the share of groups whose k totals are all equal
+    (`rewards/flat_group_share`: no learning signal for the group estimators)."""
+    none = scores.isnan()  # (N, F)
+    stats = {"rewards/total": total.mean(), "rewards/unscored_share": none.all(1).float().mean()}
+    for name, column, missing in zip(names, scores.T, none.T):
         stats |= {f"rewards/{name}/none_share": missing.float().mean()}
         if not missing.all():
-            stats |= {f"rewards/{name}/mean": scores[~missing].mean()}
+            stats |= {f"rewards/{name}/mean": column[~missing].mean()}
     if k > 1:
         groups = total.view(-1, k)  # (B, k)
         stats["rewards/flat_group_share"] = (groups.max(1).values == groups.min(1).values).float().mean()

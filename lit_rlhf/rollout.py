@@ -34,7 +34,7 @@ class Rollout:
     scores: torch.Tensor  # (N,) the reward of each response (minus the missing-EOS penalty)
     generation_seconds: float  # wall time of the sampling
     values: Optional[torch.Tensor] = None  # (N, R) V(s_t) before each response token; with a value model only
-    source_scores: Optional[torch.Tensor] = None  # (S, N) each reward source's score, nan where a function returned None
+    source_scores: Optional[torch.Tensor] = None  # (N, F) each reward source's score (rewards.Rewards), nan where a function returned None
     sampler_logprobs: Optional[torch.Tensor] = None  # (N, R) under the engine that sampled (vLLM); None: the policy itself
     # filled in by `compute_advantages`
     kl: Optional[torch.Tensor] = None  # (N, R) per-token KL estimate to the reference; None without one

@@ -10,7 +10,7 @@ import torch
 from lit_rlhf.cli import cli
 from lit_rlhf.errors import UserError
 from lit_rlhf.reward_functions import answer_format, final_number
-from lit_rlhf.rewards import RewardFunctions, reward_stats, weighted_total
+from lit_rlhf.rewards import RewardFunction, RewardFunctions, RewardModel, Rewards, Responses, reward_stats, weighted_total
 from test_ppo import ppo_args
 
 NAN = math.nan
@@ -25,20 +25,36 @@ def test_final_number_and_answer_format_by_hand():
 
 
 def test_weighted_total_leaves_out_none_instead_of_counting_zero():
-    # sources: a reward model, then two functions; row 1: the second function does not apply; row 2: no function does
-    scores = torch.tensor([[1.0, 2.0, -1.0], [0.5, 1.0, NAN], [1.0, NAN, NAN]])
-    weights = torch.tensor([2.0, 1.0, 4.0])
-    # row 0: 2*1 + 0.5 + 4*1 = 6.5; row 1: 2*2 + 1 = 5 (not 2*2 + 1 + 4*0 - the same here, but the mean differs below);
-    # row 2: 2*(-1) = -2
-    assert weighted_total(scores, weights, functions_from=1).tolist() == [6.5, 5.0, -2.0]
-    functions_only = torch.tensor([[1.0, NAN, NAN], [0.0, 1.0, NAN]])
-    assert weighted_total(functions_only, torch.tensor([1.0, 1.0]), functions_from=0).tolist() == [1.0, 1.0, 0.0]
+    # columns: a reward model, then two functions; row 1: the second function does not apply; row 2: no function does
+    scores = torch.tensor([[1.0, 0.5, 1.0], [2.0, 1.0, NAN], [-1.0, NAN, NAN]])  # (N, F)
+    weights, functions = torch.tensor([2.0, 1.0, 4.0]), torch.tensor([False, True, True])
+    # row 0: 2*1 + 0.5 + 4*1 = 6.5; row 1: 2*2 + 1 = 5; row 2: 2*(-1) = -2
+    assert weighted_total(scores, weights, functions).tolist() == [6.5, 5.0, -2.0]
+    functions_only = torch.tensor([[1.0, 0.0], [NAN, 1.0], [NAN, NAN]])
+    assert weighted_total(functions_only, torch.tensor([1.0, 1.0]), torch.tensor([True, True])).tolist() == [1.0, 1.0, 0.0]
     broken_model = torch.tensor([[NAN, 1.0], [1.0, 1.0]])  # a reward model's nan is an error, never "does not apply"
-    assert weighted_total(broken_model, torch.tensor([1.0, 1.0]), functions_from=1)[0].isnan()
+    assert weighted_total(broken_model, torch.tensor([1.0, 1.0]), torch.tensor([False, True]))[0].isnan()
+
+
+def test_the_reward_model_and_the_functions_are_one_list_scored_into_one_matrix():
+    """Each source one column, in the list's order; the weights apply by position, whatever kind a source is."""
+    batch = {"input_ids": torch.tensor([[7, 97, 98], [7, 97, 97]]), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    responses = Responses(batch, 1, ["p", "q"], {}, decode=lambda ids: "".join(map(chr, ids.tolist())))
+    assert responses.completions == ["ab", "aa"]
+    worker = RewardFunctions([], timeout=1.0)
+    worker.run = lambda spec, prompts, completions, columns: [None if c == "ab" else float(len(c)) for c in completions]
+    model = RewardModel(lambda batch, P: batch["input_ids"][:, P:].sum(1).float())  # 97 + 98, 97 + 97
+    rewards = Rewards([RewardFunction("length", "length", worker), model], weights=[10.0, 0.5])
+    scores = rewards(responses)
+    assert rewards.names == ["length", "reward_model"] and scores.shape == (2, 2)
+    assert scores[0, 0].isnan() and scores[1].tolist() == [2.0, 194.0]
+    assert rewards.total(scores).tolist() == [0.5 * 195, 10 * 2 + 0.5 * 194]  # the function's None left out of row 0
+    with pytest.raises(UserError, match=r"--model.reward_weights has 1 values for 2 reward sources \(length, reward_model\)"):
+        Rewards([RewardFunction("length", "length", worker), model], weights=[1.0])
 
 
 def test_reward_stats_count_nones_and_flat_groups():
-    scores = torch.tensor([[1.0, 0.0, NAN, 1.0], [NAN, NAN, NAN, 0.5]])
+    scores = torch.tensor([[1.0, 0.0, NAN, 1.0], [NAN, NAN, NAN, 0.5]]).T  # (N, F)
     total = torch.tensor([1.0, 1.0, 0.0, 1.5])  # groups of k = 2: (1, 1) flat, (0, 1.5) not
     stats = reward_stats(scores, ["exact", "fmt"], total, k=2)
     assert stats["rewards/exact/mean"] == pytest.approx(2 / 3) and stats["rewards/exact/none_share"] == 0.25
@@ -170,7 +186,7 @@ def test_a_function_and_a_reward_model_combine_with_their_weights(tiny_model_dir
                    for r, m in zip(rollout.input_ids[:, 2:], rollout.response_mask)]  # fmt: skip
     expected = [0.5 * 3.0 + 2.0 * c.count("a") for c in completions]
     assert rollout.scores.tolist() == expected
-    assert module.reward_sources == ["reward_model", "count_a"]
+    assert module.rewards.names == ["reward_model", "count_a"]
     with pytest.raises(UserError, match=r"--model.reward_weights has 1 values for 2 reward sources \(reward_model, count_a\)"):
         PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, reward_funcs=[f"{plugin}:count_a"], reward_weights=[1.0])
     with pytest.raises(UserError, match="PPO needs a reward"):
@@ -212,7 +228,7 @@ def test_first_minibatch_is_on_policy_with_functions_and_a_resume_keeps_them(tin
     _, first = calls[0]
     assert first["ratio"].item() == pytest.approx(1.0, abs=1e-6) and first["clipfrac"] == 0.0
     resumed = cli([*args, "--ckpt_path", str(tmp_path / "logs/ppo/version_0/checkpoints/epoch=0-step=1.ckpt")])
-    assert resumed.model.reward_sources == ["count_a", "final_number"] and resumed.model.hparams.reward_weights == [1.0, 2.0]
+    assert resumed.model.rewards.names == ["count_a", "final_number"] and resumed.model.rewards.weights == [1.0, 2.0]
     assert resumed.trainer.global_step == 5
 
 
