@@ -2,11 +2,12 @@
 and the critic-free estimators that share its rollout and clipped update.
 
 One training step reads top to bottom:
-    rollout()            generate num_generations responses per prompt, score them, old log-probs,
-                         reference log-probs, values (gae only)
+    rollout()            sample num_generations responses per prompt (lit_rlhf/rollout_engines.py), score them
+                         (lit_rlhf/rewards.py), old log-probs, reference log-probs, values (gae only)
     compute_advantages() per-token KL penalty, then the advantages of `advantage_estimator`
     update()             ppo_epochs passes over minibatches of whole groups: clipped policy loss
                          (+ value loss for gae, + KL loss with kl_in_loss)
+then `log_step` logs what the step measured (lit_rlhf/rollout.py `step_stats`).
 
 Only the advantage differs between estimators: one function each in `estimators.ESTIMATORS`, which
 also says whether it compares the k = `num_generations` responses of a prompt (rloo, grpo, dr_grpo)
@@ -30,7 +31,6 @@ With several processes (DDP, FSDP, DeepSpeed) each process rolls out its own sha
 """
 
 import math
-import time
 from dataclasses import replace
 from functools import partial
 from typing import Callable, Literal, Optional
@@ -46,11 +46,11 @@ from lit_rlhf.policy_losses import POLICY_LOSS_ARGUMENTS, POLICY_LOSSES, aggrega
 from lit_rlhf.distributed import no_backward_sync, sum_over_processes
 from lit_rlhf.forward import sequence_scores, token_logps, token_values
 from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
-from lit_rlhf.ops import group_minibatches, kl_estimate, masked_mean
+from lit_rlhf.ops import group_minibatches, kl_estimate
 from lit_rlhf.plugins import declared_arguments, resolve
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
-from lit_rlhf.rewards import RewardFunctions, RewardModel, Rewards, Responses, reward_stats
-from lit_rlhf.rollout import Rollout, joined
+from lit_rlhf.rewards import RewardFunctions, RewardModel, Rewards, Responses
+from lit_rlhf.rollout import Rollout, Stopwatch, joined, samples_table, step_stats
 from lit_rlhf.rollout_engines import ROLLOUT_ENGINES, HFRollout, RolloutEngine, summary
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (B, P + R), prompts left-padded
@@ -64,6 +64,23 @@ POLICY_LOSS_CONTRACT = (
     "a policy loss is called with any of the keyword arguments " + ", ".join(POLICY_LOSS_ARGUMENTS)
     + " that it declares and returns (per-token losses (B, T), a dict of statistics) (lit_rlhf/policy_losses.py)"
 )
+
+
+def with_table_entries(init):
+    """`init` with its docstring's placeholders (ESTIMATOR_NAMES, KL_PLACEMENT, POLICY_LOSS_NAMES, POLICY_LOSS_ARGUMENTS,
+    ROLLOUT_ENGINE_NAMES, REWARD_NAMES) replaced by the entries of the tables: what `--help` prints of each flag."""
+    names = {
+        "ESTIMATOR_NAMES": "; ".join(f"`{name}` ({estimator.paper})" for name, estimator in ESTIMATORS.items()),
+        "KL_PLACEMENT": "; ".join(f"in the {where} for " + ", ".join(name for name, e in ESTIMATORS.items() if e.kl_in_loss == in_loss)
+                                  for where, in_loss in (("reward", False), ("loss", True))),
+        "POLICY_LOSS_NAMES": "; ".join(f"`{name}` ({paper})" for name, (_, paper) in POLICY_LOSSES.items()),
+        "POLICY_LOSS_ARGUMENTS": ", ".join(POLICY_LOSS_ARGUMENTS),
+        "ROLLOUT_ENGINE_NAMES": "; ".join(f"`{name}` ({summary(engine)})" for name, engine in ROLLOUT_ENGINES.items()),
+        "REWARD_NAMES": ", ".join(f"`{name}`" for name in REWARD_FUNCTIONS),
+    }  # fmt: skip
+    for placeholder, text in names.items():
+        init.__doc__ = init.__doc__.replace(placeholder, text)
+    return init
 
 
 class PPOModule(AlignmentModule):
@@ -83,6 +100,7 @@ class PPOModule(AlignmentModule):
         "importance_sampling_cap": ">= 1", "vllm_gpu_memory_utilization": "in (0, 1]",
     }  # fmt: skip
 
+    @with_table_entries
     def __init__(
         self,
         reward_model_path: Optional[str] = None,
@@ -250,6 +268,7 @@ class PPOModule(AlignmentModule):
         else:  # critic-free: no value weights to train, optimise or checkpoint
             self.value_model, self.trained_modules = None, ("model",)
         self.engine: Optional[RolloutEngine] = None  # started by `started_engine`
+        self.stopwatch = Stopwatch()  # the wall time of each phase of the step, for `time/*`
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -320,10 +339,9 @@ class PPOModule(AlignmentModule):
         then old log-probs, reference log-probs and (with a value model) values, `rollout_batch_size` rows per forward."""
         hp, k = self.hparams, self.hparams.num_generations
         engine = self.started_engine()
-        start = time.perf_counter()
-        engine.sync(self.model)
-        samples = engine.sample(batch, k, hp.response_length, hp.temperature)  # (B * k, R), groups contiguous
-        generation_seconds = time.perf_counter() - start
+        with self.stopwatch("generation"):
+            engine.sync(self.model)
+            samples = engine.sample(batch, k, hp.response_length, hp.temperature)  # (B * k, R), groups contiguous
         answered = joined(batch, samples, k)  # input_ids, attention_mask, labels: (B * k, P + R)
         P = batch["input_ids"].shape[1]
         source_scores = self.rewards(Responses.of(batch, answered, k, self.decode))  # (B * k, F)
@@ -338,7 +356,7 @@ class PPOModule(AlignmentModule):
         values = self.in_chunks(self.values, answered, P) if self.value_model is not None else None
         return Rollout(
             **answered, response_mask=samples.response_mask.float(), contains_eos=samples.contains_eos, logprobs=logprobs,
-            ref_logprobs=ref_logprobs, scores=scores, generation_seconds=generation_seconds, values=values,
+            ref_logprobs=ref_logprobs, scores=scores, values=values,
             source_scores=source_scores, sampler_logprobs=samples.sampler_logprobs,
         )  # fmt: skip
 
@@ -351,8 +369,8 @@ class PPOModule(AlignmentModule):
         """The reward source `reward_model`: `score` of each prompt + response, `rollout_batch_size` rows per forward. -> (N,)"""
         return self.in_chunks(self.score, batch, context_length)
 
-    def decode(self, ids: torch.Tensor) -> str:
-        """A response's token ids (R,) as text, special tokens skipped: what reward functions read."""
+    def decode(self, ids) -> str:
+        """A response's token ids (R,) (a tensor or a list) as text, special tokens skipped: what reward functions read."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def teardown(self, stage: str) -> None:
@@ -439,50 +457,28 @@ class PPOModule(AlignmentModule):
         return {name: torch.stack(values).mean() for name, values in stats.items()}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        start = time.perf_counter()
-        rollout = self.compute_advantages(self.rollout(batch))
-        for key in ("scores", "values", "advantages"):
-            value = getattr(rollout, key)
-            if value is not None and not self.finite_in_every_process(value):  # no values without a value model
-                return self.non_finite(f"rollout {key}")  # skipped: no update for this batch of prompts
-        rollout_seconds = time.perf_counter() - start
-        stats = self.update(rollout)
-        update_seconds = time.perf_counter() - start - rollout_seconds
-        stats |= {  # where the step's wall time goes; update tokens: real prompt + response tokens, every epoch
-            "time/generation": rollout.generation_seconds, "time/rollout": rollout_seconds, "time/update": update_seconds,
-            "time/generated_tokens_per_s": rollout.response_mask.sum() / rollout.generation_seconds,
-            "time/update_tokens_per_s": self.hparams.ppo_epochs * rollout.attention_mask.sum() / update_seconds,
-        }  # fmt: skip
-        scores = rollout.scores
-        non_score = rollout.non_score_reward.sum(1)  # (N,)
-        stats |= {
-            **({"objective/kl": rollout.kl.sum(1).mean()} if rollout.kl is not None else {}),  # no reference: no KL
-            "objective/entropy": -(rollout.logprobs * rollout.response_mask).sum(1).mean(),
-            "objective/non_score_reward": non_score.mean(),
-            "objective/rlhf_reward": (scores + non_score).mean(),
-            "objective/scores": scores.mean(),
-            "objective/eos_share": rollout.contains_eos.float().mean(),
-            "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0], device=self.device),
-        }
-        stats |= reward_stats(rollout.source_scores, self.rewards.names, rollout.scores, self.hparams.num_generations)
-        if rollout.sampler_logprobs is not None:  # how far the engine that sampled is from the trainer, per token
-            stats["rollout/logprob_diff"] = masked_mean((rollout.logprobs - rollout.sampler_logprobs).abs(), rollout.response_mask)
-        self.log_stats(stats, "train", batch_size=len(scores))
-        if batch_idx % self.hparams.sample_every_n_steps == 0:
-            self.log_samples([text for text in batch["prompt_text"] for _ in range(self.hparams.num_generations)], rollout)
+        """One PPO step on a batch of B prompts: rollout and advantages, then the update; skipped (no update) when the
+        rollout is not finite in every process."""
+        with self.stopwatch("rollout"):
+            rollout = self.compute_advantages(self.rollout(batch))
+            for key in ("scores", "values", "advantages"):
+                value = getattr(rollout, key)
+                if value is not None and not self.finite_in_every_process(value):  # no values without a value model
+                    return self.non_finite(f"rollout {key}")
+        with self.stopwatch("update"):
+            update_stats = self.update(rollout)
+        self.log_step(batch, batch_idx, rollout, update_stats)
 
-    def log_samples(self, prompt_texts: list[str], rollout: Rollout) -> None:
-        """A markdown table of the user's prompt / response / score in TensorBoard's Text tab."""
-        if not isinstance(self.logger, TensorBoardLogger):
-            return
-        P = rollout.context_length
-        cell = lambda text: text.replace("\n", " ").replace("|", "\\|")  # noqa: E731
-        rows = [
-            f"| {cell(prompt)} | {cell(self.tokenizer.decode(seq[P:], skip_special_tokens=True))} | {score:.3f} |"
-            for prompt, seq, score in zip(prompt_texts[:8], rollout.input_ids[:8].tolist(), rollout.scores[:8].tolist())
-        ]
-        table = "\n".join(["| prompt | response | score |", "| --- | --- | --- |", *rows])
-        self.logger.experiment.add_text("samples", table, self.global_step)
+    def log_step(self, batch: dict, batch_idx: int, rollout: Rollout, update_stats: dict[str, torch.Tensor]) -> None:
+        """The step's scalars (`update_stats`, `rollout.step_stats`, `lr`) and, every `sample_every_n_steps` steps, a table
+        of the user's prompt / response / score in TensorBoard's Text tab (`samples`)."""
+        hp = self.hparams
+        stats = update_stats | step_stats(rollout, self.rewards.names, hp.num_generations, hp.ppo_epochs, self.stopwatch.seconds)
+        stats["lr"] = torch.tensor(self.lr_schedulers().get_last_lr()[0], device=self.device)
+        self.log_stats(stats, "train", batch_size=len(rollout.scores))
+        if batch_idx % hp.sample_every_n_steps == 0 and isinstance(self.logger, TensorBoardLogger):
+            prompts = [text for text in batch["prompt_text"] for _ in range(hp.num_generations)]
+            self.logger.experiment.add_text("samples", samples_table(prompts, rollout, self.decode), self.global_step)
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -491,16 +487,3 @@ class PPOModule(AlignmentModule):
         scores = self.rewards.total(self.rewards(Responses.of(batch, joined(batch, samples, 1), 1, self.decode)))  # (B,)
         self.log_stats({"objective/scores": scores.mean()}, "val", len(scores))
 
-
-PPOModule.__init__.__doc__ = PPOModule.__init__.__doc__.replace(
-    "ESTIMATOR_NAMES", "; ".join(f"`{name}` ({estimator.paper})" for name, estimator in ESTIMATORS.items())
-).replace(
-    "KL_PLACEMENT", "; ".join(f"in the {where} for " + ", ".join(name for name, e in ESTIMATORS.items() if e.kl_in_loss == in_loss)
-                              for where, in_loss in (("reward", False), ("loss", True)))
-).replace(
-    "POLICY_LOSS_NAMES", "; ".join(f"`{name}` ({paper})" for name, (_, paper) in POLICY_LOSSES.items())
-).replace(
-    "POLICY_LOSS_ARGUMENTS", ", ".join(POLICY_LOSS_ARGUMENTS)
-).replace(
-    "ROLLOUT_ENGINE_NAMES", "; ".join(f"`{name}` ({summary(engine)})" for name, engine in ROLLOUT_ENGINES.items())
-).replace("REWARD_NAMES", ", ".join(f"`{name}`" for name in REWARD_FUNCTIONS))

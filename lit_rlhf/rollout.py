@@ -1,11 +1,14 @@
-"""What one RL step samples, and everything its update reads."""
+"""What one RL step samples, everything its update reads, and what is logged of it."""
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from lit_rlhf.ops import IGNORE_INDEX
+from lit_rlhf.ops import IGNORE_INDEX, masked_mean
+from lit_rlhf.rewards import reward_stats
 from lit_rlhf.rollout_engines import Samples
 
 
@@ -32,7 +35,6 @@ class Rollout:
     logprobs: torch.Tensor  # (N, R) under the policy that sampled them, at the sampling temperature
     ref_logprobs: Optional[torch.Tensor]  # (N, R) the same under the reference; None without one (kl_coef 0)
     scores: torch.Tensor  # (N,) the reward of each response (minus the missing-EOS penalty)
-    generation_seconds: float  # wall time of the sampling
     values: Optional[torch.Tensor] = None  # (N, R) V(s_t) before each response token; with a value model only
     source_scores: Optional[torch.Tensor] = None  # (N, F) each reward source's score (rewards.Rewards), nan where a function returned None
     sampler_logprobs: Optional[torch.Tensor] = None  # (N, R) under the engine that sampled (vLLM); None: the policy itself
@@ -50,3 +52,53 @@ class Rollout:
     def model_inputs(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """`input_ids`, `attention_mask` and `labels` of `rows`: a batch for the forward functions."""
         return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows], "labels": self.labels[rows]}
+
+
+class Stopwatch:
+    """Wall time of the named phases of a step: `with stopwatch("update"): ...` sets `seconds["update"]`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = time.perf_counter() - start
+
+
+def step_stats(rollout: Rollout, reward_names: list[str], k: int, ppo_epochs: int, seconds: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The TensorBoard scalars of one step's `rollout` (after `compute_advantages`): `objective/*` (no `objective/kl`
+    without a reference), `rewards/*` (`rewards.reward_stats` of the sources `reward_names`, k responses per prompt),
+    `rollout/logprob_diff` (with the sampler's log-probs) and where the wall time went, `time/*`, from the `seconds`
+    of the phases `generation`, `rollout` and `update` (update tokens: real prompt + response tokens of every epoch)."""
+    scores, non_score = rollout.scores, rollout.non_score_reward.sum(1)  # (N,) each
+    stats = {
+        "time/generation": seconds["generation"], "time/rollout": seconds["rollout"], "time/update": seconds["update"],
+        "time/generated_tokens_per_s": rollout.response_mask.sum() / seconds["generation"],
+        "time/update_tokens_per_s": ppo_epochs * rollout.attention_mask.sum() / seconds["update"],
+        **({"objective/kl": rollout.kl.sum(1).mean()} if rollout.kl is not None else {}),
+        "objective/entropy": -(rollout.logprobs * rollout.response_mask).sum(1).mean(),
+        "objective/non_score_reward": non_score.mean(),
+        "objective/rlhf_reward": (scores + non_score).mean(),
+        "objective/scores": scores.mean(),
+        "objective/eos_share": rollout.contains_eos.float().mean(),
+    }  # fmt: skip
+    stats |= reward_stats(rollout.source_scores, reward_names, scores, k)
+    if rollout.sampler_logprobs is not None:  # how far the engine that sampled is from the trainer, per token
+        stats["rollout/logprob_diff"] = masked_mean((rollout.logprobs - rollout.sampler_logprobs).abs(), rollout.response_mask)
+    return stats
+
+
+def samples_table(prompts: list[str], rollout: Rollout, decode: Callable[[list[int]], str], rows: int = 8) -> str:
+    """A markdown table of the first `rows` responses of `rollout`: the user's prompt (one per response), the response
+    (`decode`d) and its score."""
+    P = rollout.context_length
+    cell = lambda text: text.replace("\n", " ").replace("|", "\\|")  # noqa: E731
+    lines = [
+        f"| {cell(prompt)} | {cell(decode(seq[P:]))} | {score:.3f} |"
+        for prompt, seq, score in zip(prompts[:rows], rollout.input_ids[:rows].tolist(), rollout.scores[:rows].tolist())
+    ]
+    return "\n".join(["| prompt | response | score |", "| --- | --- | --- |", *lines])

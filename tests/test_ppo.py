@@ -296,6 +296,29 @@ def test_a_rollout_engine_of_ones_own_is_one_class(tiny_model_dir, tiny_reward_d
     assert metrics["rollout/logprob_diff"] == pytest.approx(-masked_mean(sampled.logprobs, sampled.response_mask).item())
 
 
+def test_step_stats_by_hand():
+    """Two responses of one prompt (k = 2): R = 2 tokens, the second response ends at its first token."""
+    from lit_rlhf.rollout import Rollout, step_stats
+
+    response_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    rollout = Rollout(
+        input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]]),
+        labels=torch.zeros(2, 5, dtype=torch.long), response_mask=response_mask, contains_eos=torch.tensor([False, True]),
+        logprobs=torch.tensor([[-1.0, -2.0], [-0.5, 0.0]]), ref_logprobs=None, scores=torch.tensor([1.0, 3.0]),
+        source_scores=torch.tensor([[1.0], [3.0]]), sampler_logprobs=torch.tensor([[-1.5, -2.0], [-0.5, 0.0]]),
+        kl=torch.tensor([[0.2, 0.4], [0.2, 0.0]]), non_score_reward=torch.tensor([[-0.02, -0.04], [-0.02, 0.0]]),
+    )  # fmt: skip
+    stats = step_stats(rollout, ["reward_model"], k=2, ppo_epochs=3, seconds={"generation": 0.5, "rollout": 1.0, "update": 7.0})
+    expected = {
+        "objective/kl": 0.4, "objective/entropy": 1.75, "objective/non_score_reward": -0.04, "objective/rlhf_reward": 1.96,
+        "objective/scores": 2.0, "objective/eos_share": 0.5, "rewards/total": 2.0, "rewards/reward_model/mean": 2.0,
+        "rewards/flat_group_share": 0.0, "rollout/logprob_diff": 0.5 / 3, "time/generation": 0.5, "time/rollout": 1.0,
+        "time/update": 7.0, "time/generated_tokens_per_s": 3 / 0.5, "time/update_tokens_per_s": 3 * 7 / 7.0,
+    }  # fmt: skip
+    assert {name: pytest.approx(float(stats[name])) for name in expected} == expected
+    assert "objective/kl" not in step_stats(replace(rollout, kl=None), ["reward_model"], 2, 3, {"generation": 1, "rollout": 1, "update": 1})
+
+
 def test_help_names_every_rollout_engine_with_its_summary():
     from lit_rlhf.rollout_engines import ROLLOUT_ENGINES, summary
 
