@@ -25,8 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lit_rlhf.cli import cli
-from lit_rlhf.ops import truncate_after_eos
-from lit_rlhf.rollout_engines import generation_config
+from lit_rlhf.generation import transformers_generate
 
 ROWS = Path(__file__).resolve().parents[1] / "lit_rlhf" / "assets" / "human_like_dpo_1k.jsonl"
 SETTINGS = {  # the sizes the README reports
@@ -119,12 +118,11 @@ def print_ppo_phases(run, timer: StepTimer, model_dir: str) -> None:
     step = phase["rollout"] + phase["update"]
     batch = next(iter(run.datamodule.train_dataloader()))
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    config = generation_config(run.model.tokenizer, run.model.hparams.response_length, run.model.hparams.temperature)
+    hp = run.model.hparams
     start = time.perf_counter()
     with torch.no_grad(), run.trainer.precision_plugin.forward_context():
-        out = plain.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config)
+        _, mask, _ = transformers_generate(plain, batch, run.model.tokenizer, hp.response_length, hp.temperature, 1, synced_gpus=False)
     seconds = time.perf_counter() - start
-    _, mask, _ = truncate_after_eos(out[:, batch["input_ids"].shape[1] :], run.model.tokenizer.eos_token_id, run.model.tokenizer.pad_token_id)
     print(f"PPO step {step:.1f} s: generation {phase['generation']:.1f} s ({phase['generation'] / step:.0%} of the step), rest of the"
           f" rollout {phase['rollout'] - phase['generation']:.1f} s, update {phase['update']:.1f} s ({update_rate:.0f} real tokens/s,"
           f" every epoch counted: compare with DPO's tokens/s); generated {rate:.0f} tokens/s"

@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel
 
-from lit_rlhf.generation import generate_answers, generate_responses  # noqa: F401 (the callers' import path)
+from lit_rlhf.generation import generate_answers  # noqa: F401 (the callers' import path)
 from lit_rlhf.models import unwrap
 from lit_rlhf.ops import label_logps, last_token_index, position_ids
 

@@ -15,7 +15,6 @@
 What each part gave, measured: docs/speed.md, "Generation".
 """
 
-import copy
 import importlib.util
 import tempfile
 import warnings
@@ -213,13 +212,17 @@ def started_vllm(model: nn.Module, tokenizer, engine: Engine) -> Optional[VLLMEn
 
 
 def generate(model: nn.Module, prompts: dict[str, torch.Tensor], tokenizer, max_new_tokens: int, temperature: float = 0.0,
-             min_new_tokens: int = 0, engine: Engine = "auto") -> tuple[torch.Tensor, ...]:  # fmt: skip
+             min_new_tokens: int = 0, engine: Engine = "auto", synced: bool = False) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Responses to left-padded prompts `input_ids`, `attention_mask` (B, P): greedy when `temperature` is 0, else
     sampled at `temperature` from the whole vocabulary; stopped at the tokenizer's EOS, not before `min_new_tokens`.
-    `auto` falls back to `hf` (with a warning) when vLLM does not start for this model (`started_vllm`).
+    `auto` falls back to `hf` (with a warning) when vLLM does not start for this model (`started_vllm`). `synced`:
+    the parameters are sharded over processes (FSDP, DeepSpeed ZeRO-3), so every forward is a collective and every
+    process must keep stepping until all are done: `transformers_generate(synced_gpus=True)`, whatever `engine`.
 
     Returns responses, response_mask (B, R), contains_eos (B,), cut after the first EOS (`ops.truncate_after_eos`)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if synced:
+        return transformers_generate(model, prompts, tokenizer, max_new_tokens, temperature, min_new_tokens, synced_gpus=True)
     engine = started_vllm(model, tokenizer, engine)
     if engine is not None:
         engine.push(merged_weights(model, engine.dtype))
@@ -231,41 +234,16 @@ def generate(model: nn.Module, prompts: dict[str, torch.Tensor], tokenizer, max_
     return truncate_after_eos(tokens, eos, pad)
 
 
-def decoding_settings(model: nn.Module, tokenizer, generate_kwargs: dict) -> Optional[dict]:
-    """`model.generate` keyword arguments as `generate`'s settings (max_new_tokens, temperature, min_new_tokens), or
-    None where they ask for more than `decode` does (beams, top-k/top-p, penalties, `synced_gpus`, other stop ids):
-    those go to `model.generate`. Read as `model.generate` reads them: the model's own generation config, a
-    `generation_config`'s settings over it, the other keyword arguments over both."""
-    config = copy.deepcopy(unwrap(model).generation_config)
-    config.update(**(generate_kwargs.get("generation_config") or GenerationConfig()).to_diff_dict())
-    rest = config.update(**{k: v for k, v in generate_kwargs.items() if k != "generation_config"})
-    allowed = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "pad_token_id", "eos_token_id",
-               "bos_token_id", "use_cache", "transformers_version", "_from_model_config"}  # fmt: skip
-    settings = {k for k, v in config.to_diff_dict().items() if v not in (None, False)}
-    if any(rest.values()) or not settings <= allowed or config.max_new_tokens is None:
-        return None
-    if config.eos_token_id not in (tokenizer.eos_token_id, [tokenizer.eos_token_id]) or config.pad_token_id != tokenizer.pad_token_id:
-        return None
-    if config.do_sample and (config.top_k != 0 or config.top_p not in (None, 1.0) or not config.temperature):
-        return None
-    return {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature if config.do_sample else 0.0,
-            "min_new_tokens": config.min_new_tokens or 0}  # fmt: skip
-
-
-def generate_responses(model: nn.Module, batch: dict[str, torch.Tensor], tokenizer, **generate_kwargs) -> tuple[torch.Tensor, ...]:
-    """`model.generate`'s contract on left-padded prompts `input_ids`, `attention_mask` (B, P), cut after the first EOS:
-    responses, response_mask (B, R), contains_eos (B,). The tokenizer's pad and EOS ids are passed unless a
-    `generation_config` (which then holds them) is. Through `generate`'s HF engine where `decoding_settings` covers
-    the keyword arguments (the same tokens for greedy, the same distribution for sampling), else `model.generate`."""
-    if "generation_config" not in generate_kwargs:
-        generate_kwargs |= {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    settings = decoding_settings(model, tokenizer, generate_kwargs)
-    if settings is not None:
-        return generate(model, batch, tokenizer, engine="hf", **settings)
-    prompts = batch["input_ids"]
+def transformers_generate(model: nn.Module, prompts: dict[str, torch.Tensor], tokenizer, max_new_tokens: int, temperature: float,
+                          min_new_tokens: int, synced_gpus: bool) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """`generate` through `model.generate` (the same answers as `decode`'s, one step slower each), for `synced_gpus`:
+    greedy or sampled from the whole vocabulary (top_k 0, top_p 1) at `temperature`. -> as `generate`"""
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, **sampling)  # fmt: skip
     with kv_cache_kept(model):
-        out = model.generate(input_ids=prompts, attention_mask=batch["attention_mask"], **generate_kwargs)
-    return truncate_after_eos(out[:, prompts.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
+        out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], generation_config=config, synced_gpus=synced_gpus)
+    return truncate_after_eos(out[:, prompts["input_ids"].shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
 @torch.no_grad()

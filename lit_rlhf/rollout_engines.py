@@ -19,13 +19,12 @@ from typing import Optional, Protocol
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
 
 from lit_rlhf.distributed import sharded
 from lit_rlhf.errors import UserError
-from lit_rlhf.generation import generate, generate_responses
-from lit_rlhf.models import unwrap
-from lit_rlhf.vllm_engine import VLLMEngine, policy_weights
+from lit_rlhf.generation import generate
+from lit_rlhf.models import merged_weights, unwrap
+from lit_rlhf.vllm_engine import VLLMEngine
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask: (B, P), prompts left-padded
 
@@ -48,15 +47,6 @@ class RolloutEngine(Protocol):
     def sample(self, prompts: Batch, k: int, max_new_tokens: int, temperature: float) -> Samples: ...
 
 
-def generation_config(tokenizer, max_new_tokens: int, temperature: float) -> GenerationConfig:
-    """`model.generate`'s settings for what `generation.generate` does: at least 1 and at most `max_new_tokens` new tokens,
-    stopped at the tokenizer's EOS, sampled from the whole vocabulary (top_k 0, top_p 1: the distribution the
-    log-probs are computed from) at `temperature`, greedy at 0."""
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=1, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, **sampling)  # fmt: skip
-
-
 class HFRollout:
     """The policy itself, through the decode loop of lit_rlhf/generation.py.
 
@@ -74,10 +64,7 @@ class HFRollout:
         """`k` responses to each prompt of `prompts` (B, P): responses, response_mask (B * k, R), contains_eos (B * k,)."""
         model, tokenizer = self.module.model, self.module.tokenizer
         repeated = {key: prompts[key].repeat_interleave(k, 0) for key in ("input_ids", "attention_mask")}  # (B * k, P)
-        if sharded(self.module._trainer):
-            config = generation_config(tokenizer, max_new_tokens, temperature)
-            return Samples(*generate_responses(model, repeated, tokenizer, generation_config=config, synced_gpus=True))
-        return Samples(*generate(model, repeated, tokenizer, max_new_tokens, temperature, min_new_tokens=1, engine="hf"))
+        return Samples(*generate(model, repeated, tokenizer, max_new_tokens, temperature, min_new_tokens=1, engine="hf", synced=sharded(self.module._trainer)))
 
 
 class VLLMRollout:
@@ -102,8 +89,8 @@ class VLLMRollout:
         self.eos_token_id, self.pad_token_id = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
 
     def sync(self, policy: nn.Module) -> None:
-        """Load the policy's current weights into the engine (a LoRA policy merged: `vllm_engine.policy_weights`)."""
-        self.engine.push(policy_weights(policy, self.engine.dtype))
+        """Load the policy's current weights into the engine (a LoRA policy merged: `models.merged_weights`)."""
+        self.engine.push(merged_weights(policy, self.engine.dtype))
 
     def sample(self, prompts: Batch, k: int, max_new_tokens: int, temperature: float) -> Samples:
         """`k` responses to each prompt of `prompts` (B, P): responses, response_mask, vLLM's log-probs (B * k, R),

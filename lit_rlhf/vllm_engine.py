@@ -47,25 +47,6 @@ def kept_rng_state() -> Iterator[None]:
         random.setstate(states[1])
 
 
-def policy_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The policy's weights under their transformers names, in `dtype`: a LoRA policy with its adapter merged
-    into the base weights (and unmerged again before this returns)."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return {name: tensor.detach().to(dtype) for name, tensor in model.state_dict().items()}
-    model.merge_adapter()
-    try:
-        return {
-            # a LoRA layer keeps its base weight in `base_layer`; copied, since unmerging changes it in place
-            name.replace(".base_layer", ""): tensor.detach().to(dtype, copy=True)
-            for name, tensor in model.get_base_model().state_dict().items()
-            if "lora_" not in name
-        }
-    finally:
-        model.unmerge_adapter()
-
-
 class VLLMEngine:
     """A colocated vLLM engine that samples responses to token-id prompts from the weights last pushed.
 
@@ -93,7 +74,7 @@ class VLLMEngine:
             )  # fmt: skip
 
     def push(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load `weights` (transformers names, e.g. `policy_weights`) into the engine. `reload_weights` maps and
+        """Load `weights` (transformers names, e.g. `models.merged_weights`) into the engine. `reload_weights` maps and
         fuses them as vLLM's own loader does (q/k/v, gate/up), and repacks them for the CPU kernels."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True})
 

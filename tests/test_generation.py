@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig
 
 from conftest import make_causal_lm, make_tokenizer
 from lit_rlhf.data import collate_prompts
-from lit_rlhf.generation import decode, decoding_settings, generate, generate_answers, generate_responses
+from lit_rlhf.generation import decode, generate, generate_answers, transformers_generate
 from lit_rlhf.ops import truncate_after_eos
 from lit_rlhf.tokenization import render_prompt, tokenize
 
@@ -110,24 +109,19 @@ def test_sampling_draws_what_model_generate_draws_until_a_row_ends(tokenizer):
     assert not torch.equal(decode(model, batch["input_ids"], batch["attention_mask"], 5, tokenizer.eos_token_id, tokenizer.pad_token_id, 2.0), expected[:, :5])
 
 
-def test_the_callers_keyword_arguments_go_to_the_fast_path_or_to_model_generate(model, tokenizer):
-    stop = dict(max_new_tokens=8, min_new_tokens=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    ppo = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, **stop)  # PPO's rollout config
-    assert decoding_settings(model, tokenizer, {"generation_config": ppo}) == {"max_new_tokens": 8, "temperature": 0.7, "min_new_tokens": 1}
-    assert decoding_settings(model, tokenizer, {"generation_config": GenerationConfig(do_sample=False, **stop), "synced_gpus": False})["temperature"] == 0.0
-    assert decoding_settings(model, tokenizer, {"generation_config": ppo, "synced_gpus": True}) is None  # FSDP: every process steps
-    assert decoding_settings(model, tokenizer, {"max_new_tokens": 8, "do_sample": True, "top_k": 50, **stop}) is None
-    assert decoding_settings(model, tokenizer, {"max_new_tokens": 8, "num_beams": 2, **stop}) is None
-    assert decoding_settings(model, tokenizer, {"generation_config": ppo, "eos_token_id": 7}) is None
-    nucleus = copy.deepcopy(model)
-    nucleus.generation_config.top_p = 0.9  # what model.generate samples with when the call does not say
-    assert decoding_settings(nucleus, tokenizer, {"max_new_tokens": 8, "do_sample": True, "top_k": 0, **stop}) is None
-    assert decoding_settings(nucleus, tokenizer, {"generation_config": ppo})["temperature"] == 0.7  # the call says top_p=1
-    # both routes return the same thing
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_transformers_generate_for_sharded_policies_answers_as_the_decode_loop(model, tokenizer, temperature):
+    """`synced` (FSDP) generation goes through `model.generate`: the same greedy answers, the same draws until a row ends."""
     batch = left_padded(tokenizer)
-    fast = generate_responses(model, batch, tokenizer, max_new_tokens=NEW_TOKENS, do_sample=False)
-    slow = generate_responses(model, batch, tokenizer, max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.0)
-    assert all(map(torch.equal, fast, slow))
+    torch.manual_seed(3)
+    expected = generate(model, batch, tokenizer, NEW_TOKENS, temperature, min_new_tokens=1, engine="hf")
+    torch.manual_seed(3)
+    out = transformers_generate(model, batch, tokenizer, NEW_TOKENS, temperature, 1, synced_gpus=False)
+    ended = int(expected[1].sum(1).min())  # the first row's end: rows leave the decode loop's batch after it
+    assert ended > 4
+    assert all(torch.equal(a[:, :ended], b[:, :ended]) for a, b in zip(out[:2], expected[:2]))
+    if temperature == 0:
+        assert all(map(torch.equal, out, expected))
 
 
 def test_a_lora_policy_generates_with_its_adapter(model, tokenizer):
@@ -148,7 +142,8 @@ def test_a_policy_that_checkpoints_its_layers_generates_with_its_kv_cache(model,
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     with torch.no_grad():
-        responses = generate_responses(policy, batch, tokenizer, max_new_tokens=NEW_TOKENS, do_sample=False, **({} if fast else {"num_beams": 1, "repetition_penalty": 1.0}))[0]
+        generated = generate(policy, batch, tokenizer, NEW_TOKENS, engine="hf") if fast else transformers_generate(policy, batch, tokenizer, NEW_TOKENS, 0.0, 0, False)
+    responses = generated[0]
     assert torch.equal(responses, truncate_after_eos(expected, tokenizer.eos_token_id, tokenizer.pad_token_id)[0])
     assert policy.model.gradient_checkpointing and policy.training  # as it was
 
