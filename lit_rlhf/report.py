@@ -107,7 +107,7 @@ def markdown(report: dict, baseline: str, unseen: str, dataset: str) -> str:
     for i, prompt in enumerate(report["prompts"]):
         lines += [f"### {i + 1}. {prompt.strip()}", ""]
         lines += [f"- **{name}**: {m['generations'][i]}" for name, m in report["models"].items()] + [""]
-    lines.append(f"Evaluation took {report['seconds']:.0f} s; greedy answers generated with {report['generation_precision']} weights, samples for KL with fp32.")
+    lines.append(f"Evaluation took {report['seconds']:.0f} s; every model generated and scored with {report['precision']} weights.")
     return "\n".join(lines)
 
 

@@ -122,6 +122,7 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
         "--unseen_dataset", str(unseen), "--output_dir", str(out),
         "--num_generation_prompts", "5", "--max_new_tokens", "6", "--num_rows", "10", "--num_logprob_rows", "4",
         "--task_dataset", str(task), "--task_reward_funcs", f"[{tmp_path / 'judge_rewards.py'}:short]", "--task_rows", "4",
+        "--precision", "fp32",
     ])  # fmt: skip
     same, base = report["models"]["same"], report["models"]["base"]
     assert same["win_rate"] == [0.5, 0.5, 0.5] and same["lc_win_rate"] == pytest.approx(0.5) and same["greedy_logratio"] == 0.0
@@ -131,7 +132,7 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
     assert report["judge"]["independent"] and report["judge"]["accuracy"] != report["proxy"]["accuracy"]
     assert 0 < same["length"][0] <= 6 and same["eos_share"][1] <= same["eos_share"][0] <= same["eos_share"][2]
     # the reward model's accuracy on the same held-out rows, counted by the reward trainer's own validation
-    # (in fp32, as `evaluate` computes)
+    # (in fp32, as this evaluation computes)
     validated = cli(["validate", "--model", "lit_rlhf.reward.RewardModule", "--model.model_name_or_path", tiny_reward_dir, *data,
                      "--data.batch_size", "10", "--trainer.precision", "32-true", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])  # fmt: skip
     assert report["proxy"]["rows"] == 10
