@@ -87,24 +87,51 @@ def masked_whiten(
     return whitened if shift_mean else whitened + mean
 
 
+def kl_k1(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k1 = log r, r = p / q: unbiased, can be negative. (B, T) -> (B, T)"""
+    return log_ratio
+
+
+def kl_k2(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k2 = 0.5 (log r)^2: biased, never negative, its gradient is that of the KL in expectation. (B, T) -> (B, T)"""
+    return 0.5 * log_ratio**2
+
+
+def kl_k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k3 = (q / p - 1) - log(q / p): unbiased, never negative. (B, T) -> (B, T)"""
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def kl_low_var(log_ratio: torch.Tensor) -> torch.Tensor:
+    """verl's `low_var_kl`: k3 of the log-ratio clamped to [-20, 20] (no overflow in exp), the result clamped to
+    [-10, 10]: a token far from the reference adds at most 10. (B, T) -> (B, T)"""
+    return kl_k3(log_ratio.clamp(-20.0, 20.0)).clamp(-10.0, 10.0)
+
+
+#: `--model.kl_estimator` (reward side) and `--model.kl_loss_estimator` (loss side) name -> (function of the
+#: per-token log-ratio log p - log q, where it comes from). Schulman 2020 is "Approximating KL divergence".
+KL_ESTIMATORS = {
+    "k1": (kl_k1, "Schulman 2020"),
+    "k2": (kl_k2, "Schulman 2020; verl's `k2`"),
+    "k3": (kl_k3, "Schulman 2020; GRPO (Shao et al. 2024)"),
+    "low_var_kl": (kl_low_var, "verl's `low_var_kl`"),
+}
+
+
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman 2020, "Approximating KL").
+    """Per-token estimate of KL(policy || reference) from sampled tokens, by the `estimator` of KL_ESTIMATORS.
 
     Args:
         logprobs: (B, T) log-probs of the sampled tokens under the policy.
         ref_logprobs: (B, T) their log-probs under the reference.
-        estimator: `k1` = `log p - log q` (unbiased, can be negative);
-            `k3` = `(r - 1) - log r` with `r = q / p` (unbiased, never negative).
+        estimator: a KL_ESTIMATORS name.
 
     Returns:
         (B, T) per-token KL estimate.
     """
-    log_ratio = logprobs - ref_logprobs
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; use k1 or k3")
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; use " + ", ".join(KL_ESTIMATORS))
+    return KL_ESTIMATORS[estimator][0](logprobs - ref_logprobs)
 
 
 def gae(

@@ -46,7 +46,7 @@ from lit_rlhf.policy_losses import POLICY_LOSS_ARGUMENTS, POLICY_LOSSES, aggrega
 from lit_rlhf.distributed import no_backward_sync, sum_over_processes
 from lit_rlhf.forward import sequence_scores, token_logps, token_values
 from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
-from lit_rlhf.ops import group_minibatches, kl_estimate
+from lit_rlhf.ops import KL_ESTIMATORS, group_minibatches, kl_estimate
 from lit_rlhf.plugins import declared_arguments, resolve
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
 from lit_rlhf.rewards import RewardFunctions, RewardModel, Rewards, Responses
@@ -67,12 +67,13 @@ POLICY_LOSS_CONTRACT = (
 
 
 def with_table_entries(init):
-    """`init` with its docstring's placeholders (ESTIMATOR_NAMES, KL_PLACEMENT, POLICY_LOSS_NAMES, POLICY_LOSS_ARGUMENTS,
+    """`init` with its docstring's placeholders (ESTIMATOR_NAMES, KL_PLACEMENT, KL_NAMES, POLICY_LOSS_NAMES, POLICY_LOSS_ARGUMENTS,
     ROLLOUT_ENGINE_NAMES, REWARD_NAMES) replaced by the entries of the tables: what `--help` prints of each flag."""
     names = {
         "ESTIMATOR_NAMES": "; ".join(f"`{name}` ({estimator.paper})" for name, estimator in ESTIMATORS.items()),
         "KL_PLACEMENT": "; ".join(f"in the {where} for " + ", ".join(name for name, e in ESTIMATORS.items() if e.kl_in_loss == in_loss)
                                   for where, in_loss in (("reward", False), ("loss", True))),
+        "KL_NAMES": "; ".join(f"`{name}` ({paper})" for name, (_, paper) in KL_ESTIMATORS.items()),
         "POLICY_LOSS_NAMES": "; ".join(f"`{name}` ({paper})" for name, (_, paper) in POLICY_LOSSES.items()),
         "POLICY_LOSS_ARGUMENTS": ", ".join(POLICY_LOSS_ARGUMENTS),
         "ROLLOUT_ENGINE_NAMES": "; ".join(f"`{name}` ({summary(engine)})" for name, engine in ROLLOUT_ENGINES.items()),
@@ -89,7 +90,7 @@ class PPOModule(AlignmentModule):
     frozen_modules = ("ref_model", "reward_model")
     trained_modules = ("model", "value_model")  # critic-free estimators: ("model",), set in __init__
     resume_applies = AlignmentModule.resume_applies + (
-        "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "kl_in_loss", "gamma", "lam", "ppo_epochs", "cliprange",
+        "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "kl_loss_estimator", "kl_in_loss", "gamma", "lam", "ppo_epochs", "cliprange",
         "cliprange_high", "loss_aggregation", "mask_truncated_completions", "cliprange_value", "vf_coef", "max_grad_norm",
         "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit", "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
     )  # fmt: skip
@@ -118,7 +119,8 @@ class PPOModule(AlignmentModule):
         advantage_estimator: str = "gae",
         num_generations: int = 1,
         kl_coef: float = 0.05,
-        kl_estimator: Literal["k1", "k3"] = "k1",
+        kl_estimator: str = "k1",
+        kl_loss_estimator: str = "k3",
         kl_in_loss: Optional[bool] = None,
         gamma: float = 1.0,
         lam: float = 0.95,
@@ -179,14 +181,16 @@ class PPOModule(AlignmentModule):
                 DAPO and TRL's GRPO default): no reference is loaded nor scored, and `objective/kl` is not logged.
                 A resume may change it either way: the reference is reloaded from `model_name_or_path`, never
                 kept in checkpoints.
-            kl_estimator: `k1` (log p - log q) or `k3` ((r - 1) - log r, r = q / p), for the reward
-                penalty and `objective/kl`.
-            kl_in_loss: false: the KL is a per-token reward penalty `-kl_coef * KL_t` (rloo, grpo and
-                dr_grpo add its sum over the response to the score). true (GRPO): the reward has no KL,
-                and the loss adds `kl_coef * k3` per response token, aggregated like the policy loss (k3
-                whatever `kl_estimator`: k1's expected gradient is 0). null: where the estimator's paper puts
-                it (KL_PLACEMENT). Either way `objective/kl` is the rollout's KL and `objective/rlhf_reward`
-                the score minus `kl_coef` times it.
+            kl_estimator: The per-token KL estimate of the reward penalty and `objective/kl`, from the log-ratio
+                log r = log p - log q of each sampled token: KL_NAMES (lit_rlhf/ops.py `KL_ESTIMATORS`).
+            kl_loss_estimator: The per-token KL estimate of the loss term with `kl_in_loss`, one of the same:
+                `k3` (GRPO), `low_var_kl` (verl's default), `k2` (its gradient is the KL's in expectation); k1's
+                expected gradient is 0.
+            kl_in_loss: false: the KL is a per-token reward penalty `-kl_coef * KL_t` (`kl_estimator`; rloo, grpo
+                and dr_grpo add its sum over the response to the score). true (GRPO): the reward has no KL, and
+                the loss adds `kl_coef` times `kl_loss_estimator` per response token, aggregated like the policy
+                loss. null: where the estimator's paper puts it (KL_PLACEMENT). Either way `objective/kl` is the
+                rollout's KL by `kl_estimator` and `objective/rlhf_reward` the score minus `kl_coef` times it.
             gamma: GAE discount (`gae`).
             lam: GAE lambda (`gae`).
             ppo_epochs: Passes over each rollout batch.
@@ -237,6 +241,9 @@ class PPOModule(AlignmentModule):
             raise UserError(f"--model.policy_loss {policy_loss}: not a function")
         self.policy_loss_arguments = declared_arguments(self.policy_loss, POLICY_LOSS_ARGUMENTS, "--model.policy_loss", POLICY_LOSS_CONTRACT)
         self.aggregation = loss_aggregation or self.estimator.aggregation
+        for flag, name in (("kl_estimator", kl_estimator), ("kl_loss_estimator", kl_loss_estimator)):
+            if name not in KL_ESTIMATORS:
+                raise UserError(f"--model.{flag} {name}: not one of {', '.join(KL_ESTIMATORS)}")
         self.kl_in_loss = self.estimator.kl_in_loss if kl_in_loss is None else kl_in_loss
         if self.estimator.groups and num_generations < 2:
             raise UserError(
@@ -418,8 +425,8 @@ class PPOModule(AlignmentModule):
         stats = {"loss/policy_avg": loss.detach()}
         stats |= {POLICY_STATS.get(name, f"policy/{name}"): torch.as_tensor(value, device=loss.device).detach()
                   for name, value in pg_stats.items()}  # fmt: skip
-        if self.kl_in_loss and self.needs_reference:  # GRPO: k3 to the reference, per token
-            kl = kl_estimate(logprobs, rollout.ref_logprobs[rows], "k3")  # (n, R)
+        if self.kl_in_loss and self.needs_reference:  # GRPO: k3 (or `kl_loss_estimator`) to the reference, per token
+            kl = kl_estimate(logprobs, rollout.ref_logprobs[rows], hp.kl_loss_estimator)  # (n, R)
             loss = loss + hp.kl_coef * aggregate_token_losses(kl, loss_mask, **weighting)
         if self.value_model is not None:
             vf_loss, vf_clipfrac = ppo_value_loss(

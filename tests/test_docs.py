@@ -9,6 +9,7 @@ import pytest
 
 from lit_rlhf.estimators import ESTIMATORS
 from lit_rlhf.losses import LOSS_FLAGS, PREFERENCE_LOSSES
+from lit_rlhf.ops import KL_ESTIMATORS
 from lit_rlhf.policy_losses import POLICY_LOSSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,15 @@ def test_the_estimator_table_has_a_row_per_estimator_saying_where_its_kl_goes():
 
 def test_the_policy_loss_table_has_a_row_per_policy_loss():
     assert list(table_rows("docs/cli.md", "policy loss")) == list(POLICY_LOSSES)
+
+
+def test_the_kl_estimator_table_has_a_row_per_estimator_with_its_paper_and_the_flags_row_names_each():
+    rows = table_rows("docs/cli.md", "KL estimator")
+    assert list(rows) == list(KL_ESTIMATORS)
+    row = flag_row("--model.kl_estimator")
+    assert [name for name in KL_ESTIMATORS if f"`{name}`" not in row] == []
+    wrong = [name for name, (_, paper) in KL_ESTIMATORS.items() if rows[name].split(" | ")[1] != paper]
+    assert not wrong, f"docs/cli.md names another paper than the record for {wrong}"
 
 
 def test_the_preference_loss_table_has_a_row_per_loss_saying_its_reference_rows_and_flags():

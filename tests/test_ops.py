@@ -100,6 +100,24 @@ def test_kl_estimators_by_hand():
     # k3 = r - 1 - log r with r = q / p: e^-1 - 1 + 1 = 0.367879; e - 1 - 1 = 0.718282
     assert torch.allclose(kl_estimate(logprobs, ref_logprobs, "k3"), torch.tensor([[0.367879, 0.718282]]), atol=1e-6)
     assert torch.equal(kl_estimate(logprobs, logprobs, "k3"), torch.zeros(1, 2))
+    # k2 = 0.5 (log r)^2: 0.5 and 0.5
+    assert torch.allclose(kl_estimate(logprobs, ref_logprobs, "k2"), torch.tensor([[0.5, 0.5]]))
+
+
+def test_low_var_kl_is_k3_clamped_to_10_as_verl_computes_it():
+    # log r = 1, -1 (k3 as above), 30 (k3 = e^-30 + 29 ~ 29 -> 10), -30 (k3 = e^30 - 31 -> 10), -1000 (e^1000 overflows:
+    # the log-ratio is clamped to [-20, 20] first, so the value is 10 and the gradient 0, not nan)
+    log_ratio = torch.tensor([[1.0, -1.0, 30.0, -30.0, -1000.0]], requires_grad=True)
+    kl = kl_estimate(log_ratio, torch.zeros(1, 5), "low_var_kl")
+    assert torch.allclose(kl, torch.tensor([[0.367879, 0.718282, 10.0, 10.0, 10.0]]), atol=1e-6)
+    kl.sum().backward()
+    # d k3 / d log r = 1 - e^-log r inside the clamps: 1 - e^-1 = 0.632121, 1 - e = -1.718282; 0 where clamped
+    assert torch.allclose(log_ratio.grad, torch.tensor([[0.632121, -1.718282, 0.0, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_an_unknown_kl_estimator_names_the_known_ones():
+    with pytest.raises(ValueError, match="k1, k2, k3, low_var_kl"):
+        kl_estimate(torch.zeros(1, 1), torch.zeros(1, 1), "k4")
 
 
 def test_rloo_advantages_by_hand():

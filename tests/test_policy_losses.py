@@ -220,3 +220,21 @@ def test_mask_truncated_completions_leaves_responses_without_eos_out_of_the_loss
         (loss, gradient), (shifted_loss, shifted_gradient) = results
         same = torch.isclose(loss, shifted_loss) and torch.allclose(gradient, shifted_gradient, atol=1e-6)
         assert same == masked, (masked, loss, shifted_loss)
+
+
+@pytest.mark.parametrize("kl_loss_estimator, per_token", [("k3", math.exp(-1)), ("k2", 0.5), ("low_var_kl", math.exp(-1)), ("k1", 1.0)])
+def test_the_kl_loss_uses_its_own_estimator(tiny_model_dir, tiny_reward_dir, prompt_batch, kl_loss_estimator, per_token):
+    """On-policy, advantages 0 (the policy loss is 0) and a reference 1 nat per token below the policy (log r = 1): the
+    loss is kl_coef times the estimator at log r = 1, in any aggregation: k3 = e^-1 - 1 + 1, k2 = 0.5, k1 = 1."""
+    module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, response_length=4, kl_coef=0.1,
+                       advantage_estimator="grpo", num_generations=2, kl_loss_estimator=kl_loss_estimator)  # fmt: skip
+    torch.manual_seed(0)
+    rollout = module.compute_advantages(module.rollout(prompt_batch))
+    rollout = replace(rollout, ref_logprobs=rollout.logprobs - rollout.response_mask, advantages=torch.zeros_like(rollout.advantages))
+    loss, _ = module.micro_batch_loss(rollout, torch.arange(8))
+    assert module.kl_in_loss and loss.item() == pytest.approx(0.1 * per_token, abs=1e-5)
+
+
+def test_an_unknown_kl_estimator_is_refused_naming_the_flag(tiny_model_dir, tiny_reward_dir):
+    with pytest.raises(UserError, match="--model.kl_loss_estimator k4: not one of k1, k2, k3, low_var_kl"):
+        PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, kl_loss_estimator="k4")
