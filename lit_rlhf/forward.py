@@ -5,6 +5,8 @@ that equals the pad id is kept), and for log-probs `labels` (the scored tokens, 
 elsewhere). Either padding side works: position ids start at 0 on each row's first real token.
 """
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
@@ -12,7 +14,7 @@ from transformers import PreTrainedModel
 
 from lit_rlhf.generation import generate_answers  # noqa: F401 (the callers' import path)
 from lit_rlhf.models import unwrap
-from lit_rlhf.ops import label_logps, last_token_index, position_ids
+from lit_rlhf.ops import label_logps, label_logps_and_entropies, last_token_index, position_ids
 
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[PreTrainedModel, torch.Tensor]:
@@ -41,12 +43,25 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], temperature: f
     The LM head runs on the label positions only, in chunks (`ops.label_logps`). A model whose logits
     are more than `head(hidden)` (Gemma's soft-capping, a logit scale) runs its own forward instead.
     """
+    return label_outputs(model, batch, temperature, label_logps)
+
+
+def token_logps_and_entropies(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps` and, from the same chunks of logits, the entropy of the next-token distribution at each label
+    position (`ops.label_logps_and_entropies`). -> (B, T - 1), (B, T - 1) fp32, 0 off the labels."""
+    return label_outputs(model, batch, temperature, label_logps_and_entropies)
+
+
+def label_outputs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float, of_labels: Callable):
+    """`of_labels(hidden, labels, temperature, head=...)` (`ops.label_logps` or `ops.label_logps_and_entropies`) on the
+    model's last hidden states and LM head; on the full (B, T, V) logits for a model whose logits are more than
+    `head(hidden)`."""
     if any(getattr(unwrap(model).config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         mask = batch["attention_mask"]
         logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).logits  # (B, T, V)
-        return label_logps(logits, batch["labels"], temperature)
+        return of_labels(logits, batch["labels"], temperature)
     inner, hidden = hidden_states(model, batch)
-    return label_logps(hidden, batch["labels"], temperature, head=inner.get_output_embeddings())
+    return of_labels(hidden, batch["labels"], temperature, head=inner.get_output_embeddings())
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -41,29 +41,56 @@ def label_logps(
         backward pass instead of being kept: the (B, T, V) logits never exist, and the largest
         temporary is (chunk_tokens, V) in fp32.
     """
+    return label_stats(hidden, labels, temperature, head, chunk_tokens, entropies=False)[..., 0]
+
+
+def label_logps_and_entropies(
+    hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, head: Optional[Callable] = None, chunk_tokens: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`label_logps` and, from the same logits, the entropy `H_t = -sum_v p_v log p_v` of the whole next-token
+    distribution (at `temperature`) at each scored position: the exact entropy, not `-log p` of the sampled token.
+    Arguments as `label_logps`. -> (B, T - 1), (B, T - 1) fp32, 0 where the label is IGNORE_INDEX."""
+    stats = label_stats(hidden, labels, temperature, head, chunk_tokens, entropies=True)  # (B, T - 1, 2)
+    return stats[..., 0], stats[..., 1]
+
+
+def logps_and_entropies(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Each row's log-prob of its `index` token (bit for bit `label_logps`'s) and the entropy `-sum_v p_v log p_v` of
+    its distribution. (n, V) fp32, (n,) -> (n, 2)"""
+    logps = logits.log_softmax(-1)  # (n, V)
+    return torch.stack([-F.cross_entropy(logits, index, reduction="none"), -(logps.exp() * logps).sum(-1)], -1)
+
+
+def label_stats(
+    hidden: torch.Tensor, labels: torch.Tensor, temperature: float, head: Optional[Callable], chunk_tokens: int, entropies: bool
+) -> torch.Tensor:
+    """The label log-probs (and with `entropies` the entropies) of `label_logps`, the LM head run in chunks on the
+    scored positions. -> (B, T - 1, 1), or (B, T - 1, 2) with `entropies`: log-prob, entropy."""
     labels = labels[:, 1:]  # token t + 1 is predicted by position t
     scored = labels != IGNORE_INDEX  # (B, T-1)
     inputs, targets = hidden[:, :-1][scored], labels[scored]  # (N, H or V), (N,)
 
-    def chunk_logps(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (n, H or V), (n,) -> (n,)
+    def chunk_stats(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (n, H or V), (n,) -> (n, 1 or 2)
         logits = (x if head is None else head(x)).float()  # (n, V)
         if temperature != 1.0:
             logits = logits / temperature
+        if entropies:
+            return logps_and_entropies(logits, index)
         # cross_entropy's fused log-softmax: half the time of gather - logsumexp, forward and backward
-        return -F.cross_entropy(logits, index, reduction="none")
+        return -F.cross_entropy(logits, index, reduction="none")[:, None]
 
     starts = range(0, len(targets), chunk_tokens)
     # the last chunk's backward runs first: keeping its logits costs one chunk's memory and saves recomputing it
     chunks = [
-        (chunk_logps if i == starts[-1] else partial(checkpoint, chunk_logps, use_reentrant=False))(
+        (chunk_stats if i == starts[-1] else partial(checkpoint, chunk_stats, use_reentrant=False))(
             inputs[i : i + chunk_tokens], targets[i : i + chunk_tokens]
         )
         for i in starts
     ]
-    logps = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    stats = torch.zeros((*labels.shape, 2 if entropies else 1), dtype=torch.float32, device=hidden.device)
     if chunks:
-        logps[scored] = torch.cat(chunks)
-    return logps
+        stats[scored] = torch.cat(chunks)
+    return stats
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

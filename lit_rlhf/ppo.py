@@ -44,7 +44,7 @@ from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator, chec
 from lit_rlhf.losses import ppo_value_loss, truncated_importance_weights
 from lit_rlhf.policy_losses import POLICY_LOSS_ARGUMENTS, POLICY_LOSSES, aggregate_token_losses, checked_policy_loss
 from lit_rlhf.distributed import no_backward_sync, sum_over_processes
-from lit_rlhf.forward import sequence_scores, token_logps, token_values
+from lit_rlhf.forward import sequence_scores, token_logps, token_logps_and_entropies, token_values
 from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.ops import KL_ESTIMATORS, group_minibatches, kl_estimate
 from lit_rlhf.plugins import declared_arguments, resolve
@@ -91,14 +91,14 @@ class PPOModule(AlignmentModule):
     trained_modules = ("model", "value_model")  # critic-free estimators: ("model",), set in __init__
     resume_applies = AlignmentModule.resume_applies + (
         "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "kl_loss_estimator", "kl_in_loss", "gamma", "lam", "ppo_epochs", "cliprange",
-        "cliprange_high", "loss_aggregation", "mask_truncated_completions", "cliprange_value", "vf_coef", "max_grad_norm",
+        "cliprange_high", "loss_aggregation", "mask_truncated_completions", "entropy_coef", "cliprange_value", "vf_coef", "max_grad_norm",
         "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit", "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
     )  # fmt: skip
     flag_ranges = AlignmentModule.flag_ranges | {
         "response_length": "> 0", "temperature": "> 0", "num_generations": "> 0", "kl_coef": ">= 0", "gamma": "in [0, 1]", "lam": "in [0, 1]",
         "ppo_epochs": "> 0", "num_minibatches": "> 0", "gradient_accumulation_steps": "> 0", "rollout_batch_size": "> 0", "cliprange": "> 0",
         "cliprange_high": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0", "max_grad_norm": "> 0", "sample_every_n_steps": "> 0",
-        "importance_sampling_cap": ">= 1", "vllm_gpu_memory_utilization": "in (0, 1]",
+        "importance_sampling_cap": ">= 1", "vllm_gpu_memory_utilization": "in (0, 1]", "entropy_coef": ">= 0",
     }  # fmt: skip
 
     @with_table_entries
@@ -133,6 +133,7 @@ class PPOModule(AlignmentModule):
         cliprange_high: Optional[float] = None,
         loss_aggregation: Optional[Literal["token_mean", "sequence_mean", "constant"]] = None,
         mask_truncated_completions: bool = False,
+        entropy_coef: float = 0.0,
         cliprange_value: float = 0.2,
         vf_coef: float = 0.1,
         max_grad_norm: float = 1.0,
@@ -217,6 +218,10 @@ class PPOModule(AlignmentModule):
             mask_truncated_completions: Responses that reach `response_length` without EOS get no policy loss (and
                 no KL loss with `kl_in_loss`): DAPO's overlong filtering (Yu et al. 2025), TRL's
                 `mask_truncated_completions`. They are still sampled, scored and in the advantages' baselines.
+            entropy_coef: An entropy bonus: the loss subtracts `entropy_coef` times the exact entropy of the policy's
+                next-token distribution at each response token, aggregated like the policy loss (Williams and Peng
+                1991; PPO, Schulman et al. 2017, eq. 9; verl's `entropy_coeff`). 0: no bonus, no entropy computed in the
+                update (`objective/entropy` is logged either way, from the rollout's pass).
             cliprange_value: Clip range of the value prediction (`gae`).
             vf_coef: Weight of the value loss (`gae`).
             max_grad_norm: Gradient norm clip of each optimizer step.
@@ -329,6 +334,12 @@ class PPOModule(AlignmentModule):
         """Log-probs of the response tokens under `model`, at the sampling temperature. -> (B, R)"""
         return token_logps(model, batch, self.hparams.temperature)[:, context_length - 1 :]
 
+    def response_logps_and_entropies(self, model, batch: Batch, context_length: int) -> torch.Tensor:
+        """`response_logps` and the entropy of the distribution each response token was drawn from, from the same
+        chunks of logits. -> (B, R, 2): log-prob, entropy"""
+        logps, entropies = token_logps_and_entropies(model, batch, self.hparams.temperature)  # (B, T - 1) each
+        return torch.stack([logps, entropies], -1)[:, context_length - 1 :]
+
     def values(self, batch: Batch, context_length: int) -> torch.Tensor:
         """V(s_t) for the state before each response token. -> (B, R)"""
         return token_values(self.value_model, batch)[:, context_length - 1 : -1]
@@ -355,14 +366,14 @@ class PPOModule(AlignmentModule):
         scores = self.rewards.total(source_scores)
         if hp.missing_eos_penalty is not None:
             scores = scores - hp.missing_eos_penalty * (~samples.contains_eos).float()
-        logprobs = self.in_chunks(partial(self.response_logps, self.model), answered, P)
+        logprobs, entropies = self.in_chunks(partial(self.response_logps_and_entropies, self.model), answered, P).unbind(-1)
         ref_logprobs = None
         if self.needs_reference:
             with as_reference(self.model, self.ref_model) as reference:
                 ref_logprobs = self.in_chunks(partial(self.response_logps, reference), answered, P)
         values = self.in_chunks(self.values, answered, P) if self.value_model is not None else None
         return Rollout(
-            **answered, response_mask=samples.response_mask.float(), contains_eos=samples.contains_eos, logprobs=logprobs,
+            **answered, response_mask=samples.response_mask.float(), contains_eos=samples.contains_eos, logprobs=logprobs, entropies=entropies,
             ref_logprobs=ref_logprobs, scores=scores, values=values,
             source_scores=source_scores, sampler_logprobs=samples.sampler_logprobs,
         )  # fmt: skip
@@ -405,13 +416,16 @@ class PPOModule(AlignmentModule):
 
     def micro_batch_loss(self, rollout: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The loss of rollout `rows`: the policy loss (`policy_loss`, aggregated by `loss_aggregation`), + KL loss
-        with `kl_in_loss`, + value loss with a value model; and its statistics. With `mask_truncated_completions`
-        the policy and KL losses leave out the responses without EOS."""
+        with `kl_in_loss`, - entropy bonus with `entropy_coef`, + value loss with a value model; and its statistics.
+        With `mask_truncated_completions` the policy, KL and entropy terms leave out the responses without EOS."""
         hp = self.hparams
         batch, P = rollout.model_inputs(rows), rollout.context_length
         response_mask = rollout.response_mask[rows]  # (n, R)
         loss_mask = response_mask * rollout.contains_eos[rows, None] if hp.mask_truncated_completions else response_mask
-        logprobs = self.response_logps(self.model, batch, P)  # (n, R)
+        if hp.entropy_coef:
+            logprobs, entropies = self.response_logps_and_entropies(self.model, batch, P).unbind(-1)  # (n, R) each
+        else:
+            logprobs = self.response_logps(self.model, batch, P)  # (n, R)
         weights = None
         if rollout.sampler_logprobs is not None and hp.importance_sampling_cap is not None:
             weights = truncated_importance_weights(rollout.logprobs[rows], rollout.sampler_logprobs[rows], hp.importance_sampling_cap)
@@ -428,6 +442,10 @@ class PPOModule(AlignmentModule):
         if self.kl_in_loss and self.needs_reference:  # GRPO: k3 (or `kl_loss_estimator`) to the reference, per token
             kl = kl_estimate(logprobs, rollout.ref_logprobs[rows], hp.kl_loss_estimator)  # (n, R)
             loss = loss + hp.kl_coef * aggregate_token_losses(kl, loss_mask, **weighting)
+        if hp.entropy_coef:
+            entropy = aggregate_token_losses(entropies, loss_mask, **weighting)
+            loss = loss - hp.entropy_coef * entropy
+            stats["policy/entropy_avg"] = entropy.detach()
         if self.value_model is not None:
             vf_loss, vf_clipfrac = ppo_value_loss(
                 self.values(batch, P), rollout.values[rows], rollout.returns[rows], response_mask, hp.cliprange_value

@@ -33,6 +33,7 @@ class Rollout:
     response_mask: torch.Tensor  # (N, R) float: 1 on the response tokens up to and including the first EOS
     contains_eos: torch.Tensor  # (N,) bool
     logprobs: torch.Tensor  # (N, R) under the policy that sampled them, at the sampling temperature
+    entropies: torch.Tensor  # (N, R) the exact entropy of the distribution each token was drawn from (same temperature)
     ref_logprobs: Optional[torch.Tensor]  # (N, R) the same under the reference; None without one (kl_coef 0)
     scores: torch.Tensor  # (N,) the reward of each response (minus the missing-EOS penalty)
     values: Optional[torch.Tensor] = None  # (N, R) V(s_t) before each response token; with a value model only
@@ -71,7 +72,8 @@ class Stopwatch:
 
 def step_stats(rollout: Rollout, reward_names: list[str], k: int, ppo_epochs: int, seconds: dict[str, float]) -> dict[str, torch.Tensor]:
     """The TensorBoard scalars of one step's `rollout` (after `compute_advantages`): `objective/*` (no `objective/kl`
-    without a reference), `rewards/*` (`rewards.reward_stats` of the sources `reward_names`, k responses per prompt),
+    without a reference; `objective/entropy` each response's summed per-token entropy, as TRL's scale, averaged over
+    responses, `objective/entropy_per_token` the mean over response tokens), `rewards/*` (`rewards.reward_stats` of the sources `reward_names`, k responses per prompt),
     `rollout/logprob_diff` (with the sampler's log-probs) and where the wall time went, `time/*`, from the `seconds`
     of the phases `generation`, `rollout` and `update` (update tokens: real prompt + response tokens of every epoch)."""
     scores, non_score = rollout.scores, rollout.non_score_reward.sum(1)  # (N,) each
@@ -80,7 +82,8 @@ def step_stats(rollout: Rollout, reward_names: list[str], k: int, ppo_epochs: in
         "time/generated_tokens_per_s": rollout.response_mask.sum() / seconds["generation"],
         "time/update_tokens_per_s": ppo_epochs * rollout.attention_mask.sum() / seconds["update"],
         **({"objective/kl": rollout.kl.sum(1).mean()} if rollout.kl is not None else {}),
-        "objective/entropy": -(rollout.logprobs * rollout.response_mask).sum(1).mean(),
+        "objective/entropy": (rollout.entropies * rollout.response_mask).sum(1).mean(),
+        "objective/entropy_per_token": masked_mean(rollout.entropies, rollout.response_mask),
         "objective/non_score_reward": non_score.mean(),
         "objective/rlhf_reward": (scores + non_score).mean(),
         "objective/scores": scores.mean(),

@@ -15,6 +15,7 @@ from lit_rlhf.ops import (
     grpo_advantages,
     kl_estimate,
     label_logps,
+    label_logps_and_entropies,
     last_token_index,
     linear_warmup_decay,
     masked_whiten,
@@ -92,6 +93,37 @@ def test_masked_whiten_by_hand():
     x, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     assert torch.allclose(masked_whiten(x, mask)[:, :3], torch.tensor([[-1.0, 0.0, 1.0]]), atol=1e-6)
     assert torch.allclose(masked_whiten(x, mask, shift_mean=False)[:, :3], torch.tensor([[1.0, 2.0, 3.0]]), atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 512])
+def test_entropies_by_hand_on_a_two_token_vocabulary(chunk_tokens):
+    """Logits (0, 0): p = (1/2, 1/2), H = ln 2; logits (0, ln 3): p = (1/4, 3/4), H = 1/4 ln 4 + 3/4 ln(4/3) = 0.562335;
+    at temperature 2 the second is (0, ln 3 / 2): p = (1, sqrt 3) / (1 + sqrt 3), H = 0.656806."""
+    logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3)], [5.0, -5.0]]])  # (1, 3, 2); the last position predicts nothing
+    labels = torch.tensor([[IGNORE_INDEX, 0, 1]])
+    logps, entropies = label_logps_and_entropies(logits, labels, chunk_tokens=chunk_tokens)
+    assert torch.allclose(logps, torch.tensor([[math.log(0.5), math.log(0.75)]]))
+    assert torch.equal(logps, label_logps(logits, labels))  # the same log-probs, bit for bit
+    assert torch.allclose(entropies, torch.tensor([[math.log(2), 0.562335]]), atol=1e-6)
+    _, hot = label_logps_and_entropies(logits, labels, temperature=2.0, chunk_tokens=chunk_tokens)
+    assert torch.allclose(hot, torch.tensor([[math.log(2), 0.656806]]), atol=1e-6)
+    _, masked = label_logps_and_entropies(logits, torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 1]]), chunk_tokens=chunk_tokens)
+    assert masked[0, 0] == 0.0 and masked[0, 1] == pytest.approx(0.562335, abs=1e-6)
+
+
+def test_entropies_through_a_head_in_chunks_keep_their_gradient():
+    """A head on hidden states, 1 position per chunk (recomputed in the backward): values and gradients equal those of
+    the full logits' entropy."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 5, bias=False)
+    hidden = torch.randn(2, 4, 4)
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2, 3], [IGNORE_INDEX, IGNORE_INDEX, 4, 0]])
+    _, entropies = label_logps_and_entropies(hidden, labels, head=head, chunk_tokens=1)
+    chunked = torch.autograd.grad(entropies.sum(), head.weight)[0]
+    logps = head(hidden[:, :-1]).log_softmax(-1)  # (2, 3, 5)
+    full = -(logps.exp() * logps).sum(-1) * (labels[:, 1:] != IGNORE_INDEX)
+    assert torch.allclose(entropies, full, atol=1e-6)
+    assert torch.allclose(chunked, torch.autograd.grad(full.sum(), head.weight)[0], atol=1e-6)
 
 
 def test_kl_estimators_by_hand():

@@ -238,3 +238,30 @@ def test_the_kl_loss_uses_its_own_estimator(tiny_model_dir, tiny_reward_dir, pro
 def test_an_unknown_kl_estimator_is_refused_naming_the_flag(tiny_model_dir, tiny_reward_dir):
     with pytest.raises(UserError, match="--model.kl_loss_estimator k4: not one of k1, k2, k3, low_var_kl"):
         PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, kl_loss_estimator="k4")
+
+
+def test_the_entropy_bonus_pushes_the_policy_towards_higher_entropy(tiny_model_dir, tiny_reward_dir, prompt_batch):
+    """Advantages 0 and no KL: the policy loss and its gradient are 0, so the loss is -entropy_coef times the mean entropy
+    of the rollout (on-policy: the rollout's entropies), and a small step down its gradient raises the entropy;
+    with entropy_coef 0 the gradient is 0."""
+    torch.manual_seed(0)
+    module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, response_length=4, kl_coef=0.0,
+                       advantage_estimator="rloo", num_generations=2, entropy_coef=0.5)  # fmt: skip
+    rollout = module.compute_advantages(module.rollout(prompt_batch))
+    rollout = replace(rollout, advantages=torch.zeros_like(rollout.advantages))
+    rows, mask = torch.arange(8), rollout.response_mask
+    entropy = (rollout.entropies * mask).sum() / mask.sum()  # token_mean, rloo's aggregation
+    loss, stats = module.micro_batch_loss(rollout, rows)
+    assert loss.item() == pytest.approx(-0.5 * entropy.item(), abs=1e-5) and stats["policy/entropy_avg"] == pytest.approx(entropy.item(), abs=1e-5)
+    loss.backward()
+    with torch.no_grad():
+        for parameter in module.model.parameters():
+            parameter -= 1e-2 * parameter.grad
+    after = module.response_logps_and_entropies(module.model, rollout.model_inputs(rows), rollout.context_length)[..., 1]
+    assert (after * mask).sum() / mask.sum() > entropy + 1e-4
+    module.hparams.entropy_coef = 0.0
+    module.model.zero_grad()
+    loss, stats = module.micro_batch_loss(rollout, rows)
+    loss.backward()
+    assert loss.item() == 0.0 and "policy/entropy_avg" not in stats
+    assert all(p.grad is None or not p.grad.any() for p in module.model.parameters())

@@ -304,13 +304,15 @@ def test_step_stats_by_hand():
     rollout = Rollout(
         input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]]),
         labels=torch.zeros(2, 5, dtype=torch.long), response_mask=response_mask, contains_eos=torch.tensor([False, True]),
-        logprobs=torch.tensor([[-1.0, -2.0], [-0.5, 0.0]]), ref_logprobs=None, scores=torch.tensor([1.0, 3.0]),
+        logprobs=torch.tensor([[-1.0, -2.0], [-0.5, 0.0]]), entropies=torch.tensor([[0.5, 1.0], [2.0, 9.0]]), ref_logprobs=None,
+        scores=torch.tensor([1.0, 3.0]),
         source_scores=torch.tensor([[1.0], [3.0]]), sampler_logprobs=torch.tensor([[-1.5, -2.0], [-0.5, 0.0]]),
         kl=torch.tensor([[0.2, 0.4], [0.2, 0.0]]), non_score_reward=torch.tensor([[-0.02, -0.04], [-0.02, 0.0]]),
     )  # fmt: skip
     stats = step_stats(rollout, ["reward_model"], k=2, ppo_epochs=3, seconds={"generation": 0.5, "rollout": 1.0, "update": 7.0})
     expected = {
-        "objective/kl": 0.4, "objective/entropy": 1.75, "objective/non_score_reward": -0.04, "objective/rlhf_reward": 1.96,
+        "objective/kl": 0.4, "objective/non_score_reward": -0.04, "objective/rlhf_reward": 1.96,
+        "objective/entropy": 1.75, "objective/entropy_per_token": 3.5 / 3,  # (0.5 + 1, 2) over responses, 3.5 over 3 tokens
         "objective/scores": 2.0, "objective/eos_share": 0.5, "rewards/total": 2.0, "rewards/reward_model/mean": 2.0,
         "rewards/flat_group_share": 0.0, "rollout/logprob_diff": 0.5 / 3, "time/generation": 0.5, "time/rollout": 1.0,
         "time/update": 7.0, "time/generated_tokens_per_s": 3 / 0.5, "time/update_tokens_per_s": 3 * 7 / 7.0,
