@@ -92,13 +92,14 @@ class PPOModule(AlignmentModule):
     resume_applies = AlignmentModule.resume_applies + (
         "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "kl_loss_estimator", "kl_in_loss", "gamma", "lam", "ppo_epochs", "cliprange",
         "cliprange_high", "loss_aggregation", "mask_truncated_completions", "entropy_coef", "cliprange_value", "vf_coef", "max_grad_norm",
-        "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit", "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
+        "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit", "overlong_max_length", "overlong_buffer_length", "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
     )  # fmt: skip
     flag_ranges = AlignmentModule.flag_ranges | {
         "response_length": "> 0", "temperature": "> 0", "num_generations": "> 0", "kl_coef": ">= 0", "gamma": "in [0, 1]", "lam": "in [0, 1]",
         "ppo_epochs": "> 0", "num_minibatches": "> 0", "gradient_accumulation_steps": "> 0", "rollout_batch_size": "> 0", "cliprange": "> 0",
         "cliprange_high": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0", "max_grad_norm": "> 0", "sample_every_n_steps": "> 0",
         "importance_sampling_cap": ">= 1", "vllm_gpu_memory_utilization": "in (0, 1]", "entropy_coef": ">= 0",
+        "overlong_max_length": "> 0", "overlong_buffer_length": "> 0",
     }  # fmt: skip
 
     @with_table_entries
@@ -111,6 +112,8 @@ class PPOModule(AlignmentModule):
         reward_timeout: float = 30.0,
         reward_errors: Literal["stop", "none"] = "stop",
         reward_memory_limit: Optional[float] = None,
+        overlong_max_length: Optional[int] = None,
+        overlong_buffer_length: Optional[int] = None,
         value_model_path: Optional[str] = None,
         learning_rate: float = 1e-5,
         response_length: int = 128,
@@ -165,6 +168,11 @@ class PPOModule(AlignmentModule):
                 naming the function, the row and the error, or give that call's rows `none` (counted).
             reward_memory_limit: GiB of resident memory the reward worker may use (Linux): past half of it a
                 warning, past it the worker is stopped and the call fails like `reward_errors` says. Off if null.
+            overlong_max_length: L_max of `soft_overlong_punishment` (DAPO's soft overlong punishment, Yu et al. 2025,
+                eq. 13): a response of |y| tokens gets 0 up to L_max - L_cache, falls linearly to -1 at L_max, -1 beyond.
+                null: `response_length`. Any reward function that declares `overlong_max_length` gets it.
+            overlong_buffer_length: L_cache of `soft_overlong_punishment`, the tokens before L_max over which the
+                penalty grows (DAPO: 4096 of 20480). null: a fifth of L_max.
             value_model_path: Where the value model (gae) starts: default the reward model, else (no reward
                 model) the policy's backbone with a new scalar head.
             learning_rate: Peak AdamW learning rate (policy and, with `gae`, value model).
@@ -257,7 +265,8 @@ class PPOModule(AlignmentModule):
             )
         if reward_model_path is None and not reward_funcs:
             raise UserError("PPO needs a reward: --model.reward_model_path (a reward model) and/or --model.reward_funcs (functions)")
-        self.reward_functions = RewardFunctions(reward_funcs or [], reward_timeout, reward_errors, reward_memory_limit)
+        self.reward_functions = RewardFunctions(reward_funcs or [], reward_timeout, reward_errors, reward_memory_limit,
+                                                self.reward_settings(overlong_max_length or response_length, overlong_buffer_length))  # fmt: skip
         model_source = [RewardModel(self.reward_model_scores)] if reward_model_path else []
         self.rewards = Rewards(model_source + self.reward_functions.sources(), reward_weights)  # the reward model first
         self.automatic_optimization = False
@@ -281,6 +290,16 @@ class PPOModule(AlignmentModule):
             self.value_model, self.trained_modules = None, ("model",)
         self.engine: Optional[RolloutEngine] = None  # started by `started_engine`
         self.stopwatch = Stopwatch()  # the wall time of each phase of the step, for `time/*`
+
+    @staticmethod
+    def reward_settings(max_length: int, buffer_length: Optional[int]) -> dict[str, int]:
+        """The run's settings a reward function may declare by name: L_max and L_cache of the soft overlong punishment
+        (`buffer_length` null: L_max // 5, at least 1), checked."""
+        buffer_length = buffer_length or max(1, max_length // 5)
+        if buffer_length > max_length:
+            raise UserError(f"--model.overlong_buffer_length {buffer_length} is longer than the max length {max_length} it ends at"
+                            " (--model.overlong_max_length, default --model.response_length)")  # fmt: skip
+        return {"overlong_max_length": max_length, "overlong_buffer_length": buffer_length}
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule

@@ -1,10 +1,14 @@
 """Built-in reward functions, with TRL's contract `f(prompts, completions, **columns) -> list[float | None]`.
 
+Besides the prompt rows' columns, every function gets `completion_ids` (TRL's name: each response's token ids,
+up to and including its EOS) and, if it declares them by name, the run's settings `overlong_max_length` and
+`overlong_buffer_length` (the flags of the same names).
 Examples to copy for your own (`--model.reward_funcs my_file.py:my_function`). This module imports
 only the standard library: a reward worker process starts in a fraction of a second.
 """
 
 import functools
+import inspect
 import re
 from typing import Optional
 
@@ -29,8 +33,18 @@ def answer_format(prompts: list[str], completions: list[str], **columns) -> list
     return [float(bool(ANSWER_LINE.search(completion.strip()))) for completion in completions]
 
 
+def soft_overlong_punishment(prompts: list[str], completions: list[str], completion_ids: list[list[int]], overlong_max_length: int,
+                             overlong_buffer_length: int, **columns) -> list[float]:  # fmt: skip
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), with L_max `overlong_max_length` and L_cache
+    `overlong_buffer_length`: a response of |y| tokens gets 0 up to L_max - L_cache, then `(L_max - L_cache - |y|) /
+    L_cache`, falling linearly to -1 at L_max, and -1 beyond. Added to a correctness reward, it tells a long answer
+    from a cut one before the cut."""
+    start = overlong_max_length - overlong_buffer_length  # L_max - L_cache
+    return [max(-1.0, min(0.0, (start - len(ids)) / overlong_buffer_length)) for ids in completion_ids]
+
+
 #: built-in reward functions for `--model.reward_funcs`
-REWARD_FUNCTIONS = {"final_number": final_number, "answer_format": answer_format}
+REWARD_FUNCTIONS = {"final_number": final_number, "answer_format": answer_format, "soft_overlong_punishment": soft_overlong_punishment}
 
 
 @functools.cache
@@ -39,13 +53,15 @@ def reward_function(spec: str):
     return resolve(spec, REWARD_FUNCTIONS, "--model.reward_funcs")
 
 
-def call_reward(spec: str, prompts: list[str], completions: list[str], columns: dict[str, list]):
-    """The function `spec` names, on one batch of rows."""
-    return reward_function(spec)(prompts=prompts, completions=completions, **columns)
+def call_reward(spec: str, prompts: list[str], completions: list[str], columns: dict[str, list], settings: dict):
+    """The function `spec` names, on one batch of rows, with those of the run's `settings` (name: value) it declares."""
+    function = reward_function(spec)
+    declared = inspect.signature(function).parameters
+    return function(prompts=prompts, completions=completions, **columns, **{k: v for k, v in settings.items() if k in declared})
 
 
 def serve(connection) -> None:
-    """A reward worker's loop: says `ready`, then answers each `(spec, prompts, completions, columns)` received
+    """A reward worker's loop: says `ready`, then answers each `(spec, prompts, completions, columns, settings)` received
     with `("ok", rewards)` or `("raised", "TypeName: message")`, until the pipe closes."""
     connection.send(("ready", None))
     while True:

@@ -9,8 +9,10 @@ A reward function is called as
     f(prompts: list[str], completions: list[str], **columns) -> list[float | None]
 
 with one entry per sampled response: `prompts` the user's last message, `completions` the decoded
-response, and each extra column of the prompt rows (e.g. `answer`) repeated for each of a prompt's
-responses. `None` means that the function does not apply to that row: the source is left out of the
+response, `completion_ids` its token ids (up to and including its EOS), and each extra column of the
+prompt rows (e.g. `answer`) repeated for each of a prompt's responses; a function that declares one of
+the run's settings (`overlong_max_length`, `overlong_buffer_length`: `PPOModule.reward_settings`) by
+name gets its value. `None` means that the function does not apply to that row: the source is left out of the
 row's weighted total, never counted as 0.
 
 The functions run in one worker process, `timeout` seconds per call. One that hangs is stopped; one
@@ -97,15 +99,17 @@ class Worker:
 class RewardFunctions:
     """The reward functions of a run, each called in one worker process with a timeout (and a memory limit)."""
 
-    def __init__(self, specs: list[str], timeout: float, on_error: Literal["stop", "none"] = "stop", memory_limit: Optional[float] = None):
-        """`memory_limit`: GiB of resident memory the worker may use (`--model.reward_memory_limit`); None: no limit."""
+    def __init__(self, specs: list[str], timeout: float, on_error: Literal["stop", "none"] = "stop", memory_limit: Optional[float] = None,
+                 settings: Optional[dict] = None):  # fmt: skip
+        """`memory_limit`: GiB of resident memory the worker may use (`--model.reward_memory_limit`); None: no limit.
+        `settings`: the run's settings (name: value), given to the functions that declare them by name."""
         check_ranges("model", {"reward_memory_limit": memory_limit}, {"reward_memory_limit": "> 0"})
         if memory_limit is not None and not Path("/proc/self/status").is_file():
             raise UserError(f"--model.reward_memory_limit {memory_limit:g}: reads a process's memory from /proc, which only Linux has")
         for spec in specs:  # import each once here, so that a wrong name or path fails at start, naming it
             resolve(spec, REWARD_FUNCTIONS, "--model.reward_funcs")
         self.specs, self.names = list(specs), [source_name(spec) for spec in specs]
-        self.timeout, self.on_error, self.memory_limit = timeout, on_error, memory_limit
+        self.timeout, self.on_error, self.memory_limit, self.settings = timeout, on_error, memory_limit, settings or {}
         self.worker: Optional[Worker] = None
         self.failures = 0  # calls whose rows got None (on_error="none")
 
@@ -124,7 +128,7 @@ class RewardFunctions:
         if self.worker is None:
             self.worker = Worker()
             self.receive(math.inf)  # its `ready`: the start-up is not timed
-        self.worker.connection.send((spec, prompts, completions, columns))
+        self.worker.connection.send((spec, prompts, completions, columns, self.settings))
         status, value = self.receive(self.timeout)
         if status == "raised":
             raise FunctionRaised(f"raised {value}")
@@ -226,10 +230,20 @@ class Responses:
         return cls(answered, prompts["input_ids"].shape[1], [text for text in texts for _ in range(k)], columns, decode)
 
     @cached_property
+    def response_ids(self) -> list[torch.Tensor]:
+        """(N,) each response's token ids (R_i,), up to and including its EOS."""
+        P = self.context_length
+        return [ids[mask.bool()] for ids, mask in zip(self.batch["input_ids"][:, P:], self.batch["attention_mask"][:, P:])]
+
+    @cached_property
+    def completion_ids(self) -> list[list[int]]:
+        """(N,) `response_ids` as lists: what reward functions read as `completion_ids`."""
+        return [ids.tolist() for ids in self.response_ids]
+
+    @cached_property
     def completions(self) -> list[str]:
         """(N,) the responses as text, special tokens skipped: what reward functions read."""
-        P = self.context_length
-        return [self.decode(ids[mask.bool()]) for ids, mask in zip(self.batch["input_ids"][:, P:], self.batch["attention_mask"][:, P:])]
+        return [self.decode(ids) for ids in self.response_ids]
 
 
 @dataclass
@@ -256,7 +270,8 @@ class RewardFunction:
 
     def __call__(self, responses: Responses) -> torch.Tensor:
         """(N,) the function's reward of each response, nan where it returned None."""
-        rewards = self.worker.call(self.spec, responses.prompts, responses.completions, responses.columns)
+        columns = responses.columns | {"completion_ids": responses.completion_ids}
+        rewards = self.worker.call(self.spec, responses.prompts, responses.completions, columns)
         return torch.tensor(rewards, device=responses.batch["input_ids"].device)
 
 

@@ -9,8 +9,9 @@ import torch
 
 from lit_rlhf.cli import cli
 from lit_rlhf.errors import UserError
-from lit_rlhf.reward_functions import answer_format, final_number
+from lit_rlhf.reward_functions import answer_format, final_number, soft_overlong_punishment
 from lit_rlhf.rewards import RewardFunction, RewardFunctions, RewardModel, Rewards, Responses, reward_stats, weighted_total
+from lit_rlhf.ppo import PPOModule
 from test_ppo import ppo_args
 
 NAN = math.nan
@@ -22,6 +23,39 @@ def test_final_number_and_answer_format_by_hand():
     assert final_number(["q"] * 5, completions, answer=answers) == [1.0, 1.0, 0.0, 1.0, 0.0]
     assert final_number(["q"], ["5"], answer=[None]) == [None]  # a row without an answer: does not apply
     assert answer_format(["q"] * 3, ["so...\nAnswer: 12", "Answer: 12 apples", "answer: 12"]) == [1.0, 0.0, 0.0]
+
+
+def test_soft_overlong_punishment_by_hand():
+    """L_max 10, L_cache 4: 0 up to 6 tokens, then (6 - |y|) / 4: 7 -> -0.25, 9 -> -0.75, 10 -> -1; -1 beyond."""
+    ids = [[1] * n for n in (3, 6, 7, 9, 10, 12)]
+    rewards = soft_overlong_punishment([""] * 6, [""] * 6, completion_ids=ids, overlong_max_length=10, overlong_buffer_length=4)
+    assert rewards == [0.0, 0.0, -0.25, -0.75, -1.0, -1.0]
+
+
+def test_the_overlong_punishment_reads_each_responses_token_count_and_the_runs_settings_in_the_worker():
+    """Responses of 1 to 4 tokens after a 1-token prompt, L_max 4, L_cache 2: 0 up to 2 tokens, -0.5 at 3, -1 at 4."""
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    batch = {"input_ids": torch.tensor([[7, 97, 98, 99, 100]] * 4) * mask, "attention_mask": mask}
+    responses = Responses(batch, 1, ["p"] * 4, {}, decode=lambda ids: "".join(map(chr, ids.tolist())))
+    functions = RewardFunctions(["soft_overlong_punishment"], timeout=30, settings={"overlong_max_length": 4, "overlong_buffer_length": 2})
+    try:
+        assert functions.sources()[0](responses).tolist() == [0.0, 0.0, -0.5, -1.0]
+    finally:
+        functions.close()
+    assert responses.completion_ids[1] == [97, 98] and responses.completions[1] == "ab"
+
+
+def test_the_overlong_flags_reach_the_reward_functions(tiny_model_dir):
+    """L_max defaults to response_length, L_cache to a fifth of L_max."""
+    settings = lambda **flags: PPOModule(model_name_or_path=tiny_model_dir, reward_funcs=["soft_overlong_punishment"],  # noqa: E731
+                                         response_length=20, **flags).reward_functions.settings  # fmt: skip
+    assert settings() == {"overlong_max_length": 20, "overlong_buffer_length": 4}
+    assert settings(overlong_max_length=16, overlong_buffer_length=6) == {"overlong_max_length": 16, "overlong_buffer_length": 6}
+
+
+def test_an_overlong_buffer_longer_than_the_max_length_is_refused(tiny_model_dir):
+    with pytest.raises(UserError, match="--model.overlong_buffer_length 9 is longer than the max length 8"):
+        PPOModule(model_name_or_path=tiny_model_dir, reward_funcs=["soft_overlong_punishment"], response_length=8, overlong_buffer_length=9)
 
 
 def test_weighted_total_leaves_out_none_instead_of_counting_zero():
