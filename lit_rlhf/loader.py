@@ -48,6 +48,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.rank, self.world_size = rank, world_size
         self.epoch = -1  # the epoch being served
         self.batches_done = 0  # batches of that epoch the training loop has taken
+        self.batches_trained = 0  # batches of that epoch the finished training steps took (runs.StopCheckpoint)
         self.resuming = False  # set by load_state_dict: the next iteration continues `epoch`
 
     def served_rows(self) -> int:
@@ -67,7 +68,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         if not self.resuming or self.batches_done >= len(self):  # a checkpoint at an epoch's end resumes the next one
             self.epoch, self.batches_done = self.epoch + 1, 0
-        self.resuming = False
+        self.resuming, self.batches_trained = False, self.batches_done
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.num_rows, generator=generator)[: self.served_rows()]
@@ -88,11 +89,23 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 
 class CountingDataLoader(DataLoader):
-    """A DataLoader over a `ResumableBatchSampler` that counts the batches it hands out."""
+    """A DataLoader over a `ResumableBatchSampler` that counts the batches it hands out.
+
+    `next_batch` takes the next batch of the epoch the training loop is iterating, from the same stream: a step
+    that needs more rows than its batch (PPO's dynamic sampling) takes the batches the next steps would have
+    taken, counted alike, so a checkpoint resumes after them."""
 
     batch_sampler: ResumableBatchSampler
 
     def __iter__(self):
-        for batch in super().__iter__():
+        self.live = self.counted(super().__iter__())
+        return self.live
+
+    def counted(self, batches):
+        for batch in batches:
             self.batch_sampler.batches_done += 1  # counted when taken, not when a worker prefetches it
             yield batch
+
+    def next_batch(self) -> Optional[dict]:
+        """The next batch of the epoch being iterated; None when the epoch has no batch left."""
+        return next(self.live, None)

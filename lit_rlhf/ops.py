@@ -199,6 +199,12 @@ def grouped(scores: torch.Tensor, k: int, estimator: str) -> torch.Tensor:
     return scores.view(-1, k)
 
 
+def flat_groups(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Which groups' k scores are all equal: no signal for a group baseline. (B * k,) -> (B,) bool"""
+    groups = scores.view(-1, k)  # (B, k)
+    return groups.max(1).values == groups.min(1).values
+
+
 def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
     """REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics"): each sample's score minus the mean
     score of the other k - 1 samples of its prompt.

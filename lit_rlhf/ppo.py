@@ -46,11 +46,11 @@ from lit_rlhf.policy_losses import POLICY_LOSS_ARGUMENTS, POLICY_LOSSES, aggrega
 from lit_rlhf.distributed import no_backward_sync, sum_over_processes
 from lit_rlhf.forward import sequence_scores, token_logps, token_logps_and_entropies, token_values
 from lit_rlhf.models import add_lora, as_reference, check_same_vocabulary, load_causal_lm, load_scalar_model, load_tokenizer
-from lit_rlhf.ops import KL_ESTIMATORS, group_minibatches, kl_estimate
+from lit_rlhf.ops import KL_ESTIMATORS, flat_groups, group_minibatches, kl_estimate
 from lit_rlhf.plugins import declared_arguments, resolve
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
 from lit_rlhf.rewards import RewardFunctions, RewardModel, Rewards, Responses
-from lit_rlhf.rollout import Rollout, Stopwatch, joined, samples_table, step_stats
+from lit_rlhf.rollout import Rollout, Stopwatch, concatenated, joined, samples_table, step_stats
 from lit_rlhf.rollout_engines import ROLLOUT_ENGINES, HFRollout, RolloutEngine, summary
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (B, P + R), prompts left-padded
@@ -91,7 +91,7 @@ class PPOModule(AlignmentModule):
     trained_modules = ("model", "value_model")  # critic-free estimators: ("model",), set in __init__
     resume_applies = AlignmentModule.resume_applies + (
         "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "kl_loss_estimator", "kl_in_loss", "gamma", "lam", "ppo_epochs", "cliprange",
-        "cliprange_high", "loss_aggregation", "mask_truncated_completions", "entropy_coef", "cliprange_value", "vf_coef", "max_grad_norm",
+        "cliprange_high", "loss_aggregation", "mask_truncated_completions", "entropy_coef", "dynamic_sampling_max_rounds", "cliprange_value", "vf_coef", "max_grad_norm",
         "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit", "overlong_max_length", "overlong_buffer_length", "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
     )  # fmt: skip
     flag_ranges = AlignmentModule.flag_ranges | {
@@ -99,7 +99,7 @@ class PPOModule(AlignmentModule):
         "ppo_epochs": "> 0", "num_minibatches": "> 0", "gradient_accumulation_steps": "> 0", "rollout_batch_size": "> 0", "cliprange": "> 0",
         "cliprange_high": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0", "max_grad_norm": "> 0", "sample_every_n_steps": "> 0",
         "importance_sampling_cap": ">= 1", "vllm_gpu_memory_utilization": "in (0, 1]", "entropy_coef": ">= 0",
-        "overlong_max_length": "> 0", "overlong_buffer_length": "> 0",
+        "overlong_max_length": "> 0", "overlong_buffer_length": "> 0", "dynamic_sampling_max_rounds": ">= 0",
     }  # fmt: skip
 
     @with_table_entries
@@ -137,6 +137,7 @@ class PPOModule(AlignmentModule):
         loss_aggregation: Optional[Literal["token_mean", "sequence_mean", "constant"]] = None,
         mask_truncated_completions: bool = False,
         entropy_coef: float = 0.0,
+        dynamic_sampling_max_rounds: int = 0,
         cliprange_value: float = 0.2,
         vf_coef: float = 0.1,
         max_grad_norm: float = 1.0,
@@ -230,6 +231,13 @@ class PPOModule(AlignmentModule):
                 next-token distribution at each response token, aggregated like the policy loss (Williams and Peng
                 1991; PPO, Schulman et al. 2017, eq. 9; verl's `entropy_coeff`). 0: no bonus, no entropy computed in the
                 update (`objective/entropy` is logged either way, from the rollout's pass).
+            dynamic_sampling_max_rounds: DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2): a group whose k scores are
+                all equal has no advantage, so it is dropped and the step samples the next batches of prompts of the
+                same training order, at most this many more, until `--data.batch_size` groups have a signal (the
+                surplus is dropped; short after the last round, flat groups fill the batch). The batches it takes are
+                the next steps' (the epoch has fewer steps) and a checkpoint resumes after them. Logged:
+                `rollout/sampling_rounds`, `rollout/flat_group_share` (of every group sampled). 0: off. Group
+                estimators only (rloo, grpo, dr_grpo).
             cliprange_value: Clip range of the value prediction (`gae`).
             vf_coef: Weight of the value loss (`gae`).
             max_grad_norm: Gradient norm clip of each optimizer step.
@@ -258,6 +266,9 @@ class PPOModule(AlignmentModule):
             if name not in KL_ESTIMATORS:
                 raise UserError(f"--model.{flag} {name}: not one of {', '.join(KL_ESTIMATORS)}")
         self.kl_in_loss = self.estimator.kl_in_loss if kl_in_loss is None else kl_in_loss
+        if dynamic_sampling_max_rounds and not self.estimator.groups:
+            raise UserError(f"--model.dynamic_sampling_max_rounds drops groups whose k responses scored alike: it needs a group"
+                            f" estimator (rloo, grpo, dr_grpo), not --model.advantage_estimator {advantage_estimator}")  # fmt: skip
         if self.estimator.groups and num_generations < 2:
             raise UserError(
                 f"--model.advantage_estimator {advantage_estimator} compares the responses to one prompt: it needs"
@@ -381,7 +392,8 @@ class PPOModule(AlignmentModule):
             samples = engine.sample(batch, k, hp.response_length, hp.temperature)  # (B * k, R), groups contiguous
         answered = joined(batch, samples, k)  # input_ids, attention_mask, labels: (B * k, P + R)
         P = batch["input_ids"].shape[1]
-        source_scores = self.rewards(Responses.of(batch, answered, k, self.decode))  # (B * k, F)
+        responses = Responses.of(batch, answered, k, self.decode)
+        source_scores = self.rewards(responses)  # (B * k, F)
         scores = self.rewards.total(source_scores)
         if hp.missing_eos_penalty is not None:
             scores = scores - hp.missing_eos_penalty * (~samples.contains_eos).float()
@@ -394,8 +406,29 @@ class PPOModule(AlignmentModule):
         return Rollout(
             **answered, response_mask=samples.response_mask.float(), contains_eos=samples.contains_eos, logprobs=logprobs, entropies=entropies,
             ref_logprobs=ref_logprobs, scores=scores, values=values,
-            source_scores=source_scores, sampler_logprobs=samples.sampler_logprobs,
+            source_scores=source_scores, sampler_logprobs=samples.sampler_logprobs, prompt_text=responses.prompts,
         )  # fmt: skip
+
+    def dynamically_sampled(self, rollout: Rollout) -> tuple[Rollout, dict[str, torch.Tensor]]:
+        """DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2): the B groups of `rollout` with a signal (scores not all
+        equal), and while fewer than B (in any process: all sample the same number of rounds), those of rollouts of the
+        next batches of the training loader, at most `dynamic_sampling_max_rounds` more; the first B groups with a signal,
+        then flat ones if short. Also the statistics `rollout/sampling_rounds` and `rollout/flat_group_share`."""
+        k, B = self.hparams.num_generations, len(rollout.scores) // self.hparams.num_generations
+        rollouts = [rollout]
+        for _ in range(self.hparams.dynamic_sampling_max_rounds):
+            short = sum(int((~flat_groups(r.scores, k)).sum()) for r in rollouts) < B
+            if not self.sum_over_processes(torch.tensor(float(short), device=self.device)):
+                break
+            batch = self.trainer.train_dataloader.next_batch()
+            if batch is None:  # the epoch has no batch left
+                break
+            rollouts.append(self.rollout(self.transfer_batch_to_device(batch, self.device, 0)))
+        sampled = concatenated(rollouts)
+        flat = flat_groups(sampled.scores, k)  # (G,)
+        groups = (torch.cat([(~flat).nonzero(), flat.nonzero()])[:B, 0] * k)[:, None] + torch.arange(k, device=flat.device)  # (B, k)
+        stats = {"rollout/sampling_rounds": torch.tensor(float(len(rollouts)), device=self.device), "rollout/flat_group_share": flat.float().mean()}
+        return sampled.rows(groups.flatten().tolist()), stats
 
     def in_chunks(self, function: Callable[[Batch, int], torch.Tensor], batch: Batch, context_length: int) -> torch.Tensor:
         """`function(rows, context_length)` over `batch`'s rows, `rollout_batch_size` rows per call, concatenated. -> (N, ...)"""
@@ -503,17 +536,22 @@ class PPOModule(AlignmentModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """One PPO step on a batch of B prompts: rollout and advantages, then the update; skipped (no update) when the
         rollout is not finite in every process."""
+        self.stopwatch.seconds.clear()
+        sampling_stats = {}
         with self.stopwatch("rollout"):
-            rollout = self.compute_advantages(self.rollout(batch))
+            rollout = self.rollout(batch)
+            if self.hparams.dynamic_sampling_max_rounds:
+                rollout, sampling_stats = self.dynamically_sampled(rollout)
+            rollout = self.compute_advantages(rollout)
             for key in ("scores", "values", "advantages"):
                 value = getattr(rollout, key)
                 if value is not None and not self.finite_in_every_process(value):  # no values without a value model
                     return self.non_finite(f"rollout {key}")
         with self.stopwatch("update"):
             update_stats = self.update(rollout)
-        self.log_step(batch, batch_idx, rollout, update_stats)
+        self.log_step(batch_idx, rollout, update_stats | sampling_stats)
 
-    def log_step(self, batch: dict, batch_idx: int, rollout: Rollout, update_stats: dict[str, torch.Tensor]) -> None:
+    def log_step(self, batch_idx: int, rollout: Rollout, update_stats: dict[str, torch.Tensor]) -> None:
         """The step's scalars (`update_stats`, `rollout.step_stats`, `lr`) and, every `sample_every_n_steps` steps, a table
         of the user's prompt / response / score in TensorBoard's Text tab (`samples`)."""
         hp = self.hparams
@@ -521,8 +559,7 @@ class PPOModule(AlignmentModule):
         stats["lr"] = torch.tensor(self.lr_schedulers().get_last_lr()[0], device=self.device)
         self.log_stats(stats, "train", batch_size=len(rollout.scores))
         if batch_idx % hp.sample_every_n_steps == 0 and isinstance(self.logger, TensorBoardLogger):
-            prompts = [text for text in batch["prompt_text"] for _ in range(hp.num_generations)]
-            self.logger.experiment.add_text("samples", samples_table(prompts, rollout, self.decode), self.global_step)
+            self.logger.experiment.add_text("samples", samples_table(rollout.prompt_text, rollout, self.decode), self.global_step)
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

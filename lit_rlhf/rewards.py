@@ -42,6 +42,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.errors import UserError, check_ranges
+from lit_rlhf.ops import flat_groups
 from lit_rlhf.plugins import resolve
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS, serve
 
@@ -326,6 +327,5 @@ def reward_stats(scores: torch.Tensor, names: list[str], total: torch.Tensor, k:
         if not missing.all():
             stats |= {f"rewards/{name}/mean": column[~missing].mean()}
     if k > 1:
-        groups = total.view(-1, k)  # (B, k)
-        stats["rewards/flat_group_share"] = (groups.max(1).values == groups.min(1).values).float().mean()
+        stats["rewards/flat_group_share"] = flat_groups(total, k).float().mean()
     return stats

@@ -2,10 +2,11 @@
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 
 from lit_rlhf.ops import IGNORE_INDEX, masked_mean
 from lit_rlhf.rewards import reward_stats
@@ -39,6 +40,7 @@ class Rollout:
     values: Optional[torch.Tensor] = None  # (N, R) V(s_t) before each response token; with a value model only
     source_scores: Optional[torch.Tensor] = None  # (N, F) each reward source's score (rewards.Rewards), nan where a function returned None
     sampler_logprobs: Optional[torch.Tensor] = None  # (N, R) under the engine that sampled (vLLM); None: the policy itself
+    prompt_text: Optional[list[str]] = None  # (N,) the user's prompt each response answers
     # filled in by `compute_advantages`
     kl: Optional[torch.Tensor] = None  # (N, R) per-token KL estimate to the reference; None without one
     non_score_reward: Optional[torch.Tensor] = None  # (N, R) -kl_coef * kl
@@ -54,9 +56,41 @@ class Rollout:
         """`input_ids`, `attention_mask` and `labels` of `rows`: a batch for the forward functions."""
         return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows], "labels": self.labels[rows]}
 
+    def rows(self, rows: list[int]) -> "Rollout":
+        """The rollout of `rows` only, in that order (every field that is set)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        picked = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return replace(self, **{name: [value[i] for i in rows] if isinstance(value, list) else value[index] for name, value in picked.items()})
+
+
+#: how `concatenated` pads the fields: the (N, P + R) ones left of the prompt and right of the response with their pad
+#: value, the (N, R) ones right of the response with 0; the others ((N,), (N, F), lists) are stacked as they are
+SEQUENCE_PADDING = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+TOKEN_FIELDS = ("response_mask", "logprobs", "entropies", "ref_logprobs", "values", "sampler_logprobs", "kl", "non_score_reward",
+                "advantages", "returns")  # fmt: skip
+
+
+def concatenated(rollouts: list[Rollout]) -> Rollout:
+    """The rows of `rollouts` (e.g. several rounds of sampling) as one rollout: each prompt left-padded to the longest
+    prompt P, each response right-padded to the longest response R, so (N_i, P_i + R_i) fields become (sum N_i,
+    P + R) and (N_i, R_i) fields (sum N_i, R). The rollouts set the same fields."""
+    P, R = max(r.context_length for r in rollouts), max(r.response_mask.shape[1] for r in rollouts)
+
+    def joined(name: str, values: list):
+        if name in SEQUENCE_PADDING:
+            widths = [(P - r.context_length, R - r.response_mask.shape[1]) for r in rollouts]
+            return torch.cat([F.pad(value, width, value=SEQUENCE_PADDING[name]) for value, width in zip(values, widths)])
+        if name in TOKEN_FIELDS:
+            return torch.cat([F.pad(value, (0, R - value.shape[1])) for value in values])
+        return [v for value in values for v in value] if isinstance(values[0], list) else torch.cat(values)
+
+    names = [f.name for f in fields(Rollout) if getattr(rollouts[0], f.name) is not None]
+    return replace(rollouts[0], **{name: joined(name, [getattr(r, name) for r in rollouts]) for name in names})
+
 
 class Stopwatch:
-    """Wall time of the named phases of a step: `with stopwatch("update"): ...` sets `seconds["update"]`."""
+    """Wall time of the named phases of a step: `with stopwatch("update"): ...` adds to `seconds["update"]` (several
+    rounds of generation add up); `seconds.clear()` starts the next step."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -67,13 +101,14 @@ class Stopwatch:
         try:
             yield
         finally:
-            self.seconds[phase] = time.perf_counter() - start
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def step_stats(rollout: Rollout, reward_names: list[str], k: int, ppo_epochs: int, seconds: dict[str, float]) -> dict[str, torch.Tensor]:
     """The TensorBoard scalars of one step's `rollout` (after `compute_advantages`): `objective/*` (no `objective/kl`
     without a reference; `objective/entropy` each response's summed per-token entropy, as TRL's scale, averaged over
-    responses, `objective/entropy_per_token` the mean over response tokens), `rewards/*` (`rewards.reward_stats` of the sources `reward_names`, k responses per prompt),
+    responses, `objective/entropy_per_token` the mean over response tokens), `rewards/*` (`rewards.reward_stats` of the
+    sources `reward_names`, k responses per prompt),
     `rollout/logprob_diff` (with the sampler's log-probs) and where the wall time went, `time/*`, from the `seconds`
     of the phases `generation`, `rollout` and `update` (update tokens: real prompt + response tokens of every epoch)."""
     scores, non_score = rollout.scores, rollout.non_score_reward.sum(1)  # (N,) each

@@ -139,6 +139,9 @@ class StopCheckpoint(Callback):
                 signal.signal(signum, stop_after_this_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sampler = getattr(trainer.datamodule, "train_sampler", None)
+        if sampler is not None:  # the step took its batch (one, or more with dynamic sampling) and trained
+            sampler.batches_trained = sampler.batches_done
         if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
             trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException once this step is done
 
@@ -156,9 +159,11 @@ class StopCheckpoint(Callback):
                 f" --ckpt_path {path} (or --ckpt_path last)"
             )
         elif self.saves_on(trainer, exception):
-            sampler = getattr(trainer.datamodule, "train_sampler", None)
-            if sampler is not None:  # the batch that failed was taken but not trained: the resume takes it again
-                sampler.batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            sampler, progress = getattr(trainer.datamodule, "train_sampler", None), trainer.fit_loop.epoch_loop.batch_progress.current
+            if sampler is not None and progress.ready > progress.completed:
+                # the step that failed took its batches (one, or more with dynamic sampling) but did not train: the
+                # resume takes them again
+                sampler.batches_done = sampler.batches_trained
             try:
                 path = self.save_last(trainer)
             except UserError as err:  # a full disk: the original error stays the one reported

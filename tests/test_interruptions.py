@@ -15,6 +15,7 @@ from conftest import make_causal_lm
 from lit_rlhf.base import AlignmentModule
 from lit_rlhf.cli import cli
 from lit_rlhf.commands import one_line
+from lit_rlhf.ppo import PPOModule
 from test_reliability import Killed, fail, ppo_args, reward_args, save_model
 
 EPOCHS_2 = ("--trainer.max_epochs", "2", "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1", "--trainer.limit_val_batches", "0")
@@ -64,6 +65,44 @@ def test_a_run_stopped_by_max_steps_resumes_mid_epoch(tiny_model_dir, real_rows,
     resumed, run = fit_recording(monkeypatch, [*args, "--trainer.max_steps", "8", "--ckpt_path", "last"])
     assert first + resumed == uninterrupted
     assert run.trainer.current_epoch == whole.trainer.current_epoch and run.trainer.global_step == 8
+
+
+def test_dynamic_sampling_resumes_row_exact(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    """A score of the first response token's parity leaves about half the groups flat, so steps take extra batches; a run
+    killed at its third step and resumed from last.ckpt samples exactly the prompt rows of one that was not, round by round."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(PPOModule, "score", lambda self, batch, P: (batch["input_ids"][:, P] % 2).float())
+    rollout = PPOModule.rollout
+
+    def run(*extra, kill_at_step=None):
+        """The prompt rows of every rollout (each round of each step) and those of each step's own batch."""
+        rows, steps = [], []
+
+        def recording(self, batch):
+            rows.append(batch["index"].tolist())
+            return rollout(self, batch)
+
+        def on_train_batch_start(self, batch, batch_idx):
+            if len(steps) == kill_at_step:
+                raise Killed
+            steps.append(batch["index"].tolist())
+
+        monkeypatch.setattr(PPOModule, "rollout", recording)
+        monkeypatch.setattr(AlignmentModule, "on_train_batch_start", on_train_batch_start, raising=False)
+        args = ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "28", "--model.gradient_accumulation_steps", "1",
+                        "--model.dynamic_sampling_max_rounds", "2", "--trainer.max_epochs", "2", "--model.advantage_estimator", "grpo",
+                        "--model.num_generations", "2", *extra)  # fmt: skip
+        try:
+            cli(args)
+        except Killed:
+            pass
+        return rows, steps
+
+    uninterrupted, steps = run()
+    assert len(uninterrupted) > len(steps)  # some steps took more than their batch
+    killed, _ = run(kill_at_step=2)
+    resumed, _ = run("--ckpt_path", "last")
+    assert killed + resumed == uninterrupted
 
 
 def test_ckpt_path_last_without_checkpoints_starts_a_new_run(tiny_model_dir, real_rows, tmp_path, monkeypatch):

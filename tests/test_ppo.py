@@ -433,3 +433,78 @@ def test_a_resume_may_switch_the_kl_on_and_change_the_dapo_flags(tiny_model_dir,
     resumed = cli([*args, "--model.kl_coef", "0.05", "--model.cliprange_high", "0.3", "--ckpt_path", str(ckpt)])
     assert resumed.model.ref_model is not None and resumed.model.hparams.cliprange_high == 0.3
     assert resumed.trainer.callback_metrics["objective/kl"] >= 0 and resumed.trainer.global_step == 4
+
+
+# ---- dynamic sampling ----------------------------------------------------------------------------
+
+
+def toy_rollout(scores: list[float], P: int, R: int, first: int):
+    """A rollout of len(scores) rows whose ids are `first`, `first` + 1, ... on every token; P prompt, R response tokens."""
+    from lit_rlhf.rollout import Rollout
+
+    N = len(scores)
+    input_ids = torch.arange(first, first + N)[:, None].repeat(1, P + R)
+    labels = input_ids.clone()
+    labels[:, :P] = -100
+    return Rollout(input_ids=input_ids, attention_mask=torch.ones(N, P + R, dtype=torch.long), labels=labels,
+                   response_mask=torch.ones(N, R), contains_eos=torch.ones(N, dtype=torch.bool), logprobs=torch.zeros(N, R),
+                   entropies=torch.zeros(N, R), ref_logprobs=None, scores=torch.tensor(scores), source_scores=torch.tensor(scores)[:, None],
+                   prompt_text=[f"p{first + i}" for i in range(N)])  # fmt: skip
+
+
+@pytest.fixture
+def dynamic_module(tiny_model_dir, tiny_reward_dir):
+    """`(module, loader)`: GRPO with k = 2 whose rollouts of the loader's next batches are rounds 2 and 3 below, the loader's
+    batches counted in `loader.taken` (None once `loader.left` is 0)."""
+    module = PPOModule(reward_model_path=tiny_reward_dir, model_name_or_path=tiny_model_dir, advantage_estimator="grpo", num_generations=2,
+                       dynamic_sampling_max_rounds=2, kl_coef=0.0)  # fmt: skip
+    rounds = iter([toy_rollout([0.0, 1.0, 2.0, 2.0], P=3, R=2, first=10), toy_rollout([3.0, 3.0, 5.0, 4.0], P=2, R=4, first=20)])
+    loader = types.SimpleNamespace(taken=0, left=2)
+
+    def next_batch():
+        if not loader.left:
+            return None
+        loader.taken, loader.left = loader.taken + 1, loader.left - 1
+        return {}
+
+    loader.next_batch = next_batch
+    module._trainer = types.SimpleNamespace(train_dataloader=loader, strategy=types.SimpleNamespace(reduce=lambda t, reduce_op: t))
+    module.rollout = lambda batch: next(rounds)
+    module.transfer_batch_to_device = lambda batch, device, index: batch
+    return module, loader
+
+
+def test_dynamic_sampling_refills_a_batch_of_flat_groups(dynamic_module):
+    """Round 1: both groups flat (1, 1), (0, 0); round 2: (0, 1) has a signal, (2, 2) not; round 3: (3, 3) not, (5, 4) has:
+    the batch is the groups (0, 1) of round 2 and (5, 4) of round 3; 4 of the 6 groups sampled were flat. Round 2's
+    rows (P 3, R 2) are right-padded to R 4, round 3's (P 2, R 4) left-padded to P 3."""
+    module, loader = dynamic_module
+    rollout, stats = module.dynamically_sampled(toy_rollout([1.0, 1.0, 0.0, 0.0], P=2, R=3, first=0))
+    assert rollout.scores.tolist() == [0.0, 1.0, 5.0, 4.0] and rollout.prompt_text == ["p10", "p11", "p22", "p23"]
+    assert stats["rollout/sampling_rounds"] == 3 and stats["rollout/flat_group_share"] == pytest.approx(4 / 6) and loader.taken == 2
+    assert rollout.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0]] * 2 + [[0, 1, 1, 1, 1, 1, 1]] * 2
+    assert rollout.labels[0].tolist() == [-100, -100, -100, 10, 10, -100, -100] and rollout.response_mask[0].tolist() == [1, 1, 0, 0]
+    assert rollout.input_ids[2].tolist() == [0, 22, 22, 22, 22, 22, 22] and rollout.logprobs.shape == (4, 4)
+
+
+def test_dynamic_sampling_stops_at_its_cap_and_fills_with_flat_groups(dynamic_module):
+    """One more round at most: rounds 1 and 2 give one group with a signal, (0, 1), then the first flat one, (1, 1)."""
+    module, loader = dynamic_module
+    module.hparams.dynamic_sampling_max_rounds = 1
+    rollout, stats = module.dynamically_sampled(toy_rollout([1.0, 1.0, 0.0, 0.0], P=2, R=3, first=0))
+    assert rollout.scores.tolist() == [0.0, 1.0, 1.0, 1.0] and rollout.prompt_text == ["p10", "p11", "p0", "p1"]
+    assert stats["rollout/sampling_rounds"] == 2 and stats["rollout/flat_group_share"] == 0.75 and loader.taken == 1
+
+
+def test_dynamic_sampling_takes_nothing_for_a_full_batch_and_stops_at_the_end_of_the_epoch(dynamic_module):
+    module, loader = dynamic_module
+    rollout, stats = module.dynamically_sampled(toy_rollout([1.0, 0.0, 0.0, 2.0], P=2, R=3, first=0))
+    assert rollout.scores.tolist() == [1.0, 0.0, 0.0, 2.0] and stats["rollout/sampling_rounds"] == 1 and loader.taken == 0
+    loader.left = 0  # the epoch has no batch left
+    rollout, stats = module.dynamically_sampled(toy_rollout([1.0, 1.0, 0.0, 0.0], P=2, R=3, first=0))
+    assert rollout.scores.tolist() == [1.0, 1.0, 0.0, 0.0] and stats["rollout/flat_group_share"] == 1.0 and stats["rollout/sampling_rounds"] == 1
+
+
+def test_dynamic_sampling_needs_a_group_estimator():
+    with pytest.raises(UserError, match="--model.dynamic_sampling_max_rounds .* needs a group estimator"):
+        PPOModule(reward_model_path="unused", advantage_estimator="gae", dynamic_sampling_max_rounds=2)
