@@ -85,10 +85,11 @@ def judges(reward_funcs: list[str], flag: str) -> list[Callable]:
 def task_passes(model, tokenizer, rows: list[dict], functions: list[Callable], max_new_tokens: int, batch_size: int, sample: bool = False,
                 temperature: float = 1.0, engine: Engine = "hf") -> torch.Tensor:  # fmt: skip
     """(N,) 1.0 where the model's answer to row n's `prompt` passes: greedy (or sampled at `temperature`), judged
-    by reward `functions` (`judges`; TRL's contract, the rows' other columns passed), a pass being a summed reward >= 1."""
+    by reward `functions` (`judges`; TRL's contract, the rows' other columns and `completion_ids` passed), a pass being a summed reward >= 1."""
     prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])) for row in rows]
-    completions = [answer["text"] for answer in generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature, engine)]
-    columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature, engine)
+    completions = [answer["text"] for answer in answers]
+    columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"} | {"completion_ids": [a["response"] for a in answers]}
     scores = [f(prompts=[row["prompt"] for row in rows], completions=completions, **columns) for f in functions]
     return torch.tensor([float(sum(s or 0.0 for s in row_scores) >= 1) for row_scores in zip(*scores)])
 

@@ -297,6 +297,10 @@ def always(prompts, completions, answer, **columns):
 
 def never(prompts, completions, **columns):
     return [0.0] * len(completions)
+
+
+def up_to_2_tokens(prompts, completions, completion_ids, **columns):
+    return [float(len(ids) <= 2) for ids in completion_ids]
 '''
 
 
@@ -318,3 +322,5 @@ def test_task_accuracy_reports_pass_at_1_and_pass_at_k(tiny_model_dir, tmp_path,
     assert never["base"]["greedy"] == (0.0, 0.0, 0.0) and never["base"]["pass@2"] == 0.0
     one = task_accuracy({"base": tiny_model_dir}, "task/heldout.jsonl", ["judges.py:always"], k=1, max_new_tokens=3)  # pass@1 of one sample beside greedy
     assert one["base"]["greedy"] == (1.0, 1.0, 1.0) and one["base"]["pass@1"] == 1.0
+    by_ids = [task_accuracy({"base": tiny_model_dir}, "task/heldout.jsonl", ["judges.py:up_to_2_tokens"], k=1, max_new_tokens=n) for n in (2, 3)]
+    assert by_ids[0]["base"]["greedy"] == (1.0, 1.0, 1.0) and by_ids[1]["base"]["greedy"][0] < 1  # the functions read completion_ids
