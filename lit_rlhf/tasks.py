@@ -105,8 +105,8 @@ def task_accuracy(
     (the per-problem differences resampled together).
 
     Answers are generated with `generation_precision` weights: by default bf16 where this machine
-    has bf16 units (lit_rlhf/precision.py), else fp32, by `generation_engine` (`hf`, `vllm`, or `auto`: vLLM
-    where installed; lit_rlhf/generation.py)."""
+    has bf16 units (lit_rlhf/precision.py), else fp32, by `generation_engine` (`hf`, `vllm`, or `auto`: the
+    fastest here, `generation.started_vllm`)."""
     check_ranges("", locals(), {"limit": "> 0", "k": "> 0", "max_new_tokens": "> 0", "batch_size": "> 0", "temperature": "> 0"})
     rows = [row for _, row in load_rows(dataset)[:limit]]
     for name, source in models.items():  # every model found and every judge imported before any work starts

@@ -83,3 +83,18 @@ def test_only_what_the_fused_step_reproduces_is_fused(tokenizer):
     for change in ({"attention_bias": True}, {"mlp_bias": True}, {"hidden_act": "gelu"}, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}):
         config = LlamaConfig(**(model.config.to_dict() | change))
         assert not fusable(LlamaForCausalLM(config).to(torch.bfloat16)), change
+
+
+def test_auto_takes_the_hf_loop_where_it_steps_fused(bf16_model, tokenizer, monkeypatch):
+    from lit_rlhf import generation
+
+    started = []
+    monkeypatch.setattr(generation, "VLLM_ENGINES", {})
+    monkeypatch.setattr(generation, "VLLMEngine", lambda *args, **kwargs: started.append(args) or "engine")
+    monkeypatch.setattr(generation.importlib.util, "find_spec", lambda name: object())  # vLLM installed
+    monkeypatch.setattr(generation, "fusable", lambda model: True)
+    assert generation.started_vllm(bf16_model, tokenizer, "auto") is None and not started
+    assert generation.started_vllm(bf16_model, tokenizer, "vllm") == "engine"  # asked for by name
+    monkeypatch.setattr(generation, "VLLM_ENGINES", {})
+    monkeypatch.setattr(generation, "fusable", lambda model: False)
+    assert generation.started_vllm(bf16_model, tokenizer, "auto") == "engine" and len(started) == 2
