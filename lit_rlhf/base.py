@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from lit_rlhf.distributed import data_parallel_mesh, fsdp2, fully_shard_models, gathered_state_dict
+from lit_rlhf.distributed import data_parallel_mesh, fsdp2, fully_shard_models, gathered_state_dict, sum_over_processes
 from lit_rlhf.errors import NonFiniteError, UserError, check_ranges
 from lit_rlhf.models import export_pretrained, load_policy, unwrap
 from lit_rlhf.ops import linear_warmup_decay
@@ -110,6 +110,10 @@ class AlignmentModule(L.LightningModule):
         run would leave them waiting for its gradients."""
         return self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(tensor).all()), all=True)
 
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the processes of the run (one all-reduce); `tensor` itself outside a run."""
+        return sum_over_processes(self._trainer, tensor)
+
     def non_finite(self, what: str) -> None:
         """Stop the run on a non-finite `what`, or with `on_non_finite=skip` count the skipped update."""
         where = f"at step {self.global_step} (epoch {self.current_epoch}, batch {self.trainer.fit_loop.epoch_loop.batch_idx})"
@@ -131,6 +135,13 @@ class AlignmentModule(L.LightningModule):
         self.non_finite("gradient")
         optimizer.zero_grad(set_to_none=True)
         return False
+
+    def clipped_step(self, optimizer, max_grad_norm: float) -> None:
+        """An optimizer step by hand (manual optimisation), the gradients clipped to norm `max_grad_norm`; none when a
+        gradient is not finite (`gradients_are_finite`)."""
+        if self.gradients_are_finite(optimizer):
+            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if not self.automatic_optimization:

@@ -21,9 +21,13 @@ import torch
 
 from lit_rlhf.errors import UserError
 from lit_rlhf.ops import gae, grpo_advantages, masked_whiten, rloo_advantages
-from lit_rlhf.plugins import check_shape
+from lit_rlhf.plugins import check_shape, declared_arguments, resolve
 
 ESTIMATOR_ARGUMENTS = ("rewards", "mask", "values", "k", "gamma", "lam", "sum_over_processes")
+ESTIMATOR_CONTRACT = (
+    "an advantage estimator is called with any of the keyword arguments " + ", ".join(ESTIMATOR_ARGUMENTS)
+    + " that it declares and returns (advantages, returns or None) (lit_rlhf/estimators.py)"
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,14 @@ class Estimator:
     groups: bool = False
     aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
     kl_in_loss: bool = False
+
+
+def resolved_estimator(name: str) -> tuple[Estimator, tuple[str, ...]]:
+    """The estimator `--model.advantage_estimator name` (an `ESTIMATORS` entry, or the user's own function or
+    `Estimator`, a plain function with the defaults of the record) and the arguments it declares, checked."""
+    entry = resolve(name, ESTIMATORS, "--model.advantage_estimator")
+    estimator = entry if isinstance(entry, Estimator) else Estimator(entry, paper=name)
+    return estimator, declared_arguments(estimator.function, ESTIMATOR_ARGUMENTS, "--model.advantage_estimator", ESTIMATOR_CONTRACT)
 
 
 def checked_estimate(estimate, name: str, shape: torch.Size) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

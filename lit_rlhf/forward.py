@@ -84,3 +84,23 @@ def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     """Reward-model score of each sequence, read at its last real token. -> (B,)"""
     values = token_values(model, batch)  # (B, T)
     return values.gather(-1, last_token_index(batch["attention_mask"])[:, None]).squeeze(-1)
+
+
+# ---- the responses of an RL step: a batch of prompt + response rows, the responses starting at `context_length` P
+
+
+def response_logps(model: nn.Module, batch: dict[str, torch.Tensor], context_length: int, temperature: float) -> torch.Tensor:
+    """Log-probs of the response tokens under `model`, at the sampling `temperature`. -> (B, R)"""
+    return token_logps(model, batch, temperature)[:, context_length - 1 :]
+
+
+def response_logps_and_entropies(model: nn.Module, batch: dict[str, torch.Tensor], context_length: int, temperature: float) -> torch.Tensor:
+    """`response_logps` and the entropy of the distribution each response token was drawn from, from the same chunks
+    of logits. -> (B, R, 2): log-prob, entropy"""
+    logps, entropies = token_logps_and_entropies(model, batch, temperature)  # (B, T - 1) each
+    return torch.stack([logps, entropies], -1)[:, context_length - 1 :]
+
+
+def response_values(model: nn.Module, batch: dict[str, torch.Tensor], context_length: int) -> torch.Tensor:
+    """A value model's V(s_t) for the state before each response token. -> (B, R)"""
+    return token_values(model, batch)[:, context_length - 1 : -1]

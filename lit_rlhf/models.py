@@ -222,6 +222,23 @@ def add_lora(
     return get_peft_model(model, config)
 
 
+def load_reward_model(source: str, tokenizer: PreTrainedTokenizerBase, **load_args) -> PreTrainedModel:
+    """A frozen reward model that scores the policy's responses (`--model.reward_model_path`): a trained head, the
+    vocabulary of the policy's `tokenizer`."""
+    check_same_vocabulary(tokenizer, source, "--model.reward_model_path")
+    return load_scalar_model(source, tokenizer.pad_token_id, trained_head=True, **load_args).requires_grad_(False)
+
+
+def load_value_model(source: Optional[str], reward_model: Optional[str], policy: str, tokenizer: PreTrainedTokenizerBase, lora: dict,
+                     **load_args) -> nn.Module:  # fmt: skip
+    """The value model PPO trains (`gae`): from `source` (`--model.value_model_path`, its vocabulary checked), else the
+    reward model `reward_model`, else the `policy`'s backbone with a new scalar head; a LoRA adapter on it with `lora`'s r > 0."""
+    if source:
+        check_same_vocabulary(tokenizer, source, "--model.value_model_path")
+    model = load_scalar_model(source or reward_model or policy, tokenizer.pad_token_id, **load_args)
+    return add_lora(model, **lora, task_type="SEQ_CLS")
+
+
 def unwrap(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside a peft wrapper (adapter layers still active)."""
     from peft import PeftModel

@@ -17,12 +17,21 @@ and returns `(losses, stats)`: the per-token losses (B, T), which the module agg
 any other key as `policy/<key>`.
 """
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from lit_rlhf.errors import UserError
-from lit_rlhf.plugins import check_shape
+from lit_rlhf.plugins import check_shape, declared_arguments, resolve
 
 POLICY_LOSS_ARGUMENTS = ("logprobs", "old_logprobs", "advantages", "mask", "cliprange_low", "cliprange_high", "weights")
+POLICY_LOSS_CONTRACT = (
+    "a policy loss is called with any of the keyword arguments " + ", ".join(POLICY_LOSS_ARGUMENTS)
+    + " that it declares and returns (per-token losses (B, T), a dict of statistics) (lit_rlhf/policy_losses.py)"
+)
+#: the names a policy loss's statistics are logged under (any other `name` as `policy/<name>`)
+POLICY_STATS = {"clipfrac": "policy/clipfrac_avg", "approxkl": "policy/approxkl_avg", "ratio": "val/ratio"}
 
 
 def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -118,6 +127,31 @@ POLICY_LOSSES = {
 }
 
 
+@dataclass(frozen=True)
+class DeclaredPolicyLoss:
+    """The policy loss `name` (`--model.policy_loss`): `function`, called with the `arguments` it declares out of those
+    the update provides (`POLICY_LOSS_ARGUMENTS`), its result checked (`checked_policy_loss`)."""
+
+    name: str
+    function: Callable
+    arguments: tuple[str, ...]
+
+    def __call__(self, **provided) -> tuple[torch.Tensor, dict]:
+        """(per-token losses (B, T), statistics) of `function` on the `provided` arguments it declares."""
+        result = self.function(**{name: provided[name] for name in self.arguments})
+        return checked_policy_loss(result, self.name, provided["logprobs"].shape)
+
+
+def resolved_policy_loss(name: str) -> DeclaredPolicyLoss:
+    """The policy loss `--model.policy_loss name`: a `POLICY_LOSSES` entry or the user's own function, its declared
+    arguments checked."""
+    entry = resolve(name, POLICY_LOSSES, "--model.policy_loss")
+    function = entry[0] if isinstance(entry, tuple) else entry
+    if not callable(function):
+        raise UserError(f"--model.policy_loss {name}: not a function")
+    return DeclaredPolicyLoss(name, function, declared_arguments(function, POLICY_LOSS_ARGUMENTS, "--model.policy_loss", POLICY_LOSS_CONTRACT))
+
+
 def checked_policy_loss(result, name: str, shape: torch.Size) -> tuple[torch.Tensor, dict]:
     """What the policy loss `name` (`--model.policy_loss`) returned for log-probs of `shape` (B, T), if it keeps the
     contract `(losses (B, T), stats dict)`; else a UserError naming it and the expected shapes."""
@@ -128,3 +162,9 @@ def checked_policy_loss(result, name: str, shape: torch.Size) -> tuple[torch.Ten
     losses, stats = result
     check_shape(losses, shape, plugin, "the (B, T) per-token losses first")
     return losses, stats
+
+
+def logged_policy_stats(stats: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """A policy loss's `stats` under the names they are logged as (`POLICY_STATS`, else `policy/<name>`), as
+    tensors on `device` without gradient."""
+    return {POLICY_STATS.get(name, f"policy/{name}"): torch.as_tensor(value, device=device).detach() for name, value in stats.items()}

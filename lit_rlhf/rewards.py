@@ -11,7 +11,7 @@ A reward function is called as
 with one entry per sampled response: `prompts` the user's last message, `completions` the decoded
 response, `completion_ids` its token ids (up to and including its EOS), and each extra column of the
 prompt rows (e.g. `answer`) repeated for each of a prompt's responses; a function that declares one of
-the run's settings (`overlong_max_length`, `overlong_buffer_length`: `PPOModule.reward_settings`) by
+the run's settings (`overlong_max_length`, `overlong_buffer_length`: `reward_settings`) by
 name gets its value. `None` means that the function does not apply to that row: the source is left out of the
 row's weighted total, never counted as 0.
 
@@ -95,6 +95,16 @@ class Worker:
             return 0.0
         kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), "0")
         return int(kib) / 2**20
+
+
+def reward_settings(max_length: int, buffer_length: Optional[int]) -> dict[str, int]:
+    """The run's settings a reward function may declare by name: L_max and L_cache of the soft overlong punishment
+    (`buffer_length` null: L_max // 5, at least 1), checked."""
+    buffer_length = buffer_length or max(1, max_length // 5)
+    if buffer_length > max_length:
+        raise UserError(f"--model.overlong_buffer_length {buffer_length} is longer than the max length {max_length} it ends at"
+                        " (--model.overlong_max_length, default --model.response_length)")  # fmt: skip
+    return {"overlong_max_length": max_length, "overlong_buffer_length": buffer_length}
 
 
 class RewardFunctions:

@@ -1,5 +1,6 @@
 """What one RL step samples, everything its update reads, and what is logged of it."""
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -8,9 +9,13 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from lit_rlhf.ops import IGNORE_INDEX, masked_mean
+from lit_rlhf.errors import UserError
+from lit_rlhf.losses import truncated_importance_weights
+from lit_rlhf.ops import IGNORE_INDEX, flat_groups, masked_mean
 from lit_rlhf.rewards import reward_stats
 from lit_rlhf.rollout_engines import Samples
+
+Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (N, P + R), prompts left-padded
 
 
 def joined(prompts: dict[str, torch.Tensor], samples: Samples, k: int) -> dict[str, torch.Tensor]:
@@ -56,6 +61,13 @@ class Rollout:
         """`input_ids`, `attention_mask` and `labels` of `rows`: a batch for the forward functions."""
         return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows], "labels": self.labels[rows]}
 
+    def importance_weights(self, rows: torch.Tensor, cap: Optional[float]) -> Optional[torch.Tensor]:
+        """(n, R) the truncated importance weights of `rows` (`losses.truncated_importance_weights`, capped at `cap`) for
+        samples of another engine than the trainer (vLLM); None without its log-probs or a cap."""
+        if self.sampler_logprobs is None or cap is None:
+            return None
+        return truncated_importance_weights(self.logprobs[rows], self.sampler_logprobs[rows], cap)
+
     def rows(self, rows: list[int]) -> "Rollout":
         """The rollout of `rows` only, in that order (every field that is set)."""
         index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
@@ -86,6 +98,54 @@ def concatenated(rollouts: list[Rollout]) -> Rollout:
 
     names = [f.name for f in fields(Rollout) if getattr(rollouts[0], f.name) is not None]
     return replace(rollouts[0], **{name: joined(name, [getattr(r, name) for r in rollouts]) for name in names})
+
+
+def in_chunks(function: Callable[[Batch, int], torch.Tensor], batch: Batch, context_length: int, chunk_rows: int) -> torch.Tensor:
+    """`function(batch's rows, context_length)` over `batch`, `chunk_rows` rows per call (`--model.rollout_batch_size`),
+    concatenated. -> (N, ...)"""
+    chunks = torch.arange(len(batch["input_ids"]), device=batch["input_ids"].device).split(chunk_rows)
+    return torch.cat([function({key: value[r] for key, value in batch.items()}, context_length) for r in chunks])
+
+
+def dynamically_sampled(rollout: Rollout, k: int, max_rounds: int, more: Iterator[Rollout],
+                        sum_over_processes: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Rollout, dict[str, torch.Tensor]]:  # fmt: skip
+    """DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2): the B groups of k responses of `rollout` with a signal (scores
+    not all equal), and while fewer than B (in any process: all sample the same number of rounds), those of the next
+    rollouts of `more` (sampled when asked for), at most `max_rounds` more; then the first B groups with a signal, flat
+    ones if short. Also the statistics `rollout/sampling_rounds` and `rollout/flat_group_share` (of every group sampled)."""
+    B, rollouts = len(rollout.scores) // k, [rollout]
+    for _ in range(max_rounds):
+        short = sum(int((~flat_groups(r.scores, k)).sum()) for r in rollouts) < B
+        if not sum_over_processes(torch.tensor(float(short), device=rollout.scores.device)):
+            break
+        next_rollout = next(more, None)
+        if next_rollout is None:  # no batch left
+            break
+        rollouts.append(next_rollout)
+    sampled = concatenated(rollouts)
+    flat = flat_groups(sampled.scores, k)  # (G,)
+    groups = (torch.cat([(~flat).nonzero(), flat.nonzero()])[:B, 0] * k)[:, None] + torch.arange(k, device=flat.device)  # (B, k)
+    stats = {"rollout/sampling_rounds": torch.tensor(float(len(rollouts)), device=flat.device), "rollout/flat_group_share": flat.float().mean()}
+    return sampled.rows(groups.flatten().tolist()), stats
+
+
+def check_prompt_batches(datamodule, stage: str, k: int, num_minibatches: int, gradient_accumulation_steps: int) -> None:
+    """Refuse a DataModule that does not give prompts and, to fit, a batch of prompts (per process) that does not split
+    evenly: its groups of `k` responses into `num_minibatches` minibatches, each minibatch's rows into
+    `gradient_accumulation_steps` micro-batches."""
+    if datamodule is not None and datamodule.hparams.mode != "prompts":
+        raise UserError("PPO reads prompts only: set --data.mode prompts")
+    if datamodule is None or stage != "fit":
+        return
+    batch_size, steps = datamodule.hparams.batch_size, num_minibatches * gradient_accumulation_steps
+    multiple = math.lcm(num_minibatches, steps // math.gcd(steps, k))  # B % multiple == 0 <=> both splits are even
+    if batch_size % multiple:
+        raise UserError(
+            f"--data.batch_size {batch_size} prompts x --model.num_generations {k} responses do not split into"
+            f" --model.num_minibatches {num_minibatches} minibatches of whole groups of {k}, each of"
+            f" --model.gradient_accumulation_steps {gradient_accumulation_steps} equal micro-batches:"
+            f" use a batch size that is a multiple of {multiple}"
+        )
 
 
 class Stopwatch:

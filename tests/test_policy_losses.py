@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lit_rlhf.errors import UserError
+from lit_rlhf.forward import response_logps_and_entropies
 from lit_rlhf.policy_losses import POLICY_LOSSES, aggregate_token_losses, checked_policy_loss, cispo, gspo, ppo_policy_loss
 from lit_rlhf.ppo import PPOModule
 from conftest import first_prompt_batch
@@ -257,7 +258,7 @@ def test_the_entropy_bonus_pushes_the_policy_towards_higher_entropy(tiny_model_d
     with torch.no_grad():
         for parameter in module.model.parameters():
             parameter -= 1e-2 * parameter.grad
-    after = module.response_logps_and_entropies(module.model, rollout.model_inputs(rows), rollout.context_length)[..., 1]
+    after = response_logps_and_entropies(module.model, rollout.model_inputs(rows), rollout.context_length, module.hparams.temperature)[..., 1]
     assert (after * mask).sum() / mask.sum() > entropy + 1e-4
     module.hparams.entropy_coef = 0.0
     module.model.zero_grad()

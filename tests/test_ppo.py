@@ -415,7 +415,7 @@ def test_a_policy_loss_from_the_users_own_file_trains_by_flag(tiny_model_dir, ti
                "--model.gradient_accumulation_steps", "1", "--trainer.limit_train_batches", "1",
                "--model.policy_loss", "my_policy_losses.py:reinforce")])  # fmt: skip
     metrics = run.trainer.callback_metrics
-    assert run.trainer.global_step == 1 and run.model.policy_loss.__name__ == "reinforce"
+    assert run.trainer.global_step == 1 and run.model.policy_loss.function.__name__ == "reinforce"
     assert metrics["policy/logprob"] < 0 and "val/ratio" not in metrics  # its own statistics, logged under policy/
     assert metrics["loss/policy_avg"] != 0
 
