@@ -16,7 +16,7 @@ import torch
 
 from conftest import make_causal_lm, make_tokenizer
 from lit_rlhf.data import collate_prompts
-from lit_rlhf.generation import decode, generate, generate_answers, transformers_generate
+from lit_rlhf.generation import decode, generate, generate_answers, sample, transformers_generate
 from lit_rlhf.ops import truncate_after_eos
 from lit_rlhf.tokenization import render_prompt, tokenize
 
@@ -94,34 +94,48 @@ def test_min_new_tokens_forbids_eos_until_then(model, tokenizer):
     assert torch.equal(responses, hf_generate(model, tokenizer, batch, do_sample=False, min_new_tokens=NEW_TOKENS))
 
 
-def test_sampling_draws_what_model_generate_draws_until_a_row_ends(tokenizer):
-    """The same distribution (softmax of logits / temperature over the whole vocabulary, EOS masked on the first
-    step) and the same draws from the same seed, until the first row ends and leaves the batch."""
-    model, batch = make_causal_lm(tokenizer).eval(), left_padded(tokenizer)
-    torch.manual_seed(3)
-    expected = hf_generate(model, tokenizer, batch, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, min_new_tokens=1)
-    torch.manual_seed(3)
-    tokens = decode(model, batch["input_ids"], batch["attention_mask"], NEW_TOKENS, tokenizer.eos_token_id, tokenizer.pad_token_id, 0.7, 1)
-    ended = (expected == tokenizer.eos_token_id).any(0).int().argmax() if (expected == tokenizer.eos_token_id).any() else NEW_TOKENS
-    assert ended > 4  # enough steps to compare
-    assert torch.equal(tokens[:, : ended + 1], expected[:, : ended + 1])
-    torch.manual_seed(3)  # another temperature draws other tokens from the same stream
-    assert not torch.equal(decode(model, batch["input_ids"], batch["attention_mask"], 5, tokenizer.eos_token_id, tokenizer.pad_token_id, 2.0), expected[:, :5])
+def within_sampling_error(frequencies: torch.Tensor, probs: torch.Tensor, n: int) -> bool:
+    """Every frequency of n draws within 4 binomial standard errors (+ 1/n) of its probability. (V,), (V,)"""
+    return bool(((frequencies - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt() + 1 / n).all())
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_transformers_generate_for_sharded_policies_answers_as_the_decode_loop(model, tokenizer, temperature):
-    """`synced` (FSDP) generation goes through `model.generate`: the same greedy answers, the same draws until a row ends."""
+def test_sampling_draws_each_token_with_its_probability():
+    """Inverse-CDF sampling: frequencies within 4 standard errors of the probabilities, tokens of probability 0 (first,
+    inner, last, as a forbidden EOS is) never drawn, the same draws from the same seed."""
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0])
+    n = 20_000
+    torch.manual_seed(0)
+    drawn = sample(probs.repeat(n, 1))
+    frequencies = torch.bincount(drawn, minlength=len(probs)) / n
+    assert within_sampling_error(frequencies, probs, n)
+    assert frequencies[probs == 0].sum() == 0
+    torch.manual_seed(0)
+    assert torch.equal(sample(probs.repeat(n, 1)), drawn)
+    assert torch.equal(sample(torch.eye(3)), torch.arange(3))  # one certain token per row
+
+
+def test_sampled_decoding_draws_from_the_models_tempered_distribution(model, tokenizer):
+    """The first sampled token of one prompt, many times: its frequencies follow softmax(logits / temperature) of the
+    model's own next-token logits (and not those at another temperature), EOS forbidden by `min_new_tokens`."""
+    prompt = left_padded(tokenizer)["input_ids"][:1, -6:]
+    with torch.no_grad():
+        logits = model(prompt).logits[0, -1]
+    logits[tokenizer.eos_token_id] = -float("inf")
+    n = 4000
+    torch.manual_seed(0)
+    first = decode(model, prompt.repeat(n, 1), torch.ones(n, prompt.shape[1], dtype=torch.long), 1, tokenizer.eos_token_id, tokenizer.pad_token_id, 0.7, 1)[:, 0]
+    frequencies = torch.bincount(first, minlength=len(logits)) / n
+    assert within_sampling_error(frequencies, (logits / 0.7).softmax(-1), n)
+    assert not within_sampling_error(frequencies, logits.softmax(-1), n)  # the check tells temperatures apart
+    assert frequencies[tokenizer.eos_token_id] == 0
+
+
+def test_transformers_generate_for_sharded_policies_answers_as_the_decode_loop(model, tokenizer):
+    """`synced` (FSDP) generation goes through `model.generate`: the same greedy answers, cut the same way."""
     batch = left_padded(tokenizer)
-    torch.manual_seed(3)
-    expected = generate(model, batch, tokenizer, NEW_TOKENS, temperature, min_new_tokens=1, engine="hf")
-    torch.manual_seed(3)
-    out = transformers_generate(model, batch, tokenizer, NEW_TOKENS, temperature, 1, synced_gpus=False)
-    ended = int(expected[1].sum(1).min())  # the first row's end: rows leave the decode loop's batch after it
-    assert ended > 4
-    assert all(torch.equal(a[:, :ended], b[:, :ended]) for a, b in zip(out[:2], expected[:2]))
-    if temperature == 0:
-        assert all(map(torch.equal, out, expected))
+    expected = generate(model, batch, tokenizer, NEW_TOKENS, 0.0, min_new_tokens=1, engine="hf")
+    assert_rows_end_at_different_steps(expected[0], tokenizer.eos_token_id)
+    assert all(map(torch.equal, transformers_generate(model, batch, tokenizer, NEW_TOKENS, 0.0, 1, synced_gpus=False), expected))
 
 
 def test_a_lora_policy_generates_with_its_adapter(model, tokenizer):
