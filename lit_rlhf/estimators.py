@@ -4,7 +4,8 @@ An estimator is called with the keyword arguments it declares out of `ESTIMATOR_
 
     rewards             (N, T) per-token rewards: the KL penalty `-kl_coef * KL_t` (none with
                         `kl_in_loss`), plus the response's score on its last token
-    mask                (N, T) 1 on response tokens
+    mask                (N, T) 1 on the policy's own response tokens (a multi-turn rollout's observation
+                        tokens are 0: attended, never credited)
     values              (N, T) the value model's V(s_t) (declaring it loads and trains a value model)
     k                   responses per prompt: rows i*k .. i*k + k - 1 answer prompt i
     gamma, lam          the module's GAE flags

@@ -164,27 +164,33 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized Advantage Estimation (Schulman et al. 2016) over response tokens.
+    """Generalized Advantage Estimation (Schulman et al. 2016) over the policy's tokens.
 
     Args:
-        rewards: (B, T) per-token rewards (0 on padding).
+        rewards: (B, T) per-token rewards (0 off the mask).
         values: (B, T) value estimates V(s_t) of the state before each response token.
-        mask: (B, T) 1 on response tokens, 0 on padding after the end.
+        mask: (B, T) 1 on the policy's tokens; 0 on padding after the end and, in a multi-turn rollout, on the
+            observation tokens between two policy turns.
         gamma: discount; lam: GAE lambda.
 
     Returns:
-        advantages (B, T) and returns = advantages + values (B, T), both 0 on padding.
-        `delta_t = r_t + gamma V_{t+1} - V_t`, `A_t = delta_t + gamma lam A_{t+1}`, with V and A
-        taken as 0 past the last real token.
+        advantages (B, T) and returns = advantages + values (B, T), both 0 off the mask.
+        `delta_t = r_t + gamma V_next - V_t`, `A_t = delta_t + gamma lam A_next`, where `next` is the next token of
+        the mask: the recursion skips the observation tokens (they are the environment's transition, not steps of
+        the policy: no discount, no reward, no value of their own), so the last token of a turn is credited with
+        the value of the first token of the next policy turn. V and A are taken as 0 past the last policy token.
     """
     values = values * mask
     advantages = torch.zeros_like(rewards)
-    last_advantage = torch.zeros_like(rewards[:, 0])
+    last_advantage = torch.zeros_like(rewards[:, 0])  # (B,) A of the next policy token
+    next_values = torch.zeros_like(last_advantage)  # (B,) V of the next policy token
     for t in reversed(range(rewards.shape[1])):
-        next_values = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_advantage)
         delta = rewards[:, t] + gamma * next_values - values[:, t]
-        last_advantage = (delta + gamma * lam * last_advantage) * mask[:, t]
-        advantages[:, t] = last_advantage
+        advantage = delta + gamma * lam * last_advantage
+        policy_token = mask[:, t].bool()
+        last_advantage = torch.where(policy_token, advantage, last_advantage)
+        next_values = torch.where(policy_token, values[:, t], next_values)
+        advantages[:, t] = advantage * mask[:, t]
     return advantages, (advantages + values) * mask
 
 

@@ -5,8 +5,9 @@ A policy loss is called with the keyword arguments it declares out of `POLICY_LO
     logprobs                      (B, T) log-probs of the response tokens under the policy being trained
     old_logprobs                  (B, T) the same under the policy that sampled them (no gradient)
     advantages                    (B, T) advantages, 0 off the response
-    mask                          (B, T) 1 on the tokens the loss counts: the response tokens, less those of
-                                  truncated responses with `mask_truncated_completions`
+    mask                          (B, T) 1 on the tokens the loss counts: the policy's response tokens (not a
+                                  multi-turn rollout's observations), less those of truncated responses with
+                                  `mask_truncated_completions`
     cliprange_low, cliprange_high the module's clip ranges: a ratio is clipped to [1 - low, 1 + high]
     weights                       (B, T) per-token weights without gradient (truncated importance sampling
                                   of vLLM's samples), or None

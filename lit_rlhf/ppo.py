@@ -48,7 +48,7 @@ from lit_rlhf.estimators import ESTIMATORS, Estimator, checked_estimate, resolve
 from lit_rlhf.forward import response_logps, response_logps_and_entropies, response_values, sequence_scores
 from lit_rlhf.losses import ppo_value_loss
 from lit_rlhf.models import as_reference, load_causal_lm, load_reward_model, load_tokenizer, load_value_model
-from lit_rlhf.ops import KL_ESTIMATORS, group_minibatches, kl_estimate
+from lit_rlhf.ops import KL_ESTIMATORS, group_minibatches, kl_estimate, last_token_index
 from lit_rlhf.plugins import resolve
 from lit_rlhf.policy_losses import POLICY_LOSS_ARGUMENTS, POLICY_LOSSES, aggregate_token_losses, logged_policy_stats, resolved_policy_loss
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
@@ -247,8 +247,8 @@ class PPOModule(AlignmentModule):
                 ref_logprobs = chunked(partial(response_logps, reference, temperature=hp.temperature))
         values = chunked(partial(response_values, self.value_model)) if self.value_model is not None else None
         return Rollout(
-            **answered, response_mask=samples.response_mask.float(), contains_eos=samples.contains_eos, logprobs=logprobs, entropies=entropies,
-            ref_logprobs=ref_logprobs, scores=scores, values=values, source_scores=source_scores, sampler_logprobs=samples.sampler_logprobs, prompt_text=responses.prompts,
+            **answered, response_mask=samples.response_mask.float(), policy_mask=samples.policy_mask.float(), contains_eos=samples.contains_eos, logprobs=logprobs,
+            entropies=entropies, ref_logprobs=ref_logprobs, scores=scores, values=values, source_scores=source_scores, sampler_logprobs=samples.sampler_logprobs, prompt_text=responses.prompts,
         )  # fmt: skip
 
     def dynamically_sampled(self, rollout: Rollout) -> tuple[Rollout, dict[str, torch.Tensor]]:
@@ -258,16 +258,16 @@ class PPOModule(AlignmentModule):
 
     @torch.no_grad()
     def compute_advantages(self, rollout: Rollout) -> Rollout:
-        """The per-token rewards, the KL penalty `-kl_coef * KL_t` (none with `kl_in_loss`) plus the score on the last
-        response token, then the estimator's advantages (N, R) (and returns, the value targets)."""
+        """The per-token rewards, the KL penalty `-kl_coef * KL_t` (none with `kl_in_loss`) plus the score on the policy's
+        last token, then the estimator's advantages (N, R) (and returns, the value targets), on the policy's tokens only."""
         hp = self.hparams
-        response_mask = rollout.response_mask  # (N, R), N = B * k
-        kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator) * response_mask if self.needs_reference else None
-        non_score_reward = -hp.kl_coef * kl if self.needs_reference else torch.zeros_like(response_mask)  # (N, R)
-        rewards = torch.zeros_like(response_mask) if self.kl_in_loss else non_score_reward.clone()
-        last = response_mask.sum(-1).long() - 1  # (N,) index of the last response token
+        policy_mask = rollout.policy_mask  # (N, R), N = B * k: observation tokens (multi-turn) get no KL, reward or advantage
+        kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator) * policy_mask if self.needs_reference else None
+        non_score_reward = -hp.kl_coef * kl if self.needs_reference else torch.zeros_like(policy_mask)  # (N, R)
+        rewards = torch.zeros_like(policy_mask) if self.kl_in_loss else non_score_reward.clone()
+        last = last_token_index(policy_mask)  # (N,) index of the policy's last token
         rewards[torch.arange(len(last)), last] += rollout.scores
-        inputs = {"rewards": rewards, "mask": response_mask, "values": rollout.values, "k": hp.num_generations,
+        inputs = {"rewards": rewards, "mask": policy_mask, "values": rollout.values, "k": hp.num_generations,
                   "gamma": hp.gamma, "lam": hp.lam, "sum_over_processes": self.sum_over_processes}  # fmt: skip
         estimate = self.estimator.function(**{name: inputs[name] for name in self.estimator_arguments})
         advantages, returns = checked_estimate(estimate, hp.advantage_estimator, rewards.shape)
@@ -275,11 +275,11 @@ class PPOModule(AlignmentModule):
 
     def micro_batch_loss(self, rollout: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The loss of rollout `rows` and its statistics: policy loss (aggregated by `loss_aggregation`) + KL loss (`kl_in_loss`)
-        - entropy bonus (`entropy_coef`) + value loss (gae); `mask_truncated_completions` leaves responses without EOS out of the first three."""
+        - entropy bonus (`entropy_coef`) + value loss (gae), over the policy's tokens; `mask_truncated_completions` leaves responses without EOS out of the first three."""
         hp = self.hparams
         batch, P = rollout.model_inputs(rows), rollout.context_length
-        response_mask = rollout.response_mask[rows]  # (n, R)
-        loss_mask = response_mask * rollout.contains_eos[rows, None] if hp.mask_truncated_completions else response_mask
+        policy_mask = rollout.policy_mask[rows]  # (n, R)
+        loss_mask = policy_mask * rollout.contains_eos[rows, None] if hp.mask_truncated_completions else policy_mask
         if hp.entropy_coef:
             logprobs, entropies = response_logps_and_entropies(self.model, batch, P, hp.temperature).unbind(-1)  # (n, R) each
         else:
@@ -300,7 +300,7 @@ class PPOModule(AlignmentModule):
             stats["policy/entropy_avg"] = entropy.detach()
         if self.value_model is not None:
             values = response_values(self.value_model, batch, P)  # (n, R)
-            vf_loss, vf_clipfrac = ppo_value_loss(values, rollout.values[rows], rollout.returns[rows], response_mask, hp.cliprange_value)
+            vf_loss, vf_clipfrac = ppo_value_loss(values, rollout.values[rows], rollout.returns[rows], policy_mask, hp.cliprange_value)
             loss = loss + hp.vf_coef * vf_loss
             stats |= {"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_clipfrac}
         return loss, stats

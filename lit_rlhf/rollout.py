@@ -31,17 +31,22 @@ def joined(prompts: dict[str, torch.Tensor], samples: Samples, k: int) -> dict[s
 @dataclass
 class Rollout:
     """The samples of one step. N = B * k rows: rows i*k .. i*k + k - 1 answer prompt i. P prompt tokens
-    (left-padded), R response tokens (cut after the first EOS, right-padded)."""
+    (left-padded), R response tokens (cut after the first EOS, right-padded).
+
+    Two masks over the R response tokens: `response_mask` what the policy attends to, `policy_mask` what it sampled
+    and is trained on. They differ in a multi-turn rollout only, whose observation tokens (a tool's or an
+    environment's turn) are attended but have no policy loss, KL, entropy statistic, value or advantage."""
 
     input_ids: torch.Tensor  # (N, P + R) prompt + response
     attention_mask: torch.Tensor  # (N, P + R)
     labels: torch.Tensor  # (N, P + R) the response tokens; IGNORE_INDEX on the prompt and padding
-    response_mask: torch.Tensor  # (N, R) float: 1 on the response tokens up to and including the first EOS
+    response_mask: torch.Tensor  # (N, R) float: 1 on the response tokens up to and including the first EOS (observations too)
     contains_eos: torch.Tensor  # (N,) bool
     logprobs: torch.Tensor  # (N, R) under the policy that sampled them, at the sampling temperature
     entropies: torch.Tensor  # (N, R) the exact entropy of the distribution each token was drawn from (same temperature)
     ref_logprobs: Optional[torch.Tensor]  # (N, R) the same under the reference; None without one (kl_coef 0)
     scores: torch.Tensor  # (N,) the reward of each response (minus the missing-EOS penalty)
+    policy_mask: Optional[torch.Tensor] = None  # (N, R) float: 1 on the policy's own sampled tokens; None: response_mask
     values: Optional[torch.Tensor] = None  # (N, R) V(s_t) before each response token; with a value model only
     source_scores: Optional[torch.Tensor] = None  # (N, F) each reward source's score (rewards.Rewards), nan where a function returned None
     sampler_logprobs: Optional[torch.Tensor] = None  # (N, R) under the engine that sampled (vLLM); None: the policy itself
@@ -51,6 +56,9 @@ class Rollout:
     non_score_reward: Optional[torch.Tensor] = None  # (N, R) -kl_coef * kl
     advantages: Optional[torch.Tensor] = None  # (N, R), 0 off the response
     returns: Optional[torch.Tensor] = None  # (N, R) the value model's targets; with a value model only
+
+    def __post_init__(self):
+        self.policy_mask = self.response_mask if self.policy_mask is None else self.policy_mask
 
     @property
     def context_length(self) -> int:
@@ -78,7 +86,7 @@ class Rollout:
 #: how `concatenated` pads the fields: the (N, P + R) ones left of the prompt and right of the response with their pad
 #: value, the (N, R) ones right of the response with 0; the others ((N,), (N, F), lists) are stacked as they are
 SEQUENCE_PADDING = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
-TOKEN_FIELDS = ("response_mask", "logprobs", "entropies", "ref_logprobs", "values", "sampler_logprobs", "kl", "non_score_reward",
+TOKEN_FIELDS = ("response_mask", "policy_mask", "logprobs", "entropies", "ref_logprobs", "values", "sampler_logprobs", "kl", "non_score_reward",
                 "advantages", "returns")  # fmt: skip
 
 
@@ -167,18 +175,19 @@ class Stopwatch:
 def step_stats(rollout: Rollout, reward_names: list[str], k: int, ppo_epochs: int, seconds: dict[str, float]) -> dict[str, torch.Tensor]:
     """The TensorBoard scalars of one step's `rollout` (after `compute_advantages`): `objective/*` (no `objective/kl`
     without a reference; `objective/entropy` each response's summed per-token entropy, as TRL's scale, averaged over
-    responses, `objective/entropy_per_token` the mean over response tokens), `rewards/*` (`rewards.reward_stats` of the
+    responses, `objective/entropy_per_token` the mean over the policy's tokens), `rewards/*` (`rewards.reward_stats` of the
     sources `reward_names`, k responses per prompt),
     `rollout/logprob_diff` (with the sampler's log-probs) and where the wall time went, `time/*`, from the `seconds`
-    of the phases `generation`, `rollout` and `update` (update tokens: real prompt + response tokens of every epoch)."""
-    scores, non_score = rollout.scores, rollout.non_score_reward.sum(1)  # (N,) each
+    of the phases `generation`, `rollout` and `update` (generated tokens: the policy's own; update tokens: real prompt +
+    response tokens of every epoch). Per-token statistics count the policy's tokens only (`policy_mask`)."""
+    scores, non_score, policy_mask = rollout.scores, rollout.non_score_reward.sum(1), rollout.policy_mask  # (N,), (N,), (N, R)
     stats = {
         "time/generation": seconds["generation"], "time/rollout": seconds["rollout"], "time/update": seconds["update"],
-        "time/generated_tokens_per_s": rollout.response_mask.sum() / seconds["generation"],
+        "time/generated_tokens_per_s": policy_mask.sum() / seconds["generation"],
         "time/update_tokens_per_s": ppo_epochs * rollout.attention_mask.sum() / seconds["update"],
         **({"objective/kl": rollout.kl.sum(1).mean()} if rollout.kl is not None else {}),
-        "objective/entropy": (rollout.entropies * rollout.response_mask).sum(1).mean(),
-        "objective/entropy_per_token": masked_mean(rollout.entropies, rollout.response_mask),
+        "objective/entropy": (rollout.entropies * policy_mask).sum(1).mean(),
+        "objective/entropy_per_token": masked_mean(rollout.entropies, policy_mask),
         "objective/non_score_reward": non_score.mean(),
         "objective/rlhf_reward": (scores + non_score).mean(),
         "objective/scores": scores.mean(),
@@ -186,7 +195,7 @@ def step_stats(rollout: Rollout, reward_names: list[str], k: int, ppo_epochs: in
     }  # fmt: skip
     stats |= reward_stats(rollout.source_scores, reward_names, scores, k)
     if rollout.sampler_logprobs is not None:  # how far the engine that sampled is from the trainer, per token
-        stats["rollout/logprob_diff"] = masked_mean((rollout.logprobs - rollout.sampler_logprobs).abs(), rollout.response_mask)
+        stats["rollout/logprob_diff"] = masked_mean((rollout.logprobs - rollout.sampler_logprobs).abs(), policy_mask)
     return stats
 
 

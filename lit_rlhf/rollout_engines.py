@@ -34,9 +34,13 @@ class Samples:
     """What an engine sampled: N = B * k responses, the k responses of a prompt contiguous; R the longest."""
 
     responses: torch.Tensor  # (N, R) token ids, cut after the first EOS, the pad id after it
-    response_mask: torch.Tensor  # (N, R) 1 on the policy's own tokens, up to and including the first EOS
+    response_mask: torch.Tensor  # (N, R) 1 on the tokens the policy attends to: its own and, multi-turn, the observations
     contains_eos: torch.Tensor  # (N,) bool
     sampler_logprobs: Optional[torch.Tensor] = None  # (N, R) the engine's log-probs of its tokens; None: the policy's own
+    policy_mask: Optional[torch.Tensor] = None  # (N, R) 1 on the policy's own sampled tokens, what the loss counts; None: response_mask
+
+    def __post_init__(self):
+        self.policy_mask = self.response_mask if self.policy_mask is None else self.policy_mask
 
 
 class RolloutEngine(Protocol):

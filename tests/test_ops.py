@@ -88,6 +88,21 @@ def test_gae_stops_at_the_last_real_token():
     assert torch.allclose(returns, torch.tensor([[0.75, 1.0, 0.0]]))
 
 
+def test_gae_skips_the_observation_tokens_between_two_policy_turns():
+    """Two policy turns [0, 1] and [4], an observation [2, 3] between them (its values 7, 8 and reward 5 never read),
+    padding at 5. gamma 0.9, lam 0.5, score 1 on the last policy token:
+    A4 = 1 - 0.5 = 0.5; A1 = 0 + 0.9 * V4 - V1 + 0.9 * 0.5 * A4 = 0.45 - 0.25 + 0.225 = 0.425 (the next token of the
+    recursion is 4, not 2); A0 = 0 + 0.9 * 0.25 - 1 + 0.45 * 0.425 = -0.58375."""
+    rewards, values = torch.tensor([[0.0, 0.0, 5.0, 0.0, 1.0, 0.0]]), torch.tensor([[1.0, 0.25, 7.0, 8.0, 0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    assert torch.allclose(advantages, torch.tensor([[-0.58375, 0.425, 0.0, 0.0, 0.5, 0.0]]))
+    assert torch.allclose(returns, torch.tensor([[0.41625, 0.675, 0.0, 0.0, 1.0, 0.0]]))
+    # the same as GAE over the policy's tokens alone, the observation cut out
+    alone, _ = gae(rewards[:, [0, 1, 4]], values[:, [0, 1, 4]], torch.ones(1, 3), gamma=0.9, lam=0.5)
+    assert torch.allclose(advantages[:, [0, 1, 4]], alone)
+
+
 def test_masked_whiten_by_hand():
     # masked values 1, 2, 3: mean 2, unbiased variance (1 + 0 + 1) / 2 = 1
     x, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
