@@ -8,6 +8,7 @@ only the standard library: a reward worker process starts in a fraction of a sec
 """
 
 import functools
+import importlib
 import inspect
 import re
 from typing import Optional
@@ -60,16 +61,24 @@ def call_reward(spec: str, prompts: list[str], completions: list[str], columns: 
     return function(prompts=prompts, completions=completions, **columns, **{k: v for k, v in settings.items() if k in declared})
 
 
+@functools.cache
+def handler(path: str):
+    """The function a worker request names by its `module:function` path (`call_reward`; the environments' and tools'
+    calls of lit_rlhf/tools.py), imported once per process."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def serve(connection) -> None:
-    """A reward worker's loop: says `ready`, then answers each `(spec, prompts, completions, columns, settings)` received
-    with `("ok", rewards)` or `("raised", "TypeName: message")`, until the pipe closes."""
+    """A worker's loop (reward functions, environments, tools): says `ready`, then answers each `(handler, arguments)`
+    received with `("ok", handler(*arguments))` or `("raised", "TypeName: message")`, until the pipe closes."""
     connection.send(("ready", None))
     while True:
         try:
-            request = connection.recv()
+            path, arguments = connection.recv()
         except EOFError:
             return
         try:
-            connection.send(("ok", call_reward(*request)))
+            connection.send(("ok", handler(path)(*arguments)))
         except Exception as err:  # the function's error, or a return value that cannot be pickled
             connection.send(("raised", f"{type(err).__name__}: {err}"))

@@ -65,8 +65,8 @@ class FunctionRaised(CallFailed):
 
 class Worker:
     """A fresh interpreter running `reward_functions.serve` on one end of a pipe. It imports the standard library
-    and the reward functions only (no fork of a process with threads, no re-import of the main script), so it
-    starts in a fraction of a second and the memory it holds is the functions'."""
+    and the functions it is asked to call only (no fork of a process with threads, no re-import of the main script),
+    so it starts in a fraction of a second and the memory it holds is the functions'."""
 
     def __init__(self):
         self.connection, child = multiprocessing.Pipe()
@@ -107,22 +107,18 @@ def reward_settings(max_length: int, buffer_length: Optional[int]) -> dict[str, 
     return {"overlong_max_length": max_length, "overlong_buffer_length": buffer_length}
 
 
-class RewardFunctions:
-    """The reward functions of a run, each called in one worker process with a timeout (and a memory limit)."""
+class SupervisedWorker:
+    """Calls into one `Worker`, started on first use, each call watched: the worker is stopped if the call takes longer
+    than `timeout` seconds or its memory passes `memory_limit` GiB, and reported at once if it dies; the call then fails
+    (`CallFailed`) saying which, and the next call starts a new worker. `name` (`reward`, `environment`) names the
+    worker and its flags (`--model.<name>_timeout`, `--model.<name>_memory_limit`) in the messages."""
 
-    def __init__(self, specs: list[str], timeout: float, on_error: Literal["stop", "none"] = "stop", memory_limit: Optional[float] = None,
-                 settings: Optional[dict] = None):  # fmt: skip
-        """`memory_limit`: GiB of resident memory the worker may use (`--model.reward_memory_limit`); None: no limit.
-        `settings`: the run's settings (name: value), given to the functions that declare them by name."""
-        check_ranges("model", {"reward_memory_limit": memory_limit}, {"reward_memory_limit": "> 0"})
+    def __init__(self, name: str, timeout: float, memory_limit: Optional[float] = None):
+        check_ranges("model", {f"{name}_memory_limit": memory_limit}, {f"{name}_memory_limit": "> 0"})
         if memory_limit is not None and not Path("/proc/self/status").is_file():
-            raise UserError(f"--model.reward_memory_limit {memory_limit:g}: reads a process's memory from /proc, which only Linux has")
-        for spec in specs:  # import each once here, so that a wrong name or path fails at start, naming it
-            resolve(spec, REWARD_FUNCTIONS, "--model.reward_funcs")
-        self.specs, self.names = list(specs), [source_name(spec) for spec in specs]
-        self.timeout, self.on_error, self.memory_limit, self.settings = timeout, on_error, memory_limit, settings or {}
+            raise UserError(f"--model.{name}_memory_limit {memory_limit:g}: reads a process's memory from /proc, which only Linux has")
+        self.name, self.timeout, self.memory_limit = name, timeout, memory_limit
         self.worker: Optional[Worker] = None
-        self.failures = 0  # calls whose rows got None (on_error="none")
 
     def close(self) -> None:
         if self.worker is not None:
@@ -134,12 +130,13 @@ class RewardFunctions:
         self.close()
         raise CallFailed(what)
 
-    def run(self, spec: str, prompts: list[str], completions: list[str], columns: dict[str, list]):
-        """One call of `spec` in the worker: its return value, or a CallFailed saying why there is none."""
+    def request(self, handler: str, *arguments):
+        """`handler(*arguments)` in the worker (`handler` a `module:function` path, `reward_functions.serve`): its return
+        value, or a CallFailed saying why there is none."""
         if self.worker is None:
             self.worker = Worker()
             self.receive(math.inf)  # its `ready`: the start-up is not timed
-        self.worker.connection.send((spec, prompts, completions, columns, self.settings))
+        self.worker.connection.send((handler, arguments))
         status, value = self.receive(self.timeout)
         if status == "raised":
             raise FunctionRaised(f"raised {value}")
@@ -154,7 +151,7 @@ class RewardFunctions:
                 self.stop(worker.death())
             self.check_memory()
             if time.monotonic() >= deadline:
-                self.stop(f"did not return within --model.reward_timeout {self.timeout:g} s")
+                self.stop(f"did not return within --model.{self.name}_timeout {self.timeout:g} s")
         try:
             message = worker.connection.recv()
         except (EOFError, OSError):
@@ -168,11 +165,30 @@ class RewardFunctions:
             return
         used = self.worker.resident_gib()
         if used > self.memory_limit:
-            self.stop(f"used {used:.2f} GiB of memory in its worker process, over --model.reward_memory_limit {self.memory_limit:g} GiB")
+            self.stop(f"used {used:.2f} GiB of memory in its worker process, over --model.{self.name}_memory_limit {self.memory_limit:g} GiB")
         if used > self.memory_limit / 2 and not self.worker.warned:
             self.worker.warned = True
-            rank_zero_warn(f"the reward worker uses {used:.2f} GiB of memory, over half of --model.reward_memory_limit"
+            rank_zero_warn(f"the {self.name} worker uses {used:.2f} GiB of memory, over half of --model.{self.name}_memory_limit"
                            f" {self.memory_limit:g} GiB; it is stopped past the limit")  # fmt: skip
+
+
+class RewardFunctions(SupervisedWorker):
+    """The reward functions of a run, each called in one worker process with a timeout (and a memory limit)."""
+
+    def __init__(self, specs: list[str], timeout: float, on_error: Literal["stop", "none"] = "stop", memory_limit: Optional[float] = None,
+                 settings: Optional[dict] = None):  # fmt: skip
+        """`memory_limit`: GiB of resident memory the worker may use (`--model.reward_memory_limit`); None: no limit.
+        `settings`: the run's settings (name: value), given to the functions that declare them by name."""
+        super().__init__("reward", timeout, memory_limit)
+        for spec in specs:  # import each once here, so that a wrong name or path fails at start, naming it
+            resolve(spec, REWARD_FUNCTIONS, "--model.reward_funcs")
+        self.specs, self.names = list(specs), [source_name(spec) for spec in specs]
+        self.on_error, self.settings = on_error, settings or {}
+        self.failures = 0  # calls whose rows got None (on_error="none")
+
+    def run(self, spec: str, prompts: list[str], completions: list[str], columns: dict[str, list]):
+        """One call of `spec` in the worker: its return value, or a CallFailed saying why there is none."""
+        return self.request("lit_rlhf.reward_functions:call_reward", spec, prompts, completions, columns, self.settings)
 
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[list[float]]:
         """Each function's rewards of the rows, `nan` where it returned None: one list of len(rows) per function."""
@@ -231,14 +247,17 @@ class Responses:
     prompts: list[str]  # (N,) the user's prompt each response answers
     columns: dict[str, list]  # the prompt rows' other fields (e.g. `answer`), one entry per response
     decode: Callable[[torch.Tensor], str]  # token ids -> text
+    environment_rewards: Optional[torch.Tensor] = None  # (N,) the environment's reward of each rollout, nan: none (multi-turn)
 
     @classmethod
-    def of(cls, prompts: dict, answered: dict[str, torch.Tensor], k: int, decode: Callable[[torch.Tensor], str]) -> "Responses":
+    def of(cls, prompts: dict, answered: dict[str, torch.Tensor], k: int, decode: Callable[[torch.Tensor], str],
+           environment_rewards: Optional[torch.Tensor] = None) -> "Responses":  # fmt: skip
         """The k responses to each prompt of the DataModule's batch `prompts` (its `prompt_text` and `columns`, each
-        repeated k times), `answered` holding the prompts followed by the responses (N = B * k rows, groups contiguous)."""
+        repeated k times), `answered` holding the prompts followed by the responses (N = B * k rows, groups contiguous);
+        with an environment, its `environment_rewards` (N,)."""
         texts = prompts.get("prompt_text", [""] * len(prompts["input_ids"]))
         columns = {name: [v for v in values for _ in range(k)] for name, values in prompts.get("columns", {}).items()}
-        return cls(answered, prompts["input_ids"].shape[1], [text for text in texts for _ in range(k)], columns, decode)
+        return cls(answered, prompts["input_ids"].shape[1], [text for text in texts for _ in range(k)], columns, decode, environment_rewards)
 
     @cached_property
     def response_ids(self) -> list[torch.Tensor]:
@@ -284,6 +303,27 @@ class RewardFunction:
         columns = responses.columns | {"completion_ids": responses.completion_ids}
         rewards = self.worker.call(self.spec, responses.prompts, responses.completions, columns)
         return torch.tensor(rewards, device=responses.batch["input_ids"].device)
+
+
+@dataclass
+class EnvironmentReward:
+    """The environment of a multi-turn rollout (`--model.environment`) as a reward source: the `reward` it set, if any."""
+
+    name: str = "environment"
+    may_abstain: bool = True  # None: the environment set no reward for the rollout
+
+    def __call__(self, responses: Responses) -> torch.Tensor:
+        """(N,) the environment's reward of each rollout, nan where it set none."""
+        return responses.environment_rewards
+
+
+def reward_sources(hp, reward_model_scores: Callable[[dict[str, torch.Tensor], int], torch.Tensor]) -> tuple[RewardFunctions, "Rewards"]:
+    """The reward functions of the `--model.*` flags `hp` (in their worker) and every reward source of the run, with
+    their weights: the reward model (`reward_model_scores`, with `reward_model_path`), the functions, the environment."""
+    settings = reward_settings(hp.overlong_max_length or hp.response_length, hp.overlong_buffer_length)
+    functions = RewardFunctions(hp.reward_funcs or [], hp.reward_timeout, hp.reward_errors, hp.reward_memory_limit, settings)
+    model_source = [RewardModel(reward_model_scores)] if hp.reward_model_path else []
+    return functions, Rewards(model_source + functions.sources() + ([EnvironmentReward()] if hp.environment else []), hp.reward_weights)
 
 
 class Rewards:
