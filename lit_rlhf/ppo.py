@@ -13,6 +13,10 @@ sampling's groups, batch-size checks; forward.py: response log-probs; models.py:
 The flags stay flat `__init__` arguments, each with its one-line help (at length: docs/cli.md): jsonargparse would name
 the fields of nested dataclass groups `--model.<group>.<field>`, which every config and checkpoint would have to follow.
 
+Multi-turn rollouts (`--model.environment`, `--model.tools`: lit_rlhf/environments.py) hold observation tokens between
+the policy's turns: the policy attends to them, but the KL, the score's token, the advantages, values, entropies and
+losses count the policy's own tokens only (`Rollout.policy_mask`).
+
 Only the advantage differs between estimators: one function each in `estimators.ESTIMATORS`, which
 also says whether it compares the k = `num_generations` responses of a prompt (rloo, grpo, dr_grpo)
 and how the per-token losses are aggregated. An estimator that declares `values` (gae) gets a value
@@ -49,18 +53,19 @@ from lit_rlhf.forward import response_logps, response_logps_and_entropies, respo
 from lit_rlhf.losses import ppo_value_loss
 from lit_rlhf.models import as_reference, load_causal_lm, load_reward_model, load_tokenizer, load_value_model
 from lit_rlhf.ops import KL_ESTIMATORS, group_minibatches, kl_estimate, last_token_index
-from lit_rlhf.plugins import resolve
 from lit_rlhf.policy_losses import POLICY_LOSS_ARGUMENTS, POLICY_LOSSES, aggregate_token_losses, logged_policy_stats, resolved_policy_loss
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
-from lit_rlhf.rewards import RewardFunctions, RewardModel, Rewards, Responses, reward_settings
+from lit_rlhf.rewards import Responses, reward_sources
 from lit_rlhf.rollout import Batch, Rollout, Stopwatch, check_prompt_batches, dynamically_sampled, in_chunks, joined, samples_table, step_stats
-from lit_rlhf.rollout_engines import ROLLOUT_ENGINES, HFRollout, RolloutEngine, summary
+from lit_rlhf.rollout_engines import ROLLOUT_ENGINES, HFRollout, RolloutEngine, resolved_engine, summary
+from lit_rlhf.tools import TOOLS
 
 #: the flags of `PPOModule` a resume may change (`AlignmentModule.resume_applies`): sampling, KL, clipping, aggregation, timeouts, engine
 RESUME_APPLIES = (
     "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "kl_loss_estimator", "kl_in_loss", "gamma", "lam", "ppo_epochs", "cliprange",
     "cliprange_high", "loss_aggregation", "mask_truncated_completions", "entropy_coef", "dynamic_sampling_max_rounds", "cliprange_value", "vf_coef", "max_grad_norm",
     "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit", "overlong_max_length", "overlong_buffer_length", "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
+    "max_turns", "max_rollout_tokens", "environment_timeout",
 )  # fmt: skip
 #: the numeric flags of `PPOModule` and their ranges (`AlignmentModule.flag_ranges`), checked before any model is loaded
 FLAG_RANGES = {
@@ -68,13 +73,14 @@ FLAG_RANGES = {
     "ppo_epochs": "> 0", "num_minibatches": "> 0", "gradient_accumulation_steps": "> 0", "rollout_batch_size": "> 0", "cliprange": "> 0",
     "cliprange_high": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0", "max_grad_norm": "> 0", "sample_every_n_steps": "> 0",
     "importance_sampling_cap": ">= 1", "vllm_gpu_memory_utilization": "in (0, 1]", "entropy_coef": ">= 0",
-    "overlong_max_length": "> 0", "overlong_buffer_length": "> 0", "dynamic_sampling_max_rounds": ">= 0",
+    "overlong_max_length": "> 0", "overlong_buffer_length": "> 0", "dynamic_sampling_max_rounds": ">= 0", "max_turns": "> 0", "max_rollout_tokens": "> 0",
+    "environment_timeout": "> 0",
 }  # fmt: skip
 
 
 def with_table_entries(init):
     """`init` with its docstring's placeholders (ESTIMATOR_NAMES, KL_PLACEMENT, KL_NAMES, POLICY_LOSS_NAMES, POLICY_LOSS_ARGUMENTS,
-    ROLLOUT_ENGINE_NAMES, REWARD_NAMES) replaced by the entries of the tables: what `--help` prints of each flag."""
+    ROLLOUT_ENGINE_NAMES, REWARD_NAMES, TOOL_NAMES) replaced by the entries of the tables: what `--help` prints of each flag."""
     names = {
         "ESTIMATOR_NAMES": "; ".join(f"`{name}` ({estimator.paper})" for name, estimator in ESTIMATORS.items()),
         "KL_PLACEMENT": "; ".join(f"in the {where} for " + ", ".join(name for name, e in ESTIMATORS.items() if e.kl_in_loss == in_loss)
@@ -84,6 +90,7 @@ def with_table_entries(init):
         "POLICY_LOSS_ARGUMENTS": ", ".join(POLICY_LOSS_ARGUMENTS),
         "ROLLOUT_ENGINE_NAMES": "; ".join(f"`{name}` ({summary(engine)})" for name, engine in ROLLOUT_ENGINES.items()),
         "REWARD_NAMES": ", ".join(f"`{name}`" for name in REWARD_FUNCTIONS),
+        "TOOL_NAMES": ", ".join(f"`{name}`" for name in TOOLS),
     }  # fmt: skip
     for placeholder, text in names.items():
         init.__doc__ = init.__doc__.replace(placeholder, text)
@@ -104,8 +111,8 @@ def check_flags(hp, estimator: Estimator) -> None:
             f"--model.advantage_estimator {hp.advantage_estimator} compares the responses to one prompt: it needs"
             f" --model.num_generations 2 or more (e.g. 4), not {hp.num_generations}"
         )
-    if hp.reward_model_path is None and not hp.reward_funcs:
-        raise UserError("PPO needs a reward: --model.reward_model_path (a reward model) and/or --model.reward_funcs (functions)")
+    if hp.reward_model_path is None and not hp.reward_funcs and not hp.environment:
+        raise UserError("PPO needs a reward: --model.reward_model_path (a reward model), --model.reward_funcs (functions) and/or --model.environment (its reward)")
 
 
 class PPOModule(AlignmentModule):
@@ -126,7 +133,8 @@ class PPOModule(AlignmentModule):
         rollout_batch_size: int = 64, policy_loss: str = "ppo", cliprange: float = 0.2, cliprange_high: Optional[float] = None,
         loss_aggregation: Optional[Literal["token_mean", "sequence_mean", "constant"]] = None, mask_truncated_completions: bool = False,
         entropy_coef: float = 0.0, dynamic_sampling_max_rounds: int = 0, cliprange_value: float = 0.2, vf_coef: float = 0.1, max_grad_norm: float = 1.0,
-        sample_every_n_steps: int = 10, rollout_engine: str = "hf", importance_sampling_cap: Optional[float] = 2.0, vllm_gpu_memory_utilization: float = 0.3, **kwargs,
+        sample_every_n_steps: int = 10, rollout_engine: str = "hf", importance_sampling_cap: Optional[float] = 2.0, vllm_gpu_memory_utilization: float = 0.3,
+        environment: Optional[str] = None, tools: Optional[list[str]] = None, max_turns: int = 4, max_rollout_tokens: int = 1024, environment_timeout: float = 10.0, **kwargs,
     ):  # fmt: skip
         """PPO and its critic-free relatives (RLOO, GRPO, Dr. GRPO, REINFORCE++), the estimator a flag (docs/cli.md).
 
@@ -171,19 +179,21 @@ class PPOModule(AlignmentModule):
             rollout_engine: Who samples the rollouts: ROLLOUT_ENGINE_NAMES; or `file.py:Class`, an engine of your own (lit_rlhf/rollout_engines.py).
             importance_sampling_cap: With `vllm`, each token's policy loss is weighted by min(p_trainer / p_vllm, cap). null: no correction.
             vllm_gpu_memory_utilization: Share of the GPU's memory the vLLM engine may take (colocated with training).
+            environment: Multi-turn rollouts: `file.py:Class`, an environment that answers each policy turn (lit_rlhf/environments.py); its `reward` a reward source.
+            tools: Multi-turn rollouts: functions the policy calls by a tool call in its turn, built-ins TOOL_NAMES or `file.py:function` of your own.
+            max_turns: Policy turns per multi-turn rollout, at most (each at most `response_length` tokens).
+            max_rollout_tokens: Response tokens per multi-turn rollout, policy turns and observations together, at most.
+            environment_timeout: Seconds an environment's or tool's call may take; it runs in a worker process.
         """
         super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate, **kwargs)
         self.estimator, self.estimator_arguments = resolved_estimator(advantage_estimator)
-        self.engine_class = resolve(rollout_engine, ROLLOUT_ENGINES, "--model.rollout_engine")
+        self.engine_class = resolved_engine(self.hparams)
         self.policy_loss = resolved_policy_loss(policy_loss)
         check_flags(self.hparams, self.estimator)
         self.aggregation = loss_aggregation or self.estimator.aggregation
         self.kl_in_loss = self.estimator.kl_in_loss if kl_in_loss is None else kl_in_loss
         self.needs_reference = kl_coef > 0  # a reference is loaded and scored for a KL only; with LoRA it is the policy, adapter disabled
-        settings = reward_settings(overlong_max_length or response_length, overlong_buffer_length)
-        self.reward_functions = RewardFunctions(reward_funcs or [], reward_timeout, reward_errors, reward_memory_limit, settings)
-        model_source = [RewardModel(self.reward_model_scores)] if reward_model_path else []
-        self.rewards = Rewards(model_source + self.reward_functions.sources(), reward_weights)  # the reward model first
+        self.reward_functions, self.rewards = reward_sources(self.hparams, self.reward_model_scores)  # the reward model, functions, environment
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model_name_or_path, self.hparams.trust_remote_code)
         self.decode = partial(self.tokenizer.decode, skip_special_tokens=True)  # a response's ids as text: what reward functions read
@@ -197,8 +207,7 @@ class PPOModule(AlignmentModule):
         self.stopwatch = Stopwatch()  # the wall time of each phase of the step, for `time/*`
 
     def setup(self, stage: str) -> None:
-        hp = self.hparams
-        check_prompt_batches(self.trainer.datamodule, stage, hp.num_generations, hp.num_minibatches, hp.gradient_accumulation_steps)
+        check_prompt_batches(self.trainer.datamodule, stage, self.hparams.num_generations, self.hparams.num_minibatches, self.hparams.gradient_accumulation_steps)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -234,7 +243,7 @@ class PPOModule(AlignmentModule):
             engine.sync(self.model)
             samples = engine.sample(batch, k, hp.response_length, hp.temperature)  # (B * k, R), groups contiguous
         answered = joined(batch, samples, k)  # input_ids, attention_mask, labels: (B * k, P + R)
-        responses = Responses.of(batch, answered, k, self.decode)
+        responses = Responses.of(batch, answered, k, self.decode, samples.environment_rewards)
         source_scores = self.rewards(responses)  # (B * k, F)
         scores = self.rewards.total(source_scores)
         if hp.missing_eos_penalty is not None:
@@ -246,10 +255,8 @@ class PPOModule(AlignmentModule):
             with as_reference(self.model, self.ref_model) as reference:
                 ref_logprobs = chunked(partial(response_logps, reference, temperature=hp.temperature))
         values = chunked(partial(response_values, self.value_model)) if self.value_model is not None else None
-        return Rollout(
-            **answered, response_mask=samples.response_mask.float(), policy_mask=samples.policy_mask.float(), contains_eos=samples.contains_eos, logprobs=logprobs,
-            entropies=entropies, ref_logprobs=ref_logprobs, scores=scores, values=values, source_scores=source_scores, sampler_logprobs=samples.sampler_logprobs, prompt_text=responses.prompts,
-        )  # fmt: skip
+        return Rollout.of(answered, samples, responses.prompts, logprobs=logprobs, entropies=entropies, ref_logprobs=ref_logprobs, scores=scores,
+                          values=values, source_scores=source_scores)  # fmt: skip
 
     def dynamically_sampled(self, rollout: Rollout) -> tuple[Rollout, dict[str, torch.Tensor]]:
         """DAPO's dynamic sampling (`rollout.dynamically_sampled`): more rollouts of the training loader's next batches, till none is left."""

@@ -51,6 +51,7 @@ class Rollout:
     source_scores: Optional[torch.Tensor] = None  # (N, F) each reward source's score (rewards.Rewards), nan where a function returned None
     sampler_logprobs: Optional[torch.Tensor] = None  # (N, R) under the engine that sampled (vLLM); None: the policy itself
     prompt_text: Optional[list[str]] = None  # (N,) the user's prompt each response answers
+    episode: Optional[dict[str, torch.Tensor]] = None  # name -> (N,) a multi-turn engine's counts (Samples.episode)
     # filled in by `compute_advantages`
     kl: Optional[torch.Tensor] = None  # (N, R) per-token KL estimate to the reference; None without one
     non_score_reward: Optional[torch.Tensor] = None  # (N, R) -kl_coef * kl
@@ -59,6 +60,13 @@ class Rollout:
 
     def __post_init__(self):
         self.policy_mask = self.response_mask if self.policy_mask is None else self.policy_mask
+
+    @classmethod
+    def of(cls, answered: Batch, samples: Samples, prompt_text: list[str], **scored: Optional[torch.Tensor]) -> "Rollout":
+        """The rollout of the engine's `samples`, `answered` (`joined`) their prompts followed by them, with what the
+        step `scored` of them (`logprobs`, `entropies`, `ref_logprobs`, `scores`, `values`, `source_scores`)."""
+        return cls(**answered, response_mask=samples.response_mask.float(), policy_mask=samples.policy_mask.float(), contains_eos=samples.contains_eos,
+                   sampler_logprobs=samples.sampler_logprobs, episode=samples.episode, prompt_text=prompt_text, **scored)  # fmt: skip
 
     @property
     def context_length(self) -> int:
@@ -79,8 +87,13 @@ class Rollout:
     def rows(self, rows: list[int]) -> "Rollout":
         """The rollout of `rows` only, in that order (every field that is set)."""
         index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
-        picked = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-        return replace(self, **{name: [value[i] for i in rows] if isinstance(value, list) else value[index] for name, value in picked.items()})
+
+        def picked(value):
+            if isinstance(value, dict):
+                return {name: column[index] for name, column in value.items()}
+            return [value[i] for i in rows] if isinstance(value, list) else value[index]
+
+        return replace(self, **{f.name: picked(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None})
 
 
 #: how `concatenated` pads the fields: the (N, P + R) ones left of the prompt and right of the response with their pad
@@ -102,6 +115,8 @@ def concatenated(rollouts: list[Rollout]) -> Rollout:
             return torch.cat([F.pad(value, width, value=SEQUENCE_PADDING[name]) for value, width in zip(values, widths)])
         if name in TOKEN_FIELDS:
             return torch.cat([F.pad(value, (0, R - value.shape[1])) for value in values])
+        if isinstance(values[0], dict):
+            return {column: torch.cat([value[column] for value in values]) for column in values[0]}
         return [v for value in values for v in value] if isinstance(values[0], list) else torch.cat(values)
 
     names = [f.name for f in fields(Rollout) if getattr(rollouts[0], f.name) is not None]
@@ -177,7 +192,8 @@ def step_stats(rollout: Rollout, reward_names: list[str], k: int, ppo_epochs: in
     without a reference; `objective/entropy` each response's summed per-token entropy, as TRL's scale, averaged over
     responses, `objective/entropy_per_token` the mean over the policy's tokens), `rewards/*` (`rewards.reward_stats` of the
     sources `reward_names`, k responses per prompt),
-    `rollout/logprob_diff` (with the sampler's log-probs) and where the wall time went, `time/*`, from the `seconds`
+    `rollout/logprob_diff` (with the sampler's log-probs), a multi-turn engine's counts `rollout/<name>` (means over
+    responses: `turns`, `tool_calls`, `tool_errors`, `ended_by_<ending>` shares) and where the wall time went, `time/*`, from the `seconds`
     of the phases `generation`, `rollout` and `update` (generated tokens: the policy's own; update tokens: real prompt +
     response tokens of every epoch). Per-token statistics count the policy's tokens only (`policy_mask`)."""
     scores, non_score, policy_mask = rollout.scores, rollout.non_score_reward.sum(1), rollout.policy_mask  # (N,), (N,), (N, R)
@@ -194,6 +210,7 @@ def step_stats(rollout: Rollout, reward_names: list[str], k: int, ppo_epochs: in
         "objective/eos_share": rollout.contains_eos.float().mean(),
     }  # fmt: skip
     stats |= reward_stats(rollout.source_scores, reward_names, scores, k)
+    stats |= {f"rollout/{name}": value.float().mean() for name, value in (rollout.episode or {}).items()}
     if rollout.sampler_logprobs is not None:  # how far the engine that sampled is from the trainer, per token
         stats["rollout/logprob_diff"] = masked_mean((rollout.logprobs - rollout.sampler_logprobs).abs(), policy_mask)
     return stats
