@@ -11,7 +11,7 @@
 - `vllm`: `vllm_engine.VLLMEngine`, started once per architecture and dtype (from the model's config,
   random weights) and given the model's current weights at every call.
 - `auto`: `hf` where it steps with `fused_decode` (a Llama-architecture model in bf16 on a CPU with bf16
-  units: there it is as fast as vLLM, faster at batch 128), else vLLM when it is installed and starts, else `hf`.
+  units, where it measured as fast as vLLM: docs/speed.md), else vLLM when it is installed and starts, else `hf`.
 
 What each part gave, measured: docs/speed.md, "Generation".
 """
@@ -137,7 +137,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, eos_token_id: int, all
 def sample(probs: torch.Tensor) -> torch.Tensor:
     """One index per row drawn from `probs` (B, V) by inverting its cumulative sum at one uniform draw per row: the
     first index whose cumulative probability exceeds u * total, so an index of probability 0 is never drawn. On a
-    CPU `torch.multinomial` draws V random numbers per row (1 ms a row over SmolLM's 49,152 tokens), this one. -> (B,)"""
+    CPU `torch.multinomial` draws V random numbers per row (docs/speed.md: 40x slower here). -> (B,)"""
     cumulative = probs.cumsum(-1)  # (B, V)
     u = torch.rand(len(probs), 1, device=probs.device) * cumulative[:, -1:]  # (B, 1), below the total
     return torch.searchsorted(cumulative, u, right=True).squeeze(1)
