@@ -24,6 +24,25 @@ FINAL_ROWS = ASSETS / "human_like_dpo_final.jsonl"  # the final table's prompts:
 NO_CHECKPOINTS = ("--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0")
 
 
+#: seconds each stage took in one demo seed on 2 cores with AVX512-BF16 (docs/speed.md): the time left is their sum
+#: over the stages to come, scaled by how much faster or slower this machine ran the stages so far
+STAGE_SECONDS = {"reward": 176, "ppo": 438, "dpo": 189, "evaluate base": 112, "evaluate policy": 170}
+
+
+class Progress:
+    """Prints each stage as it starts, with the time spent and an estimate of the time left (stderr)."""
+
+    def __init__(self, expected: list[float]):
+        self.expected, self.done, self.start = expected, 0, time.time()  # expected: each stage's seconds on the reference machine
+
+    def next(self, title: str) -> None:
+        elapsed, expected = time.time() - self.start, self.expected
+        speed = elapsed / sum(expected[: self.done]) if self.done else 1.0  # this machine's seconds per reference second
+        left = speed * sum(expected[self.done :])
+        print(f"[demo {self.done + 1}/{len(expected)}] {title}: {elapsed / 60:.1f} min so far, about {left / 60:.0f} min left", file=sys.stderr)
+        self.done += 1
+
+
 def fit(config: str, *flags: str) -> Path:
     """`lit-rlhf fit -c lit_rlhf/configs/demo/<config> <flags>` without checkpoints; returns the exported model folder."""
     run = cli(["fit", "-c", str(DEMO_CONFIGS / config), *NO_CHECKPOINTS, *flags])
@@ -49,14 +68,20 @@ def main(args=None) -> None:
     start = time.time()
     base = str(fetch_smollm2(opts.model_dir))
     data = ("--model.model_name_or_path", base, "--data.dataset", str(SHIPPED_ROWS))
+    t = STAGE_SECONDS
+    progress = Progress([t["reward"]] * 2 + [t["ppo"], t["dpo"]] * len(opts.seeds) + [t["evaluate base"] + 2 * len(opts.seeds) * t["evaluate policy"]])
+    progress.next("reward model (the proxy PPO optimises)")
     reward_model = fit("reward.yaml", *data)
-    # the judge: the same recipe on the next 360 rows, which no other stage reads
+    progress.next("judge reward model (the same recipe on the next 360 rows, which no other stage reads)")
     judge = fit("reward.yaml", *data, "--data.offset", "360")
     policies: dict[str, dict[str, str]] = {"ppo": {}, "dpo": {}}
     for seed in opts.seeds:
         seeded = ("--seed_everything", str(seed), "--data.shuffle_seed", str(seed))
+        progress.next(f"PPO, seed {seed}")
         policies["ppo"][str(seed)] = str(fit("ppo.yaml", *data, *seeded, "--model.reward_model_path", str(reward_model)))
+        progress.next(f"DPO, seed {seed}")
         policies["dpo"][str(seed)] = str(fit("dpo.yaml", *data, *seeded))
+    progress.next(f"evaluation of base and {2 * len(opts.seeds)} policies")
     name = (lambda recipe, seed: f"{recipe}@{seed}") if len(opts.seeds) > 1 else (lambda recipe, seed: recipe)
     models = {"base": base} | {name(recipe, seed): path for recipe in ("dpo", "ppo") for seed, path in policies[recipe].items()}
     prompts = ["--heldout_dataset", str(FINAL_ROWS), "--prompts", "[]"] if opts.prompts == "final" else []

@@ -59,6 +59,41 @@ def seed_table(seeds: dict[str, dict], baseline: str) -> list[str]:
     return [header, "|" + " --- |" * (len(SEEDED) + 3), *rows]
 
 
+def verdict(win_rate_low: float, win_rate_high: float) -> str:
+    """Whether a win-rate interval says the model beats the baseline."""
+    return "better" if win_rate_low > 0.5 else "worse" if win_rate_high < 0.5 else "no clear difference"
+
+
+def points(value: float, reference: float) -> str:
+    """A share and its difference from `reference` in percentage points: `0.750 (+4 points)`."""
+    return f"{value:.3f} ({100 * (value - reference):+.0f} points)"
+
+
+def answer_table(report: dict, baseline: str) -> list[str]:
+    """The report's first table: did alignment help (the judge's win-rate against the baseline and what its interval
+    says), and at what cost (KL, looping and EOS share against the baseline's, length against the preferred answers').
+    With seeds, one row per recipe: means over the seeds, the verdict by the lowest seed's interval."""
+    base, chosen = report["models"][baseline], report.get("preferred")
+    rows = []
+    for recipe, stats in (report.get("seeds") or {}).items():
+        low, high = stats["lowest_win_rate_bound"], min(report["models"][f"{recipe}@{s}"]["win_rate"][2] for s in stats["seeds"])
+        mean = {key: stats[key]["mean"] for key in ("win_rate", "sampled_kl", "loop_share", "eos_share", "length")}
+        rows.append((f"{recipe} ({len(stats['seeds'])} seeds)", mean, f"{mean['win_rate']:.3f} ± {stats['win_rate']['sd']:.3f}", verdict(low, high)))
+    for name, m in report["models"].items():
+        if name != baseline and "@" not in name:
+            mean = {key: m[key][0] for key in ("win_rate", "sampled_kl", "loop_share", "eos_share", "length")}
+            rows.append((name, mean, interval_text(m["win_rate"]), verdict(*m["win_rate"][1:])))
+    eos_reference = f", chosen {chosen['eos_share'][0]:.3f}" if chosen else ""
+    length_reference = f", chosen {chosen['length'][0]:.0f}" if chosen else ""
+    return [
+        f"| model | better than {baseline}? | win-rate vs {baseline} | KL to {baseline} (nats) | looping ({baseline} {base['loop_share'][0]:.3f})"
+        f" | ends with EOS ({baseline} {base['eos_share'][0]:.3f}{eos_reference}) | mean length ({baseline} {base['length'][0]:.0f}{length_reference}) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *[f"| {name} | {said} | {win} | {m['sampled_kl']:.2f} | {points(m['loop_share'], base['loop_share'][0])}"
+          f" | {points(m['eos_share'], base['eos_share'][0])} | {m['length']:.0f} |" for name, m, win, said in rows],
+    ]  # fmt: skip
+
+
 def cell(value) -> str:
     """A number, or `mean [low, high]` for a (mean, low, high) triple."""
     return interval_text(value) if isinstance(value, (list, tuple)) else f"{value:.3f}"
@@ -82,6 +117,10 @@ def markdown(report: dict, baseline: str, unseen: str, dataset: str) -> str:
         "the win probability at equal length (logistic regression on the length difference). KL is",
         f"KL(model || {baseline}) in nats per response, from one temperature-1 sample per prompt (k1 estimator;",
         "k3 below). A looping answer repeats some 4-word sequence at least 3 times.", "",
+        "## Did alignment help, and at what cost", "",
+        f"Better: the win-rate's interval (every seed's, with seeds) lies above 0.5; worse: below it. The cost: the KL to {baseline}",
+        f"and the share of looping and of ended answers, in points against {baseline}'s.", "",
+        *answer_table(report, baseline), "",
         "## Quality and degeneration", "", *table(report, QUALITY, baseline), "",
         *([f"The preferred (chosen) answers of the {report['preferred']['rows']} held-out prompts, at the same length limit: ends"
            f" with EOS {cell(report['preferred']['eos_share'])}, mean length {cell(report['preferred']['length'])} tokens"

@@ -44,8 +44,22 @@ def soft_overlong_punishment(prompts: list[str], completions: list[str], complet
     return [max(-1.0, min(0.0, (start - len(ids)) / overlong_buffer_length)) for ids in completion_ids]
 
 
+def repetition_penalty(prompts: list[str], completions: list[str], ngram_size: int = 3, max_penalty: float = -1.0, **columns) -> list[float]:
+    """Open-R1's repetition penalty (after Yeo et al. 2025, "Demystifying long chain-of-thought reasoning"): the share
+    of a completion's word `ngram_size`-grams (lower-cased, split on white space) that repeat an earlier one, times
+    `max_penalty`: 0 for an answer that never repeats itself, -1 for one n-gram over and over; 0 for fewer words than
+    an n-gram. Against degeneration: a reward model alone can score a looping answer well."""
+    penalties = []
+    for completion in completions:
+        words = completion.lower().split()
+        grams = [tuple(words[i : i + ngram_size]) for i in range(len(words) - ngram_size + 1)]
+        penalties.append((1 - len(set(grams)) / len(grams)) * max_penalty if grams else 0.0)
+    return penalties
+
+
 #: built-in reward functions for `--model.reward_funcs`
-REWARD_FUNCTIONS = {"final_number": final_number, "answer_format": answer_format, "soft_overlong_punishment": soft_overlong_punishment}
+REWARD_FUNCTIONS = {"final_number": final_number, "answer_format": answer_format, "soft_overlong_punishment": soft_overlong_punishment,
+                    "repetition_penalty": repetition_penalty}  # fmt: skip
 
 
 @functools.cache

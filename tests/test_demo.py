@@ -42,3 +42,14 @@ def test_demo_stages_write_no_checkpoints(tiny_model_dir, real_rows, tmp_path, m
     run = cli(["-c", str(demo.DEMO_CONFIGS / "reward.yaml"), *demo.NO_CHECKPOINTS, "--model.model_name_or_path", tiny_model_dir,
                "--data.dataset", str(real_rows)], run=False)  # fmt: skip
     assert run.trainer.checkpoint_callback.save_last is False and run.trainer.checkpoint_callback.save_top_k == 0
+
+
+def test_progress_scales_the_reference_times_by_this_machines_speed(monkeypatch, capsys):
+    clock = iter([0.0, 0.0, 200.0])  # start, first stage starts, second stage starts 200 s later
+    monkeypatch.setattr(demo.time, "time", lambda: next(clock))
+    progress = demo.Progress([100, 300])  # the reference machine: 100 s, then 300 s
+    progress.next("first")
+    progress.next("second")  # the first stage took twice the reference: the second should take 600 s
+    first, second = capsys.readouterr().err.splitlines()
+    assert first == "[demo 1/2] first: 0.0 min so far, about 7 min left"  # 400 s at the reference speed
+    assert second == "[demo 2/2] second: 3.3 min so far, about 10 min left"

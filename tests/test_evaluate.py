@@ -11,7 +11,7 @@ from lit_rlhf.cli import cli
 from lit_rlhf.errors import UserError
 from lit_rlhf.ops import IGNORE_INDEX
 from lit_rlhf.evaluate import is_boilerplate, main, mean_answer_logprob, over_batches, sequence_kl
-from lit_rlhf.report import SEEDED, across_seeds, seed_table
+from lit_rlhf.report import SEEDED, across_seeds, answer_table, seed_table
 
 
 class ConstantLM(torch.nn.Module):
@@ -207,3 +207,20 @@ def test_across_seeds_by_hand():
     assert (dpo["sampled_kl"]["min"], dpo["sampled_kl"]["max"], dpo["sampled_kl"]["mean"]) == (4.0, 6.0, 5.0)
     assert dpo["loop_share"]["mean"] == pytest.approx(0.2) and dpo["lowest_win_rate_bound"] == 0.52
     assert "| dpo | 2 | 0.700 ± 0.141 (0.600–0.800) |" in "\n".join(seed_table(seeds, "base"))
+
+
+def test_answer_table_by_hand():
+    def run(win_rate, loop, eos, kl=0.0, length=100.0):
+        return {"judge_reward": (0.0,) * 3, "win_rate": win_rate, "sampled_kl": (kl,) * 3, "loop_share": (loop,) * 3, "eos_share": (eos,) * 3, "length": (length,) * 3}
+
+    report = {"models": {"base": run((0.5, 0.5, 0.5), 0.70, 0.40), "dpo@1": run((0.6, 0.52, 0.7), 0.72, 0.30, kl=4.0),
+                         "dpo@2": run((0.8, 0.7, 0.9), 0.76, 0.40, kl=6.0), "ppo": run((0.45, 0.3, 0.55), 0.60, 0.50, length=180.0),
+                         "sft": run((0.3, 0.2, 0.4), 0.70, 0.40)},  # fmt: skip
+              "preferred": {"eos_share": (0.86, 0.8, 0.9), "length": (167.0, 150.0, 180.0)}}
+    report["seeds"] = across_seeds(report)
+    lines = answer_table(report, "base")
+    assert lines[0].startswith("| model | better than base? |") and "ends with EOS (base 0.400, chosen 0.860)" in lines[0]
+    # dpo: mean of the seeds (win 0.7, KL 5, looping 0.74 = +4 points, EOS 0.35 = -5 points); every seed's interval above 0.5
+    assert lines[2] == "| dpo (2 seeds) | better | 0.700 ± 0.141 | 5.00 | 0.740 (+4 points) | 0.350 (-5 points) | 100 |"
+    assert lines[3] == "| ppo | no clear difference | 0.450 [0.300, 0.550] | 0.00 | 0.600 (-10 points) | 0.500 (+10 points) | 180 |"
+    assert lines[4].startswith("| sft | worse |") and len(lines) == 5  # no row for base or for single seeds of a recipe

@@ -9,7 +9,7 @@ import torch
 
 from lit_rlhf.cli import cli
 from lit_rlhf.errors import UserError
-from lit_rlhf.reward_functions import answer_format, final_number, soft_overlong_punishment
+from lit_rlhf.reward_functions import answer_format, final_number, repetition_penalty, soft_overlong_punishment
 from lit_rlhf.rewards import RewardFunction, RewardFunctions, RewardModel, Rewards, Responses, reward_stats, weighted_total
 from lit_rlhf.ppo import PPOModule
 from test_ppo import ppo_args
@@ -30,6 +30,14 @@ def test_soft_overlong_punishment_by_hand():
     ids = [[1] * n for n in (3, 6, 7, 9, 10, 12)]
     rewards = soft_overlong_punishment([""] * 6, [""] * 6, completion_ids=ids, overlong_max_length=10, overlong_buffer_length=4)
     assert rewards == [0.0, 0.0, -0.25, -0.75, -1.0, -1.0]
+
+
+def test_repetition_penalty_by_hand():
+    """"a b c" three times: 7 word 3-grams, 3 distinct, so 4 of 7 repeat: -4/7. Upper case and spacing do not hide a
+    repeat ("a b c" twice: 4 3-grams, 3 distinct: -1/4); four distinct words (2 distinct 3-grams) and two words (no 3-gram) cost nothing."""
+    completions = ["a b c a b c a b c", "A  b C\na B c", "one two three four", "hi there"]
+    assert repetition_penalty([""] * 4, completions) == pytest.approx([-4 / 7, -1 / 4, 0.0, 0.0])
+    assert repetition_penalty([""], ["a a a a"], ngram_size=1, max_penalty=-2.0) == pytest.approx([-1.5])  # 3 of 4 repeat
 
 
 def test_the_overlong_punishment_reads_each_responses_token_count_and_the_runs_settings_in_the_worker():
