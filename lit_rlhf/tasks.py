@@ -87,9 +87,14 @@ def task_passes(model, tokenizer, rows: list[dict], functions: list[Callable], m
     """(N,) 1.0 where the model's answer to row n's `prompt` passes: greedy (or sampled at `temperature`), judged
     by reward `functions` (`judges`; TRL's contract, the rows' other columns and `completion_ids` passed), a pass being a summed reward >= 1."""
     prompts = [tokenize(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])) for row in rows]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature, engine)
-    completions = [answer["text"] for answer in answers]
+    return passes(rows, generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature, engine), functions)
+
+
+def passes(rows: list[dict], answers: list[dict], functions: list[Callable]) -> torch.Tensor:
+    """(N,) 1.0 where `answers[n]` (`generate_answers`') to `rows[n]` (its `prompt` text and other columns) passes: the
+    reward `functions` (TRL's contract; the rows' other columns and `completion_ids` passed) sum to 1 or more."""
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"} | {"completion_ids": [a["response"] for a in answers]}
+    completions = [answer["text"] for answer in answers]
     scores = [f(prompts=[row["prompt"] for row in rows], completions=completions, **columns) for f in functions]
     return torch.tensor([float(sum(s or 0.0 for s in row_scores) >= 1) for row_scores in zip(*scores)])
 
