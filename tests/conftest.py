@@ -35,6 +35,21 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(DATASETS_CACHE, ignore_errors=True)
 
 
+def fit_args(module: str, model_dir: str | Path, dataset: str | Path, *extra: str, max_length: int | None = 64,
+             max_prompt_length: int = 32, model_summary: bool = False, sanity_val_steps: int | None = 0) -> list[str]:  # fmt: skip
+    """The flags of `lit-rlhf fit` (without the word `fit`: what `cli(..., run=False)` takes) that train `module` (a class
+    path) from `model_dir` on the rows of `dataset`: short rows, no progress bar, no model summary, no sanity check,
+    then `extra`. `max_length=None` passes no length flags, `model_summary=True` keeps Lightning's summary, and
+    `sanity_val_steps=None` passes none (Lightning's default, 2)."""
+    lengths = [] if max_length is None else ["--data.max_length", str(max_length), "--data.max_prompt_length", str(max_prompt_length)]
+    summary = [] if model_summary else ["--trainer.enable_model_summary", "false"]
+    sanity = [] if sanity_val_steps is None else ["--trainer.num_sanity_val_steps", str(sanity_val_steps)]
+    return [
+        "--model", module, "--model.model_name_or_path", str(model_dir), "--data.dataset", str(dataset), *lengths,
+        "--trainer.enable_progress_bar", "false", *summary, *sanity, *extra,
+    ]  # fmt: skip
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """One token per byte plus the three ChatML specials (ids 256, 257, 258)."""
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}

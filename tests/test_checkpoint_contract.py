@@ -16,6 +16,7 @@ from lit_rlhf.base import AlignmentModule
 from lit_rlhf.cli import check_same_model, cli
 from lit_rlhf.errors import UserError
 from lit_rlhf.models import load_causal_lm, load_tokenizer
+from conftest import fit_args
 from test_reliability import fail, reward_args
 
 ONE_STEP = ("--trainer.max_steps", "1", "--trainer.limit_val_batches", "0")
@@ -25,9 +26,9 @@ PAYLOAD = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
 
 
 def dpo_args(model_dir, dataset, *extra):
-    args = reward_args(model_dir, dataset, *extra)
-    args[2] = "lit_rlhf.dpo.DPOModule"
-    return args
+    """`reward_args` (test_reliability.py) for DPO."""
+    return ["fit", *fit_args("lit_rlhf.dpo.DPOModule", model_dir, dataset, "--data.limit", "28", "--data.val_size", "4",
+                             "--data.batch_size", "4", *extra)]  # fmt: skip
 
 
 def model_with_remote_code(tiny_model_dir: str, folder: Path, marker: Path) -> Path:

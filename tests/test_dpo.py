@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from transformers import AutoModelForCausalLM
 
-from conftest import make_causal_lm
+from conftest import fit_args, make_causal_lm
 from lit_rlhf.cli import cli
 from lit_rlhf import DPOModule, PreferenceDataModule, sequence_logps
 from lit_rlhf.forward import token_logps
@@ -163,12 +163,9 @@ def test_token_logps_equal_log_softmax_of_the_models_own_logits(tiny_model_dir, 
 
 
 def dpo_args(model_dir, dataset, *extra):
-    return [
-        "fit", "--model", "lit_rlhf.dpo.DPOModule", "--model.model_name_or_path", model_dir,
-        "--model.learning_rate", "1e-3", "--data.dataset", str(dataset), "--data.max_length", "64",
-        "--data.max_prompt_length", "32", "--data.limit", "16", "--data.val_size", "4", "--data.batch_size", "4",
-        "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false", *extra,
-    ]  # fmt: skip
+    return ["fit", *fit_args("lit_rlhf.dpo.DPOModule", model_dir, dataset, "--model.learning_rate", "1e-3", "--data.limit", "16",
+                             "--data.val_size", "4", "--data.batch_size", "4", "--trainer.max_steps", "3", *extra,
+                             model_summary=True, sanity_val_steps=None)]  # fmt: skip
 
 
 def test_fit_export_reload_same_logits(tiny_model_dir, real_rows, tmp_path, monkeypatch):
@@ -378,3 +375,43 @@ def test_validation_logs_the_share_of_held_out_answers_that_end_and_that_loop(ti
     metrics = run.trainer.callback_metrics
     assert metrics["val_generations/eos_share"].item() == pytest.approx(2 / 3)
     assert metrics["val_generations/loop_share"].item() == pytest.approx(1 / 3) and metrics["val_generations/mean_length"].item() == 4.0
+
+
+def test_validation_logs_greedy_pass_at_1_and_sampled_pass_at_k_without_touching_the_runs_random_stream(tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    """3 held-out prompts, a judge that passes answers saying "yes": greedy yes/no/maybe passes 1 of 3; two sampled
+    rounds (no, yes, no) and (yes, no, no) pass prompts 1 and 2 at least once: pass@2 = 2/3. The samples are drawn
+    at --generations.temperature from a random stream of their own."""
+    import lit_rlhf.monitor
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "judge.py").write_text("def says_yes(prompts, completions, **columns):\n    return [float('yes' in c) for c in completions]\n")
+    flags = ("--trainer.limit_val_batches", "1", "--generations.num_prompts", "3", "--generations.pass_at_k", "2", "--generations.temperature", "0.5",
+             "--generations.reward_funcs", f"[{tmp_path / 'judge.py'}:says_yes]")  # fmt: skip
+    run = cli(dpo_args(tiny_model_dir, real_rows, *flags))
+    assert 0 <= run.trainer.callback_metrics["val_generations/pass@2"] <= 1
+    rounds = iter([["no", "no", "no"]] * 2 + [["yes yes", "no", "maybe"], ["no", "yes", "no"], ["yes", "no", "no"]])
+    asked = []
+
+    def fake_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample=False, temperature=1.0):
+        asked.append((sample, temperature))
+        return [{"response": [1], "text": text, "eos": True} for text in next(rounds)]
+
+    def next_random_number_after_validation() -> float:
+        torch.manual_seed(1)
+        run.trainer.validate(run.model, datamodule=run.datamodule, verbose=False)
+        return torch.rand(1).item()
+
+    monkeypatch.setattr(lit_rlhf.monitor, "generate_answers", fake_answers)
+    monitor = next(c for c in run.trainer.callbacks if isinstance(c, lit_rlhf.monitor.GenerationMonitor))
+    monitor.pass_at_k = 0  # off: greedy answers only
+    next_random_number_after_validation()
+    without_samples = next_random_number_after_validation()
+    monitor.pass_at_k = 2
+    assert next_random_number_after_validation() == without_samples
+    assert asked == [(False, 1.0)] * 3 + [(True, 0.5), (True, 0.5)]
+    metrics = run.trainer.callback_metrics
+    assert metrics["val_generations/pass@1"].item() == pytest.approx(1 / 3) and metrics["val_generations/pass@2"].item() == pytest.approx(2 / 3)
+    from test_reliability import fail
+
+    message = fail(dpo_args(tiny_model_dir, real_rows, "--generations.pass_at_k", "2"))  # a DPO run has no reward functions of its own
+    assert message.endswith("--generations.pass_at_k needs reward functions that judge a pass: --generations.reward_funcs (or --model.reward_funcs)")

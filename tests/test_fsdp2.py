@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from multiprocess_fit import fit_and_record
-from test_multiprocess import FSDP2, QUIET, assert_like_one_process, fit_two_processes, max_difference, pairs_args
+from conftest import fit_args
+from helpers.multiprocess_fit import fit_and_record
+from test_multiprocess import FP32, FSDP2, assert_like_one_process, fit_two_processes, max_difference, pairs_args
 
 pytestmark = pytest.mark.multiprocess
 
@@ -48,13 +49,12 @@ def test_dpo_sharded_over_two_processes_trains_like_one_and_exports_whole(tiny_m
 
 
 def test_grpo_sharded_over_two_processes_generates_trains_and_resumes(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path):
-    args = [
-        "--model", "lit_rlhf.ppo.PPOModule", "--model.model_name_or_path", tiny_model_dir, "--model.reward_model_path", tiny_reward_dir,
-        "--model.advantage_estimator", "grpo", "--model.num_generations", "2", "--model.response_length", "6", "--model.ppo_epochs", "1",
-        "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-3", "--data.dataset", str(real_rows), "--data.mode", "prompts",
-        "--data.limit", "24", "--data.batch_size", "2", "--data.max_length", "64", "--data.max_prompt_length", "32", *EVEN_VALIDATION,
-        "--seed_everything", "0", "--checkpoint.every_n_train_steps", "1", *QUIET,
-    ]  # fmt: skip
+    args = fit_args(
+        "lit_rlhf.ppo.PPOModule", tiny_model_dir, real_rows, "--model.reward_model_path", tiny_reward_dir, "--model.advantage_estimator", "grpo",
+        "--model.num_generations", "2", "--model.response_length", "6", "--model.ppo_epochs", "1", "--model.gradient_accumulation_steps", "2",
+        "--model.learning_rate", "1e-3", "--data.mode", "prompts", "--data.batch_size", "2", *EVEN_VALIDATION, "--seed_everything", "0",
+        "--checkpoint.every_n_train_steps", "1", *FP32,
+    )  # fmt: skip
     rank0, rank1, _ = fit_two_processes([*args, "--trainer.max_steps", "1"], tmp_path, strategy=FSDP2)
     assert_half_of_the_weights_each(rank0, rank1)
     assert rank0["metrics"][0]["objective/kl"] == rank1["metrics"][0]["objective/kl"] == 0.0  # first rollout: policy == reference

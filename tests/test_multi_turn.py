@@ -165,8 +165,6 @@ def test_every_estimator_trains_on_multi_turn_rollouts_and_its_first_minibatch_i
     args = ppo_args(tiny_model_dir, None, real_rows, "--data.limit", "12", "--data.batch_size", "4", "--model.ppo_epochs", "2",
                     "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-2", "--trainer.limit_train_batches", "1",
                     "--model.environment", "my_env.py:Script", *estimator_args(estimator))  # fmt: skip
-    args.remove("--model.reward_model_path")
-    args.remove(None)
     run = cli(args, run=False)
     rollouts = []
     rollout, compute_advantages = run.model.rollout, run.model.compute_advantages

@@ -1,6 +1,6 @@
 """Two gloo processes on CPU (DDP): disjoint shards, reduced metrics, identical weights, rank-0 export.
 
-Each test runs `tests/multiprocess_fit.py` with `--trainer.devices 2 --trainer.strategy ddp` in a
+Each test runs `tests/helpers/multiprocess_fit.py` with `--trainer.devices 2 --trainer.strategy ddp` in a
 subprocess (a hang fails it at the timeout) and compares what each process saw with a 1-process run
 of the same global batch, fitted in this process.
 """
@@ -17,17 +17,17 @@ import datasets.config
 import pytest
 import torch
 
-from multiprocess_fit import fit_and_record
+from conftest import fit_args
+from helpers.multiprocess_fit import fit_and_record
 
 pytestmark = pytest.mark.multiprocess
 
 REPO = Path(__file__).parents[1]
-SCRIPT = Path(__file__).with_name("multiprocess_fit.py")
+SCRIPT = Path(__file__).parent / "helpers" / "multiprocess_fit.py"
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 FSDP2 = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "-c", str(REPO / "configs/strategies/fsdp2.yaml")]
 # fp32: the 2-process and 1-process runs are compared to 1e-5, which bf16 rounding of different batch shapes exceeds
-QUIET = ["--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.num_sanity_val_steps", "0"]  # fmt: skip
+FP32 = ["--trainer.precision", "32-true"]
 
 
 def fit_two_processes(args: list[str], out_dir: Path, nan_step: int = -1, strategy: list[str] = DDP) -> tuple[dict, dict, float]:
@@ -49,11 +49,8 @@ def fit_two_processes(args: list[str], out_dir: Path, nan_step: int = -1, strate
 
 def pairs_args(module: str, model_dir: str, dataset, batch_size: int, steps: int, *extra) -> list[str]:
     """20 training rows, 5 held-out rows (validated after `steps` training batches)."""
-    return [
-        "--model", module, "--model.model_name_or_path", model_dir, "--data.dataset", str(dataset), "--data.limit", "25",
-        "--data.val_size", "5", "--data.batch_size", str(batch_size), "--data.max_length", "64", "--data.max_prompt_length", "32",
-        "--trainer.limit_train_batches", str(steps), "--seed_everything", "0", *QUIET, *extra,
-    ]  # fmt: skip
+    return fit_args(module, model_dir, dataset, "--data.limit", "25", "--data.val_size", "5", "--data.batch_size", str(batch_size),
+                    "--trainer.limit_train_batches", str(steps), "--seed_everything", "0", *FP32, *extra)  # fmt: skip
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -134,8 +131,7 @@ def test_a_bad_row_stops_both_processes_with_its_own_message(tiny_reward_dir, tm
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"prompt": "a", "chosen": "b" if n < 6 else "", "rejected": "c"}) + "\n" for n in range(7)))
     env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
-    args = ["fit", "--model", "lit_rlhf.reward.RewardModule", "--model.model_name_or_path", tiny_reward_dir, "--data.dataset", str(bad),
-            "--data.val_size", "2", *QUIET, *DDP]  # fmt: skip
+    args = ["fit", *fit_args("lit_rlhf.reward.RewardModule", tiny_reward_dir, bad, "--data.val_size", "2", *FP32, *DDP, max_length=None)]
     done = subprocess.run([sys.executable, "-m", "lit_rlhf.commands", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     errors = [line for line in done.stderr.splitlines() if line.startswith("lit-rlhf: error:")]
     assert done.returncode == 1 and errors  # rank 0 checks the rows first; rank 1, let go, finds the same row
@@ -143,13 +139,12 @@ def test_a_bad_row_stops_both_processes_with_its_own_message(tiny_reward_dir, tm
 
 
 def test_ppo_two_processes_sample_apart_whiten_together_and_end_with_the_same_weights(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path):
-    args = [
-        "--model", "lit_rlhf.ppo.PPOModule", "--model.model_name_or_path", tiny_model_dir, "--model.reward_model_path", tiny_reward_dir,
-        "--model.response_length", "4", "--model.ppo_epochs", "2", "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-3",
-        "--data.dataset", str(real_rows), "--data.mode", "prompts", "--data.limit", "13", "--data.val_size", "3",
-        "--data.batch_size", "2", "--data.max_length", "64", "--data.max_prompt_length", "32",
-        "--trainer.limit_train_batches", "1", "--seed_everything", "0", *QUIET,
-    ]  # fmt: skip
+    args = fit_args(
+        "lit_rlhf.ppo.PPOModule", tiny_model_dir, real_rows, "--model.reward_model_path", tiny_reward_dir, "--model.response_length", "4",
+        "--model.ppo_epochs", "2", "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-3", "--data.mode", "prompts",
+        "--data.limit", "13", "--data.val_size", "3", "--data.batch_size", "2", "--trainer.limit_train_batches", "1", "--seed_everything", "0",
+        *FP32,
+    )  # fmt: skip
     rank0, rank1, seconds = fit_two_processes(args, tmp_path / "ddp")
     print(f"2-process tiny PPO run: {seconds:.1f} s")
     assert rank0["metrics"][0]["objective/kl"] == rank1["metrics"][0]["objective/kl"] == 0.0  # first rollout: policy == reference
@@ -198,13 +193,12 @@ def test_a_reward_function_runs_in_every_process_and_scores_as_in_one(tiny_model
     rows = [{"prompt": f"What is {i} + {i}?", "answer": 2 * i} for i in range(12)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "judge.py").write_text(RECORDING_REWARD)
-    args = [
-        "--model", "lit_rlhf.ppo.PPOModule", "--model.model_name_or_path", tiny_model_dir, "--model.reward_funcs", f"[{tmp_path}/judge.py:length_mod_7]",
+    args = fit_args(
+        "lit_rlhf.ppo.PPOModule", tiny_model_dir, tmp_path / "prompts.jsonl", "--model.reward_funcs", f"[{tmp_path}/judge.py:length_mod_7]",
         "--model.advantage_estimator", "grpo", "--model.num_generations", "2", "--model.response_length", "6", "--model.ppo_epochs", "1",
-        "--model.gradient_accumulation_steps", "1", "--data.dataset", str(tmp_path / "prompts.jsonl"), "--data.mode", "prompts",
-        "--data.val_size", "4", "--data.batch_size", "2", "--data.max_length", "64", "--data.max_prompt_length", "32",
-        "--trainer.limit_train_batches", "1", "--seed_everything", "0", *QUIET, "--trainer.num_sanity_val_steps", "2",
-    ]  # fmt: skip
+        "--model.gradient_accumulation_steps", "1", "--data.mode", "prompts", "--data.val_size", "4", "--data.batch_size", "2",
+        "--trainer.limit_train_batches", "1", "--seed_everything", "0", *FP32, sanity_val_steps=2,
+    )  # fmt: skip
     monkeypatch.setenv("RECORD_FILE", str(tmp_path / "two.jsonl"))
     rank0, rank1, _ = fit_two_processes(args, tmp_path / "ddp")
     assert rank0["metrics"][0]["rewards/length_mod_7/none_share"] == 0.0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_rlhf.cli import cli
-from conftest import first_prompt_batch
+from conftest import first_prompt_batch, fit_args
 from lit_rlhf.errors import UserError
 from lit_rlhf.estimators import ESTIMATORS
 from lit_rlhf.policy_losses import POLICY_LOSSES
@@ -20,14 +20,11 @@ from lit_rlhf.rollout_engines import HFRollout
 
 
 def ppo_args(model_dir, reward_dir, dataset, *extra):
-    return [
-        "--model", "lit_rlhf.ppo.PPOModule", "--model.model_name_or_path", model_dir,
-        "--model.reward_model_path", reward_dir, "--model.response_length", "8",
-        "--data.dataset", str(dataset), "--data.mode", "prompts", "--data.max_length", "64",
-        "--data.max_prompt_length", "32", "--data.val_size", "4", "--data.batch_size", "8",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", *extra,
-    ]  # fmt: skip
+    """Without the word `fit`. `reward_dir` None: no reward model (reward functions or an environment score)."""
+    reward = [] if reward_dir is None else ["--model.reward_model_path", str(reward_dir)]
+    return fit_args("lit_rlhf.ppo.PPOModule", model_dir, dataset, *reward, "--model.response_length", "8", "--data.mode", "prompts",
+                    "--data.val_size", "4", "--data.batch_size", "8", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1",
+                    *extra)  # fmt: skip
 
 
 def estimator_args(estimator: str, num_generations: int = 2) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_causal_lm, make_tokenizer
+from conftest import fit_args, make_causal_lm, make_tokenizer
 from lit_rlhf.cli import cli
 from lit_rlhf.commands import main
 from lit_rlhf.models import export_pretrained, load_tokenizer
@@ -27,22 +27,15 @@ def fail(args: list[str]) -> str:
 
 
 def reward_args(model_dir, dataset, *extra):
-    return [
-        "fit", "--model", "lit_rlhf.reward.RewardModule", "--model.model_name_or_path", str(model_dir),
-        "--data.dataset", str(dataset), "--data.max_length", "64", "--data.max_prompt_length", "32",
-        "--data.limit", "28", "--data.val_size", "4", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0", *extra,
-    ]  # fmt: skip
+    return ["fit", *fit_args("lit_rlhf.reward.RewardModule", model_dir, dataset, "--data.limit", "28", "--data.val_size", "4",
+                             "--data.batch_size", "4", *extra)]  # fmt: skip
 
 
 def ppo_args(model_dir, reward_dir, dataset, *extra):
-    return [
-        "fit", "--model", "lit_rlhf.ppo.PPOModule", "--model.model_name_or_path", str(model_dir),
-        "--model.reward_model_path", str(reward_dir), "--model.response_length", "4", "--model.ppo_epochs", "1",
-        "--data.dataset", str(dataset), "--data.mode", "prompts", "--data.max_length", "64", "--data.max_prompt_length", "32",
-        "--data.limit", "12", "--data.val_size", "4", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false",
-        "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", *extra,
-    ]  # fmt: skip
+    return ["fit", *fit_args("lit_rlhf.ppo.PPOModule", model_dir, dataset, "--model.reward_model_path", str(reward_dir),
+                             "--model.response_length", "4", "--model.ppo_epochs", "1", "--data.mode", "prompts", "--data.limit", "12",
+                             "--data.val_size", "4", "--data.batch_size", "4", "--trainer.limit_val_batches", "0", *extra,
+                             model_summary=True)]  # fmt: skip
 
 
 def save_model(path: Path, model, tokenizer) -> str:

@@ -189,9 +189,7 @@ def prompt_rows(tmp_path, n: int = 12):
 
 def function_args(tiny_model_dir, dataset, *extra):
     """PPO on prompt rows with reward functions and no reward model."""
-    args = ppo_args(tiny_model_dir, "unused", dataset, *extra)
-    i = args.index("--model.reward_model_path")
-    return args[:i] + args[i + 2 :]
+    return ppo_args(tiny_model_dir, None, dataset, *extra)
 
 
 def test_columns_reach_the_function_per_sampled_response_in_order(tiny_model_dir, plugin, tmp_path, monkeypatch):

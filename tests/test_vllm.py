@@ -1,5 +1,5 @@
 """`--model.rollout_engine vllm`: the weights follow training, the first update is on-policy, a toy reward is
-learned, LoRA is pushed merged. The runs happen once, in a process of their own (tests/vllm_checks.py);
+learned, LoRA is pushed merged. The runs happen once, in a process of their own (tests/helpers/vllm_checks.py);
 the tests read what they recorded. Tolerances: the engine runs in fp32, like the trainer here."""
 
 import os
@@ -16,7 +16,8 @@ from lit_rlhf.errors import UserError
 from lit_rlhf.vllm_engine import import_vllm
 
 pytestmark = pytest.mark.vllm
-SCRIPT = Path(__file__).with_name("vllm_checks.py")
+TESTS = Path(__file__).parent
+SCRIPT = TESTS / "helpers" / "vllm_checks.py"
 SAME = 1e-4  # max |log p_vLLM - log p_trainer| per token for the same fp32 weights (measured: about 1e-6)
 MOVED = 1e-2  # one update at learning rate 1e-2 moves a token's log-prob by more than this
 
@@ -30,7 +31,7 @@ def checks(tmp_path_factory, tokenizer, real_rows) -> dict:
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_pretrained(out / "model", num_labels=1).save_pretrained(out / "reward")
     tokenizer.save_pretrained(out / "reward")
-    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parents[1]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))  # lit_rlhf, and conftest and test_ppo
     command = [sys.executable, str(SCRIPT), str(out / "results.pt"), str(out / "model"), str(out / "reward"), str(real_rows)]
     done = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,6 +1,8 @@
 """PPO/GRPO runs with `--model.rollout_engine vllm`, recording what tests/test_vllm.py asserts on.
 
-    python tests/vllm_checks.py OUT_FILE MODEL_DIR REWARD_DIR ROWS
+    PYTHONPATH=tests python tests/helpers/vllm_checks.py OUT_FILE MODEL_DIR REWARD_DIR ROWS
+
+(tests/ on the path: the flags come from conftest.py, the toy reward from test_ppo.py).
 
 vLLM starts a process group and pins torch's threads in the process it runs in, so these runs get a
 process of their own. One engine is started by the first run (as `on_fit_start` does) and handed to
@@ -17,20 +19,18 @@ from lit_rlhf.cli import cli
 from lit_rlhf.forward import token_logps
 from lit_rlhf.policy_losses import POLICY_LOSSES
 from lit_rlhf.vllm_engine import VLLMEngine
+from conftest import fit_args  # after lit_rlhf, as test_ppo imports it: importing conftest sets HF_* variables
 from test_ppo import ascii_share_score
 
 
-def fit_args(model_dir: str, reward_dir: str, rows: str, estimator: str, *extra: str) -> list[str]:
+def vllm_args(model_dir: str, reward_dir: str, rows: str, estimator: str, *extra: str) -> list[str]:
     group = ["--model.num_generations", "4"] if estimator == "grpo" else []
-    return [
-        "--model", "lit_rlhf.ppo.PPOModule", "--model.model_name_or_path", model_dir, "--model.reward_model_path", reward_dir,
-        "--model.rollout_engine", "vllm", "--model.advantage_estimator", estimator, *group, "--model.response_length", "8",
-        "--model.learning_rate", "1e-2", "--model.gradient_accumulation_steps", "1", "--data.dataset", rows,
-        "--data.mode", "prompts", "--data.max_length", "64", "--data.max_prompt_length", "32", "--data.val_size", "4",
-        "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1",
-        "--seed_everything", "0", *extra,
-    ]  # fmt: skip
+    return fit_args(
+        "lit_rlhf.ppo.PPOModule", model_dir, rows, "--model.reward_model_path", reward_dir, "--model.rollout_engine", "vllm",
+        "--model.advantage_estimator", estimator, *group, "--model.response_length", "8", "--model.learning_rate", "1e-2",
+        "--model.gradient_accumulation_steps", "1", "--data.mode", "prompts", "--data.val_size", "4", "--trainer.precision", "32-true",
+        "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", "--seed_everything", "0", *extra,
+    )  # fmt: skip
 
 
 FIXED = torch.tensor([[256, 257, 104, 105, 33, 32, 119, 111, 114, 108, 100, 258]])  # a sequence scored at every rollout
@@ -79,28 +79,28 @@ def main(out_file: str, model_dir: str, reward_dir: str, rows: str) -> None:
     original, paper = POLICY_LOSSES["ppo"]
     POLICY_LOSSES["ppo"] = (lambda **k: calls.append(original(**k)) or calls[-1], paper)
     # 1. GRPO, 3 steps: the engine starts in on_fit_start
-    module, metrics, seen = fit(fit_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "16", "--data.batch_size", "2",
-                                         "--trainer.limit_train_batches", "3"))  # fmt: skip
+    module, metrics, seen = fit(vllm_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "16", "--data.batch_size", "2",
+                                          "--trainer.limit_train_batches", "3"))  # fmt: skip
     engine = module.engine
     results["grpo"] = {"metrics": metrics, "first_stats": calls[0][1], "seen": seen}
     results["rng_kept"] = RUNNING["rng_kept"]
 
     # 2. GAE (a value model), one step
     calls.clear()
-    module, metrics, seen = fit(fit_args(model_dir, reward_dir, rows, "gae", "--data.limit", "12", "--data.batch_size", "8",
-                                         "--trainer.limit_train_batches", "1", "--model.ppo_epochs", "2"), engine=engine)  # fmt: skip
+    module, metrics, seen = fit(vllm_args(model_dir, reward_dir, rows, "gae", "--data.limit", "12", "--data.batch_size", "8",
+                                          "--trainer.limit_train_batches", "1", "--model.ppo_epochs", "2"), engine=engine)  # fmt: skip
     results["gae"] = {"metrics": metrics, "first_stats": calls[0][1], "seen": seen}
 
     # 3. LoRA: pushed merged; the trainer's own model is unmerged after each push
-    module, metrics, seen = fit(fit_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "12", "--data.batch_size", "2",
-                                         "--trainer.limit_train_batches", "2", "--model.lora_r", "4"), engine=engine)  # fmt: skip
+    module, metrics, seen = fit(vllm_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "12", "--data.batch_size", "2",
+                                          "--trainer.limit_train_batches", "2", "--model.lora_r", "4"), engine=engine)  # fmt: skip
     merged = [m.merged for m in module.model.modules() if hasattr(m, "merged")]
     results["lora"] = {"metrics": metrics, "seen": seen, "merged": merged}
 
     # 4. a toy reward: the share of ASCII bytes in the response, learned with vLLM rollouts
     scores = []
-    fit(fit_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "164", "--data.batch_size", "4", "--model.kl_coef", "0.01",
-                 "--model.temperature", "1.0", "--model.ppo_epochs", "4", "--trainer.limit_train_batches", "10"),
+    fit(vllm_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "164", "--data.batch_size", "4", "--model.kl_coef", "0.01",
+                  "--model.temperature", "1.0", "--model.ppo_epochs", "4", "--trainer.limit_train_batches", "10"),
         engine=engine, score=ascii_share_score(scores))  # fmt: skip
     results["toy_scores"] = scores
     torch.save(results, out_file)

@@ -1,6 +1,6 @@
 """Fit a run and save what each of its processes saw: the helper of tests/test_multiprocess.py.
 
-    python tests/multiprocess_fit.py OUT_DIR NAN_STEP FIT_ARGS...
+    python tests/helpers/multiprocess_fit.py OUT_DIR NAN_STEP FIT_ARGS...
 
 builds the run with `lit_rlhf.cli.cli(FIT_ARGS, run=False)`, fits it and saves `OUT_DIR/rank<r>.pt`
 in every process r, with the work each process did: exports, rows tokenized, rows whose DPO reference
