@@ -144,6 +144,10 @@ def collate_unpaired(examples: list[dict], pad_id: int) -> dict[str, torch.Tenso
     return batch
 
 
+#: the fields an encoded prompt row adds to its source row's columns (`PreferenceDataModule`); the rest are the row's own
+ENCODED_FIELDS = ("prompt", "truncated", "prompt_text", "index")
+
+
 def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts: `input_ids`, `attention_mask`, each (B, P) with P the longest prompt.
 
@@ -162,7 +166,7 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
         batch["prompt_text"] = [e["prompt_text"] for e in examples]
     if "index" in examples[0]:
         batch["index"] = torch.tensor([e["index"] for e in examples])
-    batch["columns"] = {k: [e[k] for e in examples] for k in examples[0] if k not in ("prompt", "truncated", "prompt_text", "index")}
+    batch["columns"] = {k: [e[k] for e in examples] for k in examples[0] if k not in ENCODED_FIELDS}
     return batch
 
 

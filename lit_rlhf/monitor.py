@@ -10,14 +10,12 @@ from typing import Optional
 import lightning as L
 import torch
 
+from lit_rlhf.data import ENCODED_FIELDS
 from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.forward import generate_answers
 from lit_rlhf.metrics import has_loop
 from lit_rlhf.models import unwrap
 from lit_rlhf.tasks import judges, passes
-
-#: the columns of a DataModule's encoded row that are not the source row's (`data.PreferenceDataModule`)
-ENCODED = ("prompt", "prompt_text", "truncated", "index")
 
 
 def degeneration_stats(answers: list[dict]) -> dict[str, torch.Tensor]:
@@ -65,12 +63,13 @@ class GenerationMonitor(L.Callback):
         model = getattr(pl_module, "model", None)
         if trainer.sanity_checking or not self.num_prompts or model is None or not unwrap(model).can_generate():
             return
-        prompts = [row["prompt"] for row in trainer.datamodule.val_rows[: self.num_prompts]]
+        held_out = trainer.datamodule.val_rows[: self.num_prompts]
+        prompts = [row["prompt"] for row in held_out]
         with trainer.precision_plugin.forward_context():
             answers = generate_answers(model, pl_module.tokenizer, prompts, self.max_new_tokens, self.batch_size)
         stats = degeneration_stats(answers)
         if self.judges:
-            rows = [{key: value for key, value in row.items() if key not in ENCODED} | {"prompt": row["prompt_text"]} for row in trainer.datamodule.val_rows[: self.num_prompts]]
+            rows = [{key: value for key, value in row.items() if key not in ENCODED_FIELDS} | {"prompt": row["prompt_text"]} for row in held_out]
             stats["pass@1"] = passes(rows, answers, self.judges).mean()
             with torch.random.fork_rng(), trainer.precision_plugin.forward_context():
                 torch.manual_seed(self.seed)

@@ -69,19 +69,24 @@ def points(value: float, reference: float) -> str:
     return f"{value:.3f} ({100 * (value - reference):+.0f} points)"
 
 
+#: the first table's metrics (`answer_table`)
+ANSWERED = ("win_rate", "sampled_kl", "loop_share", "eos_share", "length")
+
+
 def answer_table(report: dict, baseline: str) -> list[str]:
     """The report's first table: did alignment help (the judge's win-rate against the baseline and what its interval
     says), and at what cost (KL, looping and EOS share against the baseline's, length against the preferred answers').
-    With seeds, one row per recipe: means over the seeds, the verdict by the lowest seed's interval."""
+    With seeds, one row per recipe: means over the seeds; better when every seed's interval lies above 0.5, worse when
+    every one lies below."""
     base, chosen = report["models"][baseline], report.get("preferred")
     rows = []
     for recipe, stats in (report.get("seeds") or {}).items():
-        low, high = stats["lowest_win_rate_bound"], min(report["models"][f"{recipe}@{s}"]["win_rate"][2] for s in stats["seeds"])
-        mean = {key: stats[key]["mean"] for key in ("win_rate", "sampled_kl", "loop_share", "eos_share", "length")}
+        low, high = stats["lowest_win_rate_bound"], max(report["models"][f"{recipe}@{s}"]["win_rate"][2] for s in stats["seeds"])
+        mean = {key: stats[key]["mean"] for key in ANSWERED}
         rows.append((f"{recipe} ({len(stats['seeds'])} seeds)", mean, f"{mean['win_rate']:.3f} ± {stats['win_rate']['sd']:.3f}", verdict(low, high)))
     for name, m in report["models"].items():
         if name != baseline and "@" not in name:
-            mean = {key: m[key][0] for key in ("win_rate", "sampled_kl", "loop_share", "eos_share", "length")}
+            mean = {key: m[key][0] for key in ANSWERED}
             rows.append((name, mean, interval_text(m["win_rate"]), verdict(*m["win_rate"][1:])))
     eos_reference = f", chosen {chosen['eos_share'][0]:.3f}" if chosen else ""
     length_reference = f", chosen {chosen['length'][0]:.0f}" if chosen else ""

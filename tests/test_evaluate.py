@@ -224,3 +224,8 @@ def test_answer_table_by_hand():
     assert lines[2] == "| dpo (2 seeds) | better | 0.700 ± 0.141 | 5.00 | 0.740 (+4 points) | 0.350 (-5 points) | 100 |"
     assert lines[3] == "| ppo | no clear difference | 0.450 [0.300, 0.550] | 0.00 | 0.600 (-10 points) | 0.500 (+10 points) | 180 |"
     assert lines[4].startswith("| sft | worse |") and len(lines) == 5  # no row for base or for single seeds of a recipe
+    # seeds that disagree (one interval below 0.5, one above) say nothing clear; worse needs every seed's interval below
+    mixed = {"models": {"base": report["models"]["base"], "rm@1": run((0.3, 0.2, 0.4), 0.7, 0.4), "rm@2": run((0.7, 0.6, 0.8), 0.7, 0.4),
+                        "kto@1": run((0.3, 0.2, 0.4), 0.7, 0.4), "kto@2": run((0.35, 0.25, 0.45), 0.7, 0.4)}}  # fmt: skip
+    mixed["seeds"] = across_seeds(mixed)
+    assert [line.split(" | ")[1] for line in answer_table(mixed, "base")[2:]] == ["no clear difference", "worse"]
