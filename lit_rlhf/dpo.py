@@ -18,7 +18,7 @@ from lit_rlhf.errors import UserError
 from lit_rlhf.losses import LOSS_FLAGS, PREFERENCE_LOSS_ARGUMENTS, PREFERENCE_LOSSES, UNPAIRED_LOSS_ARGUMENTS, PreferenceLoss, rpo_nll_loss
 from lit_rlhf.models import as_reference, load_causal_lm, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
-from lit_rlhf.plugins import check_shape, declared_arguments, resolve
+from lit_rlhf.plugins import check_shape, declared_arguments, resolve, with_hyperparameters
 
 LOSS_CONTRACT = (
     "a preference loss is called with any of the keyword arguments " + ", ".join(PREFERENCE_LOSS_ARGUMENTS)
@@ -31,7 +31,7 @@ class DPOModule(AlignmentModule):
     algorithm = "dpo"
     progress_bar_metrics = ("loss", "rewards/accuracies")
     frozen_modules = ("ref_model",)
-    resume_applies = AlignmentModule.resume_applies + ("beta", "rpo_alpha", *LOSS_FLAGS)
+    resume_applies = AlignmentModule.resume_applies + ("beta", "rpo_alpha", "loss_args", *LOSS_FLAGS)
     flag_ranges = AlignmentModule.flag_ranges | {"beta": "> 0", "rpo_alpha": ">= 0"} | {name: flag.range for name, flag in LOSS_FLAGS.items()}
 
     def __init__(
@@ -46,6 +46,7 @@ class DPOModule(AlignmentModule):
         rdpo_alpha: float = 0.01,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
+        loss_args: Optional[dict] = None,
         ref_model_name_or_path: Optional[str] = None,
         precompute_ref_logps: bool = False,
         rpo_alpha: Optional[float] = None,
@@ -62,6 +63,8 @@ class DPOModule(AlignmentModule):
                 function of your own with the same contract (lit_rlhf/losses.py). A loss that reads no
                 reference log-probs loads no reference model.
             LOSS_FLAG_DOCS
+            loss_args: Values of the loss's hyperparameters, its keyword arguments with a default outside
+                the contract (a loss of your own, or one added to the table), e.g. `{alpha: 0.5}`.
             ref_model_name_or_path: Reference model (e.g. an SFT checkpoint). Default: a frozen copy of
                 the starting policy; with LoRA, the policy with its adapter disabled (no second copy).
             precompute_ref_logps: Compute the reference log-probs of every row once before training (each
@@ -84,6 +87,7 @@ class DPOModule(AlignmentModule):
         self.unpaired = "labels" in inspect.signature(self.preference_loss).parameters
         provided = UNPAIRED_LOSS_ARGUMENTS if self.unpaired else PREFERENCE_LOSS_ARGUMENTS
         self.loss_arguments = declared_arguments(self.preference_loss, provided, "--model.loss_type", LOSS_CONTRACT)
+        self.preference_loss = with_hyperparameters(self.preference_loss, provided, loss_args, "--model.loss_args")
         self.needs_reference = any(name.startswith("ref_") for name in self.loss_arguments)
         if precompute_ref_logps and (self.unpaired or not self.needs_reference):
             raise UserError(f"--model.precompute_ref_logps: --model.loss_type {loss_type} reads no precomputable reference log-probs"

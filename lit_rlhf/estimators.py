@@ -15,14 +15,14 @@ and returns `(advantages, returns)`: advantages (N, T), 0 off the mask; returns 
 model's targets, or None without a value model. The math lives in `ops.py`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Optional
 
 import torch
 
 from lit_rlhf.errors import UserError
 from lit_rlhf.ops import gae, grpo_advantages, masked_whiten, rloo_advantages
-from lit_rlhf.plugins import check_shape, declared_arguments, resolve
+from lit_rlhf.plugins import check_shape, declared_arguments, resolve, with_hyperparameters
 
 ESTIMATOR_ARGUMENTS = ("rewards", "mask", "values", "k", "gamma", "lam", "sum_over_processes")
 ESTIMATOR_CONTRACT = (
@@ -51,12 +51,14 @@ class Estimator:
     kl_in_loss: bool = False
 
 
-def resolved_estimator(name: str) -> tuple[Estimator, tuple[str, ...]]:
+def resolved_estimator(name: str, args: Optional[dict] = None) -> tuple[Estimator, tuple[str, ...]]:
     """The estimator `--model.advantage_estimator name` (an `ESTIMATORS` entry, or the user's own function or
-    `Estimator`, a plain function with the defaults of the record) and the arguments it declares, checked."""
+    `Estimator`, a plain function with the defaults of the record) with its hyperparameters `args`
+    (`--model.estimator_args`) bound, and the arguments it declares, checked."""
     entry = resolve(name, ESTIMATORS, "--model.advantage_estimator")
     estimator = entry if isinstance(entry, Estimator) else Estimator(entry, paper=name)
-    return estimator, declared_arguments(estimator.function, ESTIMATOR_ARGUMENTS, "--model.advantage_estimator", ESTIMATOR_CONTRACT)
+    arguments = declared_arguments(estimator.function, ESTIMATOR_ARGUMENTS, "--model.advantage_estimator", ESTIMATOR_CONTRACT)
+    return replace(estimator, function=with_hyperparameters(estimator.function, ESTIMATOR_ARGUMENTS, args, "--model.estimator_args")), arguments
 
 
 def checked_estimate(estimate, name: str, shape: torch.Size) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -4,15 +4,17 @@ A flag such as `--model.loss_type` takes a table key (`simpo`) or an import path
 (a module importable from the working directory) or `path/to/my_losses.py:my_loss` (a file). The
 function is called with the keyword arguments it declares, out of the ones its kind provides, so it
 names what it needs and nothing more (a preference loss that declares no reference log-probs loads no
-reference model).
+reference model). Its other keyword arguments with a default are its hyperparameters, set by the table's
+`_args` flag (`--model.estimator_args '{alpha: 0.5}'`): an entry with a new hyperparameter is its function alone.
 """
 
 import importlib
 import importlib.util
 import inspect
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 from lit_rlhf.errors import UserError
 
@@ -67,6 +69,24 @@ def declared_arguments(function: Callable, provided: tuple[str, ...], flag: str,
             f" provided; {contract}"
         )
     return tuple(p.name for p in parameters if p.name in provided)
+
+
+def hyperparameters(function: Callable, provided: tuple[str, ...]) -> dict[str, object]:
+    """The keyword arguments of `function` outside the contract `provided` that have a default: name -> default."""
+    return {p.name: p.default for p in inspect.signature(function).parameters.values()
+            if p.name not in provided and p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}  # fmt: skip
+
+
+def with_hyperparameters(function: Callable, provided: tuple[str, ...], given: Optional[Mapping[str, object]], flag: str) -> Callable:
+    """`function` with the values `given` by `flag` (e.g. `--model.estimator_args`) bound to its `hyperparameters`; a
+    UserError naming `flag` for a name that is none of them."""
+    own = hyperparameters(function, provided)
+    unknown = sorted(set(given or {}) - set(own))
+    if unknown:
+        name = getattr(function, "__qualname__", str(function))
+        raise UserError(f"{flag}: {', '.join(unknown)} is not a hyperparameter of {name}; its hyperparameters (keyword arguments"
+                        f" with a default, outside the contract): {', '.join(f'{k}={v!r}' for k, v in own.items()) or 'none'}")  # fmt: skip
+    return partial(function, **given) if given else function
 
 
 def check_shape(value, shape: tuple[int, ...], plugin: str, expected: str) -> None:

@@ -19,12 +19,12 @@ any other key as `policy/<key>`.
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from lit_rlhf.errors import UserError
-from lit_rlhf.plugins import check_shape, declared_arguments, resolve
+from lit_rlhf.plugins import check_shape, declared_arguments, resolve, with_hyperparameters
 
 POLICY_LOSS_ARGUMENTS = ("logprobs", "old_logprobs", "advantages", "mask", "cliprange_low", "cliprange_high", "weights")
 POLICY_LOSS_CONTRACT = (
@@ -143,14 +143,15 @@ class DeclaredPolicyLoss:
         return checked_policy_loss(result, self.name, provided["logprobs"].shape)
 
 
-def resolved_policy_loss(name: str) -> DeclaredPolicyLoss:
+def resolved_policy_loss(name: str, args: Optional[dict] = None) -> DeclaredPolicyLoss:
     """The policy loss `--model.policy_loss name`: a `POLICY_LOSSES` entry or the user's own function, its declared
-    arguments checked."""
+    arguments checked, its hyperparameters `args` (`--model.policy_loss_args`) bound."""
     entry = resolve(name, POLICY_LOSSES, "--model.policy_loss")
     function = entry[0] if isinstance(entry, tuple) else entry
     if not callable(function):
         raise UserError(f"--model.policy_loss {name}: not a function")
-    return DeclaredPolicyLoss(name, function, declared_arguments(function, POLICY_LOSS_ARGUMENTS, "--model.policy_loss", POLICY_LOSS_CONTRACT))
+    arguments = declared_arguments(function, POLICY_LOSS_ARGUMENTS, "--model.policy_loss", POLICY_LOSS_CONTRACT)
+    return DeclaredPolicyLoss(name, with_hyperparameters(function, POLICY_LOSS_ARGUMENTS, args, "--model.policy_loss_args"), arguments)
 
 
 def checked_policy_loss(result, name: str, shape: torch.Size) -> tuple[torch.Tensor, dict]:

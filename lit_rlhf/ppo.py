@@ -62,7 +62,7 @@ from lit_rlhf.tools import TOOLS
 
 #: the flags of `PPOModule` a resume may change (`AlignmentModule.resume_applies`): sampling, KL, clipping, aggregation, timeouts, engine
 RESUME_APPLIES = (
-    "response_length", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "kl_loss_estimator", "kl_in_loss", "gamma", "lam", "ppo_epochs", "cliprange",
+    "response_length", "temperature", "missing_eos_penalty", "estimator_args", "policy_loss_args", "kl_coef", "kl_estimator", "kl_loss_estimator", "kl_in_loss", "gamma", "lam", "ppo_epochs", "cliprange",
     "cliprange_high", "loss_aggregation", "mask_truncated_completions", "entropy_coef", "dynamic_sampling_max_rounds", "cliprange_value", "vf_coef", "max_grad_norm",
     "importance_sampling_cap", "reward_timeout", "reward_errors", "reward_memory_limit", "overlong_max_length", "overlong_buffer_length", "rollout_batch_size", "sample_every_n_steps", "rollout_engine", "vllm_gpu_memory_utilization",
     "max_turns", "max_rollout_tokens", "environment_timeout",
@@ -128,9 +128,9 @@ class PPOModule(AlignmentModule):
         reward_weights: Optional[list[float]] = None, reward_timeout: float = 30.0, reward_errors: Literal["stop", "none"] = "stop", reward_memory_limit: Optional[float] = None,
         overlong_max_length: Optional[int] = None, overlong_buffer_length: Optional[int] = None, value_model_path: Optional[str] = None,
         learning_rate: float = 1e-5, response_length: int = 128, temperature: float = 0.7, missing_eos_penalty: Optional[float] = None,
-        advantage_estimator: str = "gae", num_generations: int = 1, kl_coef: float = 0.05, kl_estimator: str = "k1", kl_loss_estimator: str = "k3",
+        advantage_estimator: str = "gae", estimator_args: Optional[dict] = None, num_generations: int = 1, kl_coef: float = 0.05, kl_estimator: str = "k1", kl_loss_estimator: str = "k3",
         kl_in_loss: Optional[bool] = None, gamma: float = 1.0, lam: float = 0.95, ppo_epochs: int = 4, num_minibatches: int = 1, gradient_accumulation_steps: int = 4,
-        rollout_batch_size: int = 64, policy_loss: str = "ppo", cliprange: float = 0.2, cliprange_high: Optional[float] = None,
+        rollout_batch_size: int = 64, policy_loss: str = "ppo", policy_loss_args: Optional[dict] = None, cliprange: float = 0.2, cliprange_high: Optional[float] = None,
         loss_aggregation: Optional[Literal["token_mean", "sequence_mean", "constant"]] = None, mask_truncated_completions: bool = False,
         entropy_coef: float = 0.0, dynamic_sampling_max_rounds: int = 0, cliprange_value: float = 0.2, vf_coef: float = 0.1, max_grad_norm: float = 1.0,
         sample_every_n_steps: int = 10, rollout_engine: str = "hf", importance_sampling_cap: Optional[float] = 2.0, vllm_gpu_memory_utilization: float = 0.3,
@@ -154,6 +154,7 @@ class PPOModule(AlignmentModule):
             temperature: Sampling temperature of the rollouts (log-probs use the same one).
             missing_eos_penalty: Subtracted from the score of responses with no EOS (off if null).
             advantage_estimator: How each response's tokens are credited: ESTIMATOR_NAMES; or `file.py:function` (or an `Estimator`) of your own.
+            estimator_args: Values of the estimator's hyperparameters, its keyword arguments with a default outside the contract, e.g. `{alpha: 0.5}`.
             num_generations: Responses sampled per prompt (k), a group kept in one minibatch and one process; rloo, grpo and dr_grpo need 2 or more.
             kl_coef: Weight of the KL to the reference, a reward penalty or with `kl_in_loss` a loss term. 0: no reference loaded, no `objective/kl`.
             kl_estimator: The per-token KL estimate of the reward penalty and `objective/kl`, from log r = log p - log q: KL_NAMES.
@@ -166,6 +167,7 @@ class PPOModule(AlignmentModule):
             gradient_accumulation_steps: Micro-batches per minibatch, gradients accumulated by hand.
             rollout_batch_size: Rows per forward of the rollout's scoring (log-probs, reference log-probs, values, scores); lower it to save memory.
             policy_loss: The policy's loss on each response token: POLICY_LOSS_NAMES; or `file.py:function` of your own, given any of POLICY_LOSS_ARGUMENTS.
+            policy_loss_args: Values of the policy loss's hyperparameters, its keyword arguments with a default outside those it is given.
             cliprange: Clip range of the policy ratio, the low side: the ratio is clipped to [1 - cliprange, 1 + cliprange_high].
             cliprange_high: The high side of the clip range (null: `cliprange`); e.g. 0.28 with cliprange 0.2 is DAPO's clip-higher.
             loss_aggregation: How per-token losses become one: `token_mean` (DAPO), `sequence_mean` (GRPO), `constant` (Dr. GRPO). null: the estimator's own.
@@ -186,12 +188,11 @@ class PPOModule(AlignmentModule):
             environment_timeout: Seconds an environment's or tool's call may take; it runs in a worker process.
         """
         super().__init__(model_name_or_path=model_name_or_path, learning_rate=learning_rate, **kwargs)
-        self.estimator, self.estimator_arguments = resolved_estimator(advantage_estimator)
+        self.estimator, self.estimator_arguments = resolved_estimator(advantage_estimator, estimator_args)
         self.engine_class = resolved_engine(self.hparams)
-        self.policy_loss = resolved_policy_loss(policy_loss)
+        self.policy_loss = resolved_policy_loss(policy_loss, policy_loss_args)
         check_flags(self.hparams, self.estimator)
-        self.aggregation = loss_aggregation or self.estimator.aggregation
-        self.kl_in_loss = self.estimator.kl_in_loss if kl_in_loss is None else kl_in_loss
+        self.aggregation, self.kl_in_loss = loss_aggregation or self.estimator.aggregation, self.estimator.kl_in_loss if kl_in_loss is None else kl_in_loss
         self.needs_reference = kl_coef > 0  # a reference is loaded and scored for a KL only; with LoRA it is the policy, adapter disabled
         self.reward_functions, self.rewards = reward_sources(self.hparams, self.reward_model_scores)  # the reward model, functions, environment
         self.automatic_optimization = False
@@ -217,8 +218,7 @@ class PPOModule(AlignmentModule):
 
     def started_engine(self) -> RolloutEngine:
         """The engine of `--model.rollout_engine` (lit_rlhf/rollout_engines.py), started on first use."""
-        if self.engine is None:
-            self.engine = self.engine_class(self)
+        self.engine = self.engine or self.engine_class(self)
         return self.engine
 
     def score(self, batch: Batch, context_length: int) -> torch.Tensor:

@@ -88,15 +88,15 @@ class VLLMRollout:
     prompt + response of the run. One process only: vLLM starts a process group of its own, which a
     multi-process strategy's would clash with. Its log-probs of its samples are returned beside them."""
 
-    def __init__(self, module):
-        hp, trainer = module.hparams, module.trainer
+    def __init__(self, module, response_tokens: Optional[int] = None):
+        hp, trainer = module.hparams, module.trainer  # response_tokens: the longest response (default: `response_length`)
         if trainer.world_size > 1:
             raise UserError(f"--model.rollout_engine vllm runs in one process here, not {trainer.world_size}: drop --trainer.strategy or use hf")
         if str(hp.model_name_or_path).endswith(".gguf"):
             raise UserError(f"--model.rollout_engine vllm starts from a transformers folder or hub id, not {hp.model_name_or_path}: save the model once (lit-rlhf fetch-smollm2)")
         dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
         dm = trainer.datamodule  # without one, prompts may be as long as the model's positions
-        max_model_len = dm.hparams.max_prompt_length + hp.response_length if dm is not None else unwrap(module.model).config.max_position_embeddings
+        max_model_len = dm.hparams.max_prompt_length + (response_tokens or hp.response_length) if dm is not None else unwrap(module.model).config.max_position_embeddings
         self.engine = VLLMEngine(hp.model_name_or_path, max_model_len, dtype, seed=int(torch.initial_seed()) % 2**31,
                                  gpu_memory_utilization=hp.vllm_gpu_memory_utilization)  # fmt: skip
         self.eos_token_id, self.pad_token_id = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
@@ -121,6 +121,7 @@ class Conversation:
 
     ids: list[int] = field(default_factory=list)  # (R_i,) the response's token ids so far
     sampled: list[int] = field(default_factory=list)  # (R_i,) 1 on the ids the policy sampled, 0 on the observations'
+    logprobs: list[float] = field(default_factory=list)  # (R_i,) the sampler's log-probs of the policy's ids, 0 on the observations'
     turns: int = 0  # policy turns
     tool_calls: int = 0
     tool_errors: int = 0
@@ -128,26 +129,29 @@ class Conversation:
     ended_by: Optional[str] = None  # what ended it (`environments.ENDINGS`), once ended
     error: Optional[str] = None  # why the environment's call failed, if that ended it
 
-    def add(self, ids: list[int], sampled: bool) -> None:
+    def add(self, ids: list[int], sampled: bool, logprobs: Optional[list[float]] = None) -> None:
         self.ids += ids
         self.sampled += [int(sampled)] * len(ids)
+        self.logprobs += logprobs or [0.0] * len(ids)
 
 
-def conversation_samples(conversations: list[Conversation], pad_token_id: int, environment_rewards: Optional[list], device) -> Samples:
+def conversation_samples(conversations: list[Conversation], pad_token_id: int, environment_rewards: Optional[list], device,
+                         sampler_logprobs: bool = False) -> Samples:  # fmt: skip
     """N finished `conversations` as Samples: responses, response_mask (every id), policy_mask (the sampled ids) (N, R),
-    R the longest, right-padded; contains_eos (N,); `environment_rewards` (N,) checked, nan for None (None: no
-    environment); `episode`: `turns`, `tool_calls`, `tool_errors` and a 0/1 `ended_by_<name>` per ending (N,) each."""
+    R the longest, right-padded, and with `sampler_logprobs` the sampler's log-probs (N, R); contains_eos (N,);
+    `environment_rewards` (N,) checked, nan for None (None: no environment); `episode`: `turns`, `tool_calls`,
+    `tool_errors` and a 0/1 `ended_by_<name>` per ending (N,) each."""
     N, R = len(conversations), max(len(c.ids) for c in conversations)
     responses = torch.full((N, R), pad_token_id, dtype=torch.long)
-    response_mask, policy_mask = torch.zeros(N, R, dtype=torch.long), torch.zeros(N, R, dtype=torch.long)
+    response_mask, policy_mask, logprobs = torch.zeros(N, R, dtype=torch.long), torch.zeros(N, R, dtype=torch.long), torch.zeros(N, R)
     for i, c in enumerate(conversations):
         responses[i, : len(c.ids)], policy_mask[i, : len(c.ids)] = torch.tensor(c.ids), torch.tensor(c.sampled)
-        response_mask[i, : len(c.ids)] = 1
+        response_mask[i, : len(c.ids)], logprobs[i, : len(c.ids)] = 1, torch.tensor(c.logprobs)
     counts = {name: [float(getattr(c, name)) for c in conversations] for name in ("turns", "tool_calls", "tool_errors")}
     counts |= {f"ended_by_{end}": [float(c.ended_by == end) for c in conversations] for end in ENDINGS}
     rewards = None if environment_rewards is None else torch.tensor(checked(environment_rewards, "environment", N), device=device)
     return Samples(responses.to(device), response_mask.to(device), torch.tensor([c.contains_eos for c in conversations], device=device),
-                   policy_mask=policy_mask.to(device), environment_rewards=rewards,
+                   sampler_logprobs=logprobs.to(device) if sampler_logprobs else None, policy_mask=policy_mask.to(device), environment_rewards=rewards,
                    episode={name: torch.tensor(values, device=device) for name, values in counts.items()})  # fmt: skip
 
 
@@ -189,30 +193,33 @@ class MultiTurnRollout:
                     break
                 allowances = [min(max_new_tokens, hp.max_rollout_tokens - len(conversations[i].ids)) for i in going]
                 turns = self.policy_turns([prompt_ids[i] + conversations[i].ids for i in going], allowances, temperature, prompts["input_ids"].device)
-                for i, allowance, ids in zip(going, allowances, turns):
-                    self.answered(i, conversations[i], ids, cut_by_budget=allowance < max_new_tokens)
+                for i, allowance, (ids, logprobs) in zip(going, allowances, turns):
+                    self.answered(i, conversations[i], ids, logprobs, cut_by_budget=allowance < max_new_tokens)
             rewards = self.sessions.rewards()
         finally:
             self.worker.close()
         failed = [c.error for c in conversations if c.error is not None]
         if failed:
             rank_zero_warn(f"--model.environment {hp.environment}: {len(failed)} of {len(conversations)} rollouts ended by a failed call (first: {failed[0]})")
-        return conversation_samples(conversations, self.module.tokenizer.pad_token_id, rewards, prompts["input_ids"].device)
+        return conversation_samples(conversations, self.module.tokenizer.pad_token_id, rewards, prompts["input_ids"].device,
+                                    sampler_logprobs=self.sampler_logprobs)  # fmt: skip
 
-    def policy_turns(self, contexts: list[list[int]], allowances: list[int], temperature: float, device) -> list[list[int]]:
+    sampler_logprobs = False  # the policy samples its turns itself: the trainer's log-probs are the sampler's
+
+    def policy_turns(self, contexts: list[list[int]], allowances: list[int], temperature: float, device) -> list[tuple[list[int], None]]:
         """One policy turn after each of `contexts` (prompt + conversation so far): its sampled ids, up to and including
-        its EOS, at most its allowance."""
+        its EOS, at most its allowance (and no sampler log-probs)."""
         tokenizer = self.module.tokenizer
         batch = collate_prompts([{"prompt": ids} for ids in contexts], tokenizer.pad_token_id)  # left-padded (n, L)
         batch = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
         responses, mask, _ = generate(self.module.model, batch, tokenizer, max(allowances), temperature, min_new_tokens=1, engine="hf")
-        return [row[row_mask.bool()].tolist()[:allowance] for row, row_mask, allowance in zip(responses, mask, allowances)]
+        return [(row[row_mask.bool()].tolist()[:allowance], None) for row, row_mask, allowance in zip(responses, mask, allowances)]
 
-    def answered(self, i: int, conversation: Conversation, ids: list[int], cut_by_budget: bool) -> None:
-        """Rollout `i`'s `conversation` after the policy's turn `ids` (`cut_by_budget`: the turn was allowed fewer than
-        `response_length` tokens): ended, saying by what, or the observation that answers the turn appended."""
+    def answered(self, i: int, conversation: Conversation, ids: list[int], logprobs: Optional[list[float]], cut_by_budget: bool) -> None:
+        """Rollout `i`'s `conversation` after the policy's turn `ids` (the sampler's `logprobs` of them, or None; `cut_by_budget`:
+        the turn was allowed fewer than `response_length` tokens): ended, saying by what, or the observation that answers it appended."""
         hp, tokenizer = self.module.hparams, self.module.tokenizer
-        conversation.add(ids, sampled=True)
+        conversation.add(ids, sampled=True, logprobs=logprobs)
         conversation.turns += 1
         conversation.contains_eos = ids[-1] == tokenizer.eos_token_id
         if not conversation.contains_eos:
@@ -234,17 +241,43 @@ class MultiTurnRollout:
                 conversation.add(observation, sampled=False)
 
 
+class VLLMMultiTurnRollout(MultiTurnRollout):
+    """The multi-turn engine with each policy turn sampled by vLLM (`VLLMRollout`'s engine, holding the longest prompt
+    + `max_rollout_tokens`), sent the policy's weights before every rollout; its log-probs of the policy's tokens are
+    returned beside them (0 on the observations)."""
+
+    sampler_logprobs = True
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.vllm = VLLMRollout(module, response_tokens=module.hparams.max_rollout_tokens)
+
+    def sync(self, policy: nn.Module) -> None:
+        self.vllm.sync(policy)
+
+    def policy_turns(self, contexts: list[list[int]], allowances: list[int], temperature: float, device) -> list[tuple[list[int], list[float]]]:
+        """One policy turn after each of `contexts`, sampled by vLLM: its ids up to and including its EOS, at most its
+        allowance, and vLLM's log-probs of them."""
+        seed = int(torch.randint(2**31, ()))  # from the run's stream, as `VLLMRollout.sample`
+        responses, mask, _, logprobs = self.vllm.engine.sample(contexts, 1, max(allowances), temperature, self.vllm.eos_token_id,
+                                                               self.vllm.pad_token_id, seed)  # fmt: skip
+        return [(row[m.bool()].tolist()[:allowance], lp[m.bool()].tolist()[:allowance]) for row, m, lp, allowance in zip(responses, mask, logprobs, allowances)]
+
+
 def resolved_engine(hp) -> type:
-    """The engine class of the `--model.*` flags `hp`: `rollout_engine` (a `ROLLOUT_ENGINES` name or `file.py:Class`),
-    `multi_turn` whenever `environment` or `tools` is given (`hf`, the default, gives way to it), checked."""
+    """The engine class of the `--model.*` flags `hp`: `rollout_engine` (a `ROLLOUT_ENGINES` name or `file.py:Class`);
+    whenever `environment` or `tools` is given, `multi_turn` (`hf`, the default, gives way to it) or with `vllm`
+    `multi_turn_vllm`; checked."""
     multi_turn = bool(hp.environment or hp.tools)
     if hp.environment and hp.tools:
         raise UserError("--model.environment and --model.tools: give one (an environment answers every turn itself; it may call functions of its own)")
-    if multi_turn and hp.rollout_engine not in ("hf", "multi_turn"):
-        raise UserError(f"--model.environment and --model.tools run on the multi_turn engine, not --model.rollout_engine {hp.rollout_engine}")
-    if hp.rollout_engine == "multi_turn" and not multi_turn:
-        raise UserError("--model.rollout_engine multi_turn needs --model.environment (a class of your own) or --model.tools (functions)")
-    return resolve("multi_turn" if multi_turn else hp.rollout_engine, ROLLOUT_ENGINES, "--model.rollout_engine")
+    if multi_turn and hp.rollout_engine not in ("hf", "vllm", "multi_turn", "multi_turn_vllm"):
+        raise UserError(f"--model.environment and --model.tools run on the multi_turn engine (hf or vllm), not --model.rollout_engine {hp.rollout_engine}")
+    if hp.rollout_engine in ("multi_turn", "multi_turn_vllm") and not multi_turn:
+        raise UserError(f"--model.rollout_engine {hp.rollout_engine} needs --model.environment (a class of your own) or --model.tools (functions)")
+    if multi_turn:
+        return ROLLOUT_ENGINES["multi_turn_vllm" if "vllm" in hp.rollout_engine else "multi_turn"]
+    return resolve(hp.rollout_engine, ROLLOUT_ENGINES, "--model.rollout_engine")
 
 
 def summary(engine: type) -> str:
@@ -254,4 +287,4 @@ def summary(engine: type) -> str:
 
 
 #: `--model.rollout_engine` name -> engine class
-ROLLOUT_ENGINES: dict[str, type] = {"hf": HFRollout, "vllm": VLLMRollout, "multi_turn": MultiTurnRollout}
+ROLLOUT_ENGINES: dict[str, type] = {"hf": HFRollout, "vllm": VLLMRollout, "multi_turn": MultiTurnRollout, "multi_turn_vllm": VLLMMultiTurnRollout}

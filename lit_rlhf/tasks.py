@@ -107,7 +107,7 @@ def task_accuracy(
     """Per model: greedy pass@1 (mean and bootstrap 95 % interval over problems) and pass@k of `k` answers
     sampled at `temperature`, on the first `limit` prompt rows of `dataset` (`task_passes`); for every model
     after the first, the `gain` of its greedy pass@1 over the first's, with a paired bootstrap interval
-    (the per-problem differences resampled together).
+    (the per-problem differences resampled together); `greedy_passes`, the (N,) 0/1 of each problem, for other pairings.
 
     Answers are generated with `generation_precision` weights: by default bf16 where this machine
     has bf16 units (lit_rlhf/precision.py), else fp32, by `generation_engine` (`hf`, `vllm`, or `auto`: the
@@ -129,7 +129,7 @@ def task_accuracy(
         sampled = torch.stack([passes(model, sample=True, temperature=temperature) for _ in range(k)])  # (k, N)
         report[name] = {"greedy": bootstrap_ci(greedy, seed=seed), f"pass@{k}": sampled.max(0).values.mean().item(),
                         "sampled_pass_rate": sampled.mean().item(), "gain": bootstrap_ci(greedy - first, seed=seed),
-                        "problems": len(rows), "max_new_tokens": max_new_tokens, "temperature": temperature, "generation_precision": precision,
+                        "problems": len(rows), "greedy_passes": greedy.tolist(), "max_new_tokens": max_new_tokens, "temperature": temperature, "generation_precision": precision,
                         "generation_engine": generation_engine}  # fmt: skip
         print(f"{name}: greedy pass@1 {interval_text(report[name]['greedy'])}, pass@{k} {report[name][f'pass@{k}']:.3f}", file=sys.stderr)
     return report

@@ -210,3 +210,50 @@ def test_a_plugin_estimator_of_the_wrong_shape_is_named_with_its_contract(tmp_pa
     fine = f"{tmp_path / 'my_estimators.py'}:fine"
     advantages, returns = checked_estimate(import_function(fine, "--model.advantage_estimator")(rewards=rewards, mask=mask), fine, rewards.shape)
     assert torch.equal(advantages, rewards) and returns is None
+
+
+HYPERPARAMETER_PLUGIN = """
+import torch
+
+
+def scaled_rewards(rewards, mask, scale: float = 1.0):
+    '''REINFORCE without a baseline, each token's reward times `scale`.'''
+    return rewards * mask * scale, None
+
+
+def weighted_reinforce(logprobs, advantages, weight: float = 1.0):
+    return -weight * advantages * logprobs, {}
+
+
+def gapped_margin(chosen_logps, rejected_logps, beta, gap: float = 0.0):
+    return -torch.nn.functional.logsigmoid(beta * (chosen_logps - rejected_logps) - gap)
+"""
+
+
+def test_a_plugins_hyperparameters_are_set_by_its_args_flag_and_checked(tmp_path, tiny_model_dir):
+    """An entry with a new hyperparameter is its function alone: a keyword argument with a default outside the contract,
+    set by the table's `_args` flag; a name that is no hyperparameter is refused with the ones there are."""
+    from lit_rlhf.dpo import DPOModule
+    from lit_rlhf.estimators import resolved_estimator
+    from lit_rlhf.policy_losses import resolved_policy_loss
+
+    (tmp_path / "mine.py").write_text(HYPERPARAMETER_PLUGIN)
+    rewards, mask = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    estimator, arguments = resolved_estimator(f"{tmp_path / 'mine.py'}:scaled_rewards", {"scale": 3.0})
+    assert arguments == ("rewards", "mask")  # `scale` is not asked of the update
+    assert torch.equal(estimator.function(rewards=rewards, mask=mask)[0], torch.tensor([[3.0, 6.0], [9.0, 0.0]]))
+    default, _ = resolved_estimator(f"{tmp_path / 'mine.py'}:scaled_rewards")
+    assert torch.equal(default.function(rewards=rewards, mask=mask)[0], torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
+    loss = resolved_policy_loss(f"{tmp_path / 'mine.py'}:weighted_reinforce", {"weight": 0.5})
+    losses, _ = loss(logprobs=torch.tensor([[-2.0, -4.0]]), advantages=torch.tensor([[1.0, -1.0]]), old_logprobs=None, mask=None,
+                     cliprange_low=0.2, cliprange_high=0.2, weights=None)  # fmt: skip
+    assert torch.equal(losses, torch.tensor([[1.0, -2.0]]))  # -0.5 * A * log p
+    dpo = DPOModule(model_name_or_path=tiny_model_dir, loss_type=f"{tmp_path / 'mine.py'}:gapped_margin", loss_args={"gap": 1.0})
+    # beta 0.1 x margin 10 - gap 1 = 0: the loss is -log sigmoid(0) = log 2 (without the gap, -log sigmoid(1) = 0.313)
+    value = dpo.preference_loss(chosen_logps=torch.tensor([-1.0]), rejected_logps=torch.tensor([-11.0]), beta=0.1)
+    assert value.item() == pytest.approx(math.log(2), abs=1e-6)
+    with pytest.raises(UserError, match=r"^--model.estimator_args: sclae is not a hyperparameter of scaled_rewards; its hyperparameters"
+                                        r" \(keyword arguments with a default, outside the contract\): scale=1.0$"):
+        resolved_estimator(f"{tmp_path / 'mine.py'}:scaled_rewards", {"sclae": 3.0})
+    with pytest.raises(UserError, match=r"^--model.policy_loss_args: weight is not a hyperparameter of ppo_policy_loss; .*: none$"):
+        resolved_policy_loss("ppo", {"weight": 0.5})

@@ -220,7 +220,8 @@ def test_step_stats_and_row_picking_of_a_multi_turn_rollout_by_hand():
 
 @pytest.mark.parametrize("flags, error", [
     ({"rollout_engine": "multi_turn"}, "--model.rollout_engine multi_turn needs --model.environment"),
-    ({"tools": ["calculator"], "rollout_engine": "vllm"}, "run on the multi_turn engine, not --model.rollout_engine vllm"),
+    ({"tools": ["calculator"], "rollout_engine": "my_engines.py:Mine"}, r"run on the multi_turn engine \(hf or vllm\), not --model.rollout_engine my_engines.py:Mine"),
+    ({"rollout_engine": "multi_turn_vllm"}, "--model.rollout_engine multi_turn_vllm needs --model.environment"),
     ({"tools": ["calculator"], "environment": "my_env.py:Script"}, "--model.environment and --model.tools: give one"),
     ({"max_turns": 0}, "--model.max_turns 0: must be > 0"),
 ])  # fmt: skip

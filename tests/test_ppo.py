@@ -321,7 +321,7 @@ def test_step_stats_by_hand():
 def test_help_names_every_rollout_engine_with_its_summary():
     from lit_rlhf.rollout_engines import ROLLOUT_ENGINES, summary
 
-    assert [name for name in ROLLOUT_ENGINES if f"`{name}` ({summary(ROLLOUT_ENGINES[name])})" in PPOModule.__init__.__doc__] == ["hf", "vllm", "multi_turn"]
+    assert [name for name in ROLLOUT_ENGINES if f"`{name}` ({summary(ROLLOUT_ENGINES[name])})" in PPOModule.__init__.__doc__] == ["hf", "vllm", "multi_turn", "multi_turn_vllm"]
     assert "ROLLOUT_ENGINE_NAMES" not in PPOModule.__init__.__doc__
 
 

@@ -12,7 +12,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from conftest import make_causal_lm
+from lit_rlhf.environments import observation_text
 from lit_rlhf.errors import UserError
+from lit_rlhf.tokenization import tokenize
 from lit_rlhf.vllm_engine import import_vllm
 
 pytestmark = pytest.mark.vllm
@@ -74,6 +76,34 @@ def test_a_toy_reward_is_learned_with_vllm_rollouts(checks):
     scores = checks["toy_scores"]  # share of ASCII bytes in the responses: about 0.5 at random init
     assert len(scores) == 10
     assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.15, scores
+
+
+def test_multi_turn_rollouts_with_vllm_are_its_sampled_turns_and_the_observations_and_start_on_policy(checks, tokenizer):
+    """32 conversations with `Script` (test_multi_turn.py), each turn sampled by vLLM: every response is, in order, the ids
+    vLLM returned for that conversation's turns and the observations' ids between them, nothing tokenized again; the
+    policy mask covers the turns; the sampler log-probs are vLLM's on the turns and 0 on the observations."""
+    run = checks["multi_turn"]
+    observations = [tokenize(tokenizer, observation_text(tokenizer, "go on" * t, "user")) for t in (1, 2)]
+    going, expected = list(range(32)), {i: ([], [], []) for i in range(32)}  # per conversation: ids, policy mask, log-probs
+    for t, call in enumerate(run["turns"]):  # call t answered the conversations still going, in order
+        assert len(call) == len(going)
+        for i, (ids, logprobs) in zip(going, call):
+            ends_turn = ids[-1] == tokenizer.eos_token_id and t < 2  # Script answers turns 1 and 2, ends at 3
+            observation = observations[t] if ends_turn else []
+            expected[i][0].extend(ids + observation)
+            expected[i][1].extend([1] * len(ids) + [0] * len(observation))
+            expected[i][2].extend(logprobs + [0.0] * len(observation))
+        going = [i for i, (ids, _) in zip(going, call) if ids[-1] == tokenizer.eos_token_id and t < 2]
+    assert any(0 in mask for _, mask, _ in expected.values())  # some conversation went on after an observation
+    for i, (ids, mask, logprobs) in expected.items():
+        R = len(ids)
+        assert run["responses"][i, :R].tolist() == ids and run["response_mask"][i].sum() == R
+        assert run["policy_mask"][i, :R].tolist() == mask and run["policy_mask"][i, R:].sum() == 0
+        assert torch.allclose(run["sampler_logprobs"][i, :R], torch.tensor(logprobs))
+    metrics, first = run["metrics"][0], run["first_stats"]
+    assert first["ratio"].item() == pytest.approx(1.0, abs=1e-6) and first["approxkl"].item() < 1e-10
+    assert 0 < metrics["rollout/logprob_diff"] < 1e-2  # the trainer's log-probs of the policy's tokens are vLLM's
+    assert metrics["rollout/turns"] > 1.0
 
 
 def test_starting_vllm_keeps_the_runs_random_stream(checks):

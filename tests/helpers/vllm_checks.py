@@ -6,11 +6,13 @@
 
 vLLM starts a process group and pins torch's threads in the process it runs in, so these runs get a
 process of their own. One engine is started by the first run (as `on_fit_start` does) and handed to
-the others, which use the same tiny model: starting vLLM is the slow part.
+the others, which use the same tiny model: starting vLLM is the slow part. The multi-turn run starts it, holding
+the longest conversation.
 """
 
 import sys
 import types
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import LambdaCallback
@@ -18,8 +20,10 @@ from lightning.pytorch.callbacks import LambdaCallback
 from lit_rlhf.cli import cli
 from lit_rlhf.forward import token_logps
 from lit_rlhf.policy_losses import POLICY_LOSSES
+from lit_rlhf.rollout_engines import VLLMMultiTurnRollout, VLLMRollout
 from lit_rlhf.vllm_engine import VLLMEngine
 from conftest import fit_args  # after lit_rlhf, as test_ppo imports it: importing conftest sets HF_* variables
+from test_multi_turn import ENVIRONMENT_FILE
 from test_ppo import ascii_share_score
 
 
@@ -73,17 +77,38 @@ def fit(args: list[str], engine=None, score=None):
     return module, steps, SEEN[:]
 
 
+def multi_turn(model_dir: str, reward_dir: str, rows: str, calls: list) -> tuple[dict, VLLMRollout]:
+    """GRPO on conversations with `test_multi_turn.ENVIRONMENT_FILE`'s `Script`, each turn sampled by vLLM (the engine
+    starts in on_fit_start, holding prompt + max_rollout_tokens), one step: each turn's ids and log-probs as vLLM
+    returned them, the rollout's Samples, the first policy loss's statistics, the step's metrics. -> those, the engine"""
+    Path("my_env.py").write_text(ENVIRONMENT_FILE)
+    turns, samples = [], []
+    policy_turns, sample_conversations = VLLMMultiTurnRollout.policy_turns, VLLMMultiTurnRollout.sample
+    VLLMMultiTurnRollout.policy_turns = lambda self, *a: turns.append(policy_turns(self, *a)) or turns[-1]
+    VLLMMultiTurnRollout.sample = lambda self, *a: samples.append(sample_conversations(self, *a)) or samples[-1]
+    module, metrics, _ = fit(vllm_args(model_dir, reward_dir, rows, "grpo", "--model.environment", "my_env.py:Script", "--model.max_turns", "3",
+                                       "--model.response_length", "64", "--model.max_rollout_tokens", "256", "--model.temperature", "1.0",
+                                       "--data.limit", "24", "--data.batch_size", "8", "--trainer.limit_train_batches", "1"))  # fmt: skip
+    samples = samples[0]
+    results = {"turns": turns, "responses": samples.responses, "policy_mask": samples.policy_mask, "sampler_logprobs": samples.sampler_logprobs,
+               "response_mask": samples.response_mask, "metrics": metrics, "first_stats": calls[0][1], "rng_kept": RUNNING["rng_kept"]}  # fmt: skip
+    return results, module.engine.vllm
+
+
 def main(out_file: str, model_dir: str, reward_dir: str, rows: str) -> None:
     results = {}
     calls = []
     original, paper = POLICY_LOSSES["ppo"]
     POLICY_LOSSES["ppo"] = (lambda **k: calls.append(original(**k)) or calls[-1], paper)
-    # 1. GRPO, 3 steps: the engine starts in on_fit_start
+    # 0. multi-turn, one step: the engine starts in on_fit_start, and the other runs are handed it
+    results["multi_turn"], engine = multi_turn(model_dir, reward_dir, rows, calls)
+    results["rng_kept"] = results["multi_turn"]["rng_kept"]
+
+    # 1. GRPO, 3 steps
+    calls.clear()
     module, metrics, seen = fit(vllm_args(model_dir, reward_dir, rows, "grpo", "--data.limit", "16", "--data.batch_size", "2",
-                                          "--trainer.limit_train_batches", "3"))  # fmt: skip
-    engine = module.engine
+                                          "--trainer.limit_train_batches", "3"), engine=engine)  # fmt: skip
     results["grpo"] = {"metrics": metrics, "first_stats": calls[0][1], "seen": seen}
-    results["rng_kept"] = RUNNING["rng_kept"]
 
     # 2. GAE (a value model), one step
     calls.clear()
