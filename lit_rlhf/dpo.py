@@ -18,7 +18,7 @@ from lit_rlhf.errors import UserError
 from lit_rlhf.losses import LOSS_FLAGS, PREFERENCE_LOSS_ARGUMENTS, PREFERENCE_LOSSES, UNPAIRED_LOSS_ARGUMENTS, PreferenceLoss, rpo_nll_loss
 from lit_rlhf.models import as_reference, load_causal_lm, load_tokenizer
 from lit_rlhf.ops import IGNORE_INDEX
-from lit_rlhf.plugins import check_shape, declared_arguments, resolve, with_hyperparameters
+from lit_rlhf.plugins import check_shape, declared_arguments, hyperparameter_text, resolve, with_hyperparameters
 
 LOSS_CONTRACT = (
     "a preference loss is called with any of the keyword arguments " + ", ".join(PREFERENCE_LOSS_ARGUMENTS)
@@ -262,7 +262,8 @@ class DPOModule(AlignmentModule):
 
 
 DPOModule.__init__.__doc__ = DPOModule.__init__.__doc__.replace(
-    "LOSS_TYPES", "; ".join(f"`{name}` ({loss.paper})" for name, loss in PREFERENCE_LOSSES.items())
+    "LOSS_TYPES", "; ".join(f"`{name}` ({loss.paper}{hyperparameter_text(loss.function, PREFERENCE_LOSS_ARGUMENTS + UNPAIRED_LOSS_ARGUMENTS)})"
+                            for name, loss in PREFERENCE_LOSSES.items())
 ).replace("LOSS_FLAG_DOCS", "\n            ".join(
     f"{name}: {flag.help} Read by " + ", ".join(f"`{loss}`" for loss, entry in PREFERENCE_LOSSES.items() if name in entry.flags) + "."
     for name, flag in LOSS_FLAGS.items()

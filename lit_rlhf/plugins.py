@@ -77,6 +77,12 @@ def hyperparameters(function: Callable, provided: tuple[str, ...]) -> dict[str, 
             if p.name not in provided and p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}  # fmt: skip
 
 
+def hyperparameter_text(function: Callable, provided: tuple[str, ...]) -> str:
+    """`; alpha=0.5, ...`: a table entry's hyperparameters and defaults as `--help` lists them after its paper, or ""."""
+    own = hyperparameters(function, provided)
+    return "; " + ", ".join(f"{name}={value!r}" for name, value in own.items()) if own else ""
+
+
 def with_hyperparameters(function: Callable, provided: tuple[str, ...], given: Optional[Mapping[str, object]], flag: str) -> Callable:
     """`function` with the values `given` by `flag` (e.g. `--model.estimator_args`) bound to its `hyperparameters`; a
     UserError naming `flag` for a name that is none of them."""

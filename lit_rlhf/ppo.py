@@ -48,11 +48,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.distributed import no_backward_sync
 from lit_rlhf.errors import UserError
-from lit_rlhf.estimators import ESTIMATORS, Estimator, checked_estimate, resolved_estimator
+from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator, checked_estimate, resolved_estimator
 from lit_rlhf.forward import response_logps, response_logps_and_entropies, response_values, sequence_scores
 from lit_rlhf.losses import ppo_value_loss
 from lit_rlhf.models import as_reference, load_causal_lm, load_reward_model, load_tokenizer, load_value_model
 from lit_rlhf.ops import KL_ESTIMATORS, group_minibatches, kl_estimate, last_token_index
+from lit_rlhf.plugins import hyperparameter_text
 from lit_rlhf.policy_losses import POLICY_LOSS_ARGUMENTS, POLICY_LOSSES, aggregate_token_losses, logged_policy_stats, resolved_policy_loss
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
 from lit_rlhf.rewards import Responses, reward_sources
@@ -82,11 +83,11 @@ def with_table_entries(init):
     """`init` with its docstring's placeholders (ESTIMATOR_NAMES, KL_PLACEMENT, KL_NAMES, POLICY_LOSS_NAMES, POLICY_LOSS_ARGUMENTS,
     ROLLOUT_ENGINE_NAMES, REWARD_NAMES, TOOL_NAMES) replaced by the entries of the tables: what `--help` prints of each flag."""
     names = {
-        "ESTIMATOR_NAMES": "; ".join(f"`{name}` ({estimator.paper})" for name, estimator in ESTIMATORS.items()),
+        "ESTIMATOR_NAMES": "; ".join(f"`{name}` ({e.paper}{hyperparameter_text(e.function, ESTIMATOR_ARGUMENTS)})" for name, e in ESTIMATORS.items()),
         "KL_PLACEMENT": "; ".join(f"in the {where} for " + ", ".join(name for name, e in ESTIMATORS.items() if e.kl_in_loss == in_loss)
                                   for where, in_loss in (("reward", False), ("loss", True))),
         "KL_NAMES": "; ".join(f"`{name}` ({paper})" for name, (_, paper) in KL_ESTIMATORS.items()),
-        "POLICY_LOSS_NAMES": "; ".join(f"`{name}` ({paper})" for name, (_, paper) in POLICY_LOSSES.items()),
+        "POLICY_LOSS_NAMES": "; ".join(f"`{name}` ({paper}{hyperparameter_text(f, POLICY_LOSS_ARGUMENTS)})" for name, (f, paper) in POLICY_LOSSES.items()),
         "POLICY_LOSS_ARGUMENTS": ", ".join(POLICY_LOSS_ARGUMENTS),
         "ROLLOUT_ENGINE_NAMES": "; ".join(f"`{name}` ({summary(engine)})" for name, engine in ROLLOUT_ENGINES.items()),
         "REWARD_NAMES": ", ".join(f"`{name}`" for name in REWARD_FUNCTIONS),

@@ -257,3 +257,8 @@ def test_a_plugins_hyperparameters_are_set_by_its_args_flag_and_checked(tmp_path
         resolved_estimator(f"{tmp_path / 'mine.py'}:scaled_rewards", {"sclae": 3.0})
     with pytest.raises(UserError, match=r"^--model.policy_loss_args: weight is not a hyperparameter of ppo_policy_loss; .*: none$"):
         resolved_policy_loss("ppo", {"weight": 0.5})
+    from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS
+    from lit_rlhf.plugins import hyperparameter_text, import_function
+
+    scaled = import_function(f"{tmp_path / 'mine.py'}:scaled_rewards", "--model.advantage_estimator")
+    assert hyperparameter_text(scaled, ESTIMATOR_ARGUMENTS) == "; scale=1.0"  # what `--help` adds after a table entry's paper
