@@ -91,7 +91,7 @@ def with_hyperparameters(function: Callable, provided: tuple[str, ...], given: O
     if unknown:
         name = getattr(function, "__qualname__", str(function))
         raise UserError(f"{flag}: {', '.join(unknown)} is not a hyperparameter of {name}; its hyperparameters (keyword arguments"
-                        f" with a default, outside the contract): {', '.join(f'{k}={v!r}' for k, v in own.items()) or 'none'}")  # fmt: skip
+                        f" with a default, outside the contract): {hyperparameter_text(function, provided).removeprefix('; ') or 'none'}")  # fmt: skip
     return partial(function, **given) if given else function
 
 

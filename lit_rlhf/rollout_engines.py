@@ -109,10 +109,15 @@ class VLLMRollout:
         """`k` responses to each prompt of `prompts` (B, P): responses, response_mask, vLLM's log-probs (B * k, R),
         contains_eos (B * k,)."""
         ids = [row[mask.bool()].tolist() for row, mask in zip(prompts["input_ids"], prompts["attention_mask"])]  # left padding dropped
-        seed = int(torch.randint(2**31, ()))  # from the run's stream: a resumed run samples as the uninterrupted one
-        out = self.engine.sample(ids, k, max_new_tokens, temperature, self.eos_token_id, self.pad_token_id, seed)
+        out = self.sampled_ids(ids, k, max_new_tokens, temperature)
         responses, response_mask, contains_eos, logprobs = (tensor.to(prompts["input_ids"].device) for tensor in out)
         return Samples(responses, response_mask, contains_eos, sampler_logprobs=logprobs)
+
+    def sampled_ids(self, ids: list[list[int]], k: int, max_new_tokens: int, temperature: float) -> tuple[torch.Tensor, ...]:
+        """`VLLMEngine.sample` of `k` responses to each prompt `ids` (no padding), seeded from the run's random stream
+        (a resumed run samples as the uninterrupted one): responses, response_mask, contains_eos, logprobs."""
+        seed = int(torch.randint(2**31, ()))
+        return self.engine.sample(ids, k, max_new_tokens, temperature, self.eos_token_id, self.pad_token_id, seed)
 
 
 @dataclass
@@ -166,6 +171,8 @@ class MultiTurnRollout:
     what ended each rollout is counted (`environments.ENDINGS`). The environment's worker process lives for one
     `sample`. Each turn is decoded from the whole conversation (no KV cache kept between turns)."""
 
+    sampler_logprobs = False  # the policy samples its turns itself: the trainer's log-probs are the sampler's
+
     def __init__(self, module):
         if sharded(module._trainer):  # each process would take its own number of turns: a collective forward would hang
             raise UserError("--model.environment and --model.tools sample with the whole policy in each process: not with parameters"
@@ -203,8 +210,6 @@ class MultiTurnRollout:
             rank_zero_warn(f"--model.environment {hp.environment}: {len(failed)} of {len(conversations)} rollouts ended by a failed call (first: {failed[0]})")
         return conversation_samples(conversations, self.module.tokenizer.pad_token_id, rewards, prompts["input_ids"].device,
                                     sampler_logprobs=self.sampler_logprobs)  # fmt: skip
-
-    sampler_logprobs = False  # the policy samples its turns itself: the trainer's log-probs are the sampler's
 
     def policy_turns(self, contexts: list[list[int]], allowances: list[int], temperature: float, device) -> list[tuple[list[int], None]]:
         """One policy turn after each of `contexts` (prompt + conversation so far): its sampled ids, up to and including
@@ -258,9 +263,7 @@ class VLLMMultiTurnRollout(MultiTurnRollout):
     def policy_turns(self, contexts: list[list[int]], allowances: list[int], temperature: float, device) -> list[tuple[list[int], list[float]]]:
         """One policy turn after each of `contexts`, sampled by vLLM: its ids up to and including its EOS, at most its
         allowance, and vLLM's log-probs of them."""
-        seed = int(torch.randint(2**31, ()))  # from the run's stream, as `VLLMRollout.sample`
-        responses, mask, _, logprobs = self.vllm.engine.sample(contexts, 1, max(allowances), temperature, self.vllm.eos_token_id,
-                                                               self.vllm.pad_token_id, seed)  # fmt: skip
+        responses, mask, _, logprobs = self.vllm.sampled_ids(contexts, 1, max(allowances), temperature)
         return [(row[m.bool()].tolist()[:allowance], lp[m.bool()].tolist()[:allowance]) for row, m, lp, allowance in zip(responses, mask, logprobs, allowances)]
 
 
