@@ -58,7 +58,7 @@ from lit_rlhf.policy_losses import POLICY_LOSS_ARGUMENTS, POLICY_LOSSES, aggrega
 from lit_rlhf.reward_functions import REWARD_FUNCTIONS
 from lit_rlhf.rewards import Responses, reward_sources
 from lit_rlhf.rollout import Batch, Rollout, Stopwatch, check_prompt_batches, dynamically_sampled, in_chunks, joined, samples_table, step_stats
-from lit_rlhf.rollout_engines import ROLLOUT_ENGINES, HFRollout, RolloutEngine, resolved_engine, summary
+from lit_rlhf.rollout_engines import ROLLOUT_ENGINES, HFRollout, MultiTurnRollout, RolloutEngine, resolved_engine, summary
 from lit_rlhf.tools import TOOLS
 
 #: the flags of `PPOModule` a resume may change (`AlignmentModule.resume_applies`): sampling, KL, clipping, aggregation, timeouts, engine
@@ -361,7 +361,7 @@ class PPOModule(AlignmentModule):
 
     @torch.no_grad()
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        """Greedy responses to held-out prompts, scored by the reward sources: `val_objective/scores`."""
-        samples = HFRollout(self).sample(batch, 1, self.hparams.response_length, temperature=0.0)
-        scores = self.rewards.total(self.rewards(Responses.of(batch, joined(batch, samples, 1), 1, self.decode)))  # (B,)
+        """Greedy responses (conversations, with an environment or tools) to held-out prompts, scored by the reward sources: `val_objective/scores`."""
+        samples = (MultiTurnRollout if self.hparams.environment or self.hparams.tools else HFRollout)(self).sample(batch, 1, self.hparams.response_length, 0.0)
+        scores = self.rewards.total(self.rewards(Responses.of(batch, joined(batch, samples, 1), 1, self.decode, samples.environment_rewards)))  # (B,)
         self.log_stats({"objective/scores": scores.mean()}, "val", len(scores))

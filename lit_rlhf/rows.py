@@ -9,7 +9,7 @@ from lit_rlhf.errors import UserError
 from lit_rlhf.models import hub_reachable
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # `tool`: a tool's result in a worked example (lit_rlhf/tools.py)
 
 
 def _read_text(path: Path) -> str:

@@ -68,6 +68,11 @@ def calculator(expression: str) -> str:
 TOOLS = {"calculator": calculator}
 
 
+def tool_call_text(name: str, arguments: dict) -> str:
+    """The text of a call of the tool `name` with keyword `arguments`, as a policy writes it (what `tool_call` reads)."""
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
 def tool_call(text: str) -> Optional[tuple[str, dict]]:
     """The first tool call of a policy turn `text`: (tool name, keyword arguments); None if the turn has none (an answer).
     A call that is not `{"name": ..., "arguments": {...}}` JSON raises ValueError saying what is wrong."""
