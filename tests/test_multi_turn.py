@@ -1,11 +1,14 @@
 """Multi-turn rollouts (`--model.environment`, `--model.tools`): token-exact conversations, the loss mask on the policy's
 tokens only, limits and what ended each rollout, and a training step of every estimator on them."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from conftest import first_prompt_batch
+from conftest import first_prompt_batch, make_tokenizer
 from lit_rlhf.cli import cli
 from lit_rlhf.environments import observation_text
 from lit_rlhf.errors import UserError
@@ -187,14 +190,44 @@ def test_every_estimator_trains_on_multi_turn_rollouts_and_its_first_minibatch_i
     assert abs(later["ratio"].item() - 1.0) > 1e-4
 
 
-def test_a_tool_function_trains_a_step_by_flag(tiny_model_dir, tiny_reward_dir, real_rows, plugins, monkeypatch):
-    toy_policy(monkeypatch, script=(call("calculator", '{"expression": "2 ** 5"}'),))
+def test_a_tool_function_trains_a_step_by_flag_and_validates_on_conversations(tiny_model_dir, tiny_reward_dir, real_rows, plugins, monkeypatch):
+    """The step's rollouts: a call, then an answer (2 turns). Validation's greedy response is a conversation too: its
+    first turn calls the tool, so the policy is asked a second turn (a single-turn validation would ask once)."""
+    tool_turn = call("calculator", '{"expression": "2 ** 5"}')
+    calls = toy_policy(monkeypatch, script=(tool_turn, "x", tool_turn))
     run = cli(["fit", *ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "12", "--data.batch_size", "4",
                "--model.ppo_epochs", "1", "--model.gradient_accumulation_steps", "1", "--trainer.limit_train_batches", "1",
-               "--model.tools", "[calculator, my_tools.py:sleeps]", "--model.response_length", "128", *estimator_args("grpo"))])  # fmt: skip
+               "--trainer.limit_val_batches", "1", "--model.tools", "[calculator, my_tools.py:sleeps]", "--model.response_length", "128",
+               *estimator_args("grpo"))])  # fmt: skip
     metrics = run.trainer.callback_metrics
     assert isinstance(run.model.engine, MultiTurnRollout) and run.trainer.global_step == 1
     assert metrics["rollout/tool_calls"] == 1.0 and metrics["rollout/tool_errors"] == 0.0 and metrics["rollout/turns"] == 2.0
+    assert "val_objective/scores" in metrics and len(calls) == 4  # 2 turns of the step, 2 of validation
+
+
+def test_task_accuracy_answers_in_conversations_with_the_tools_and_counts_the_calls(tiny_model_dir, tmp_path, monkeypatch):
+    """Two calculator problems, 6 * 7 and 6 * 8; the scripted policy calls the calculator on 6 * 7, then answers with
+    the result it was given: right on the first problem only, greedy and sampled, every greedy answer with a call.
+    Without the call (answering 42 at once) the same passes, and no call is counted."""
+    from lit_rlhf.tasks import task_accuracy, tool_prompt
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": tool_prompt(6, "*", 7), "answer": 42}, {"prompt": tool_prompt(6, "*", 8), "answer": 48}]
+    Path("task.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    flags = {"k": 1, "max_new_tokens": 128, "tools": ["calculator"], "max_turns": 3}  # the tiny tokenizer: a token a byte
+    calls = toy_policy(monkeypatch, script=(call("calculator", '{"expression": "6 * 7"}'), "Answer: 42") * 2)  # greedy, then one sample
+    report = task_accuracy({"base": tiny_model_dir}, "task.jsonl", **flags)["base"]
+    assert report["greedy"][0] == 0.5 and report["greedy_passes"] == [1.0, 0.0] and report["pass@1"] == 0.5
+    assert report["tool_call_rate"] == 1.0 and len(calls) == 4
+    tokenizer = make_tokenizer()
+    second_turn = tokenizer.decode(calls[1]["contexts"]["input_ids"][0])  # what the policy saw before answering
+    assert second_turn.endswith("What is 6 times 7?<|im_end|>\n<|im_start|>assistant\n" + call("calculator", '{"expression": "6 * 7"}')
+                                + "<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    toy_policy(monkeypatch, script=("Answer: 42",) * 2)
+    report = task_accuracy({"base": tiny_model_dir}, "task.jsonl", **flags)["base"]
+    assert report["greedy_passes"] == [1.0, 0.0] and report["tool_call_rate"] == 0.0
+    with pytest.raises(UserError, match="--generation_engine vllm: conversations with --environment or --tools run on the hf engine"):
+        task_accuracy({"base": tiny_model_dir}, "task.jsonl", generation_engine="vllm", **flags)
 
 
 def test_step_stats_and_row_picking_of_a_multi_turn_rollout_by_hand():

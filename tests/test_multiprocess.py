@@ -1,15 +1,16 @@
 """Two gloo processes on CPU (DDP): disjoint shards, reduced metrics, identical weights, rank-0 export.
 
-Each test runs `tests/helpers/multiprocess_fit.py` with `--trainer.devices 2 --trainer.strategy ddp` in a
-subprocess (a hang fails it at the timeout) and compares what each process saw with a 1-process run
-of the same global batch, fitted in this process.
+The 2-process runs of this file are fitted one after the other in one launch of `tests/helpers/multiprocess_fit.py`
+with `--trainer.devices 2 --trainer.strategy ddp` (one start-up for all; a hang fails it at the timeout), the
+first time a test asks for them; each test compares what each process saw with a 1-process run of the same global
+batch, fitted in this process.
 """
 
 import json
 import os
 import subprocess
 import sys
-import time
+from dataclasses import dataclass, field
 from math import log
 from pathlib import Path
 
@@ -30,21 +31,32 @@ FSDP2 = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "-c", str(REP
 FP32 = ["--trainer.precision", "32-true"]
 
 
-def fit_two_processes(args: list[str], out_dir: Path, nan_step: int = -1, strategy: list[str] = DDP) -> tuple[dict, dict, float]:
-    """Run `fit ARGS` with 2 processes (DDP unless `strategy` says otherwise) in `out_dir`: the records of ranks 0
-    and 1, and the wall time in seconds."""
-    out_dir.mkdir(exist_ok=True)
-    # a cache of this run's own: its rank 0 tokenizes, its rank 1 reads what rank 0 wrote
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(out_dir / "cache"), PYTHONPATH=str(REPO))
-    command = [sys.executable, str(SCRIPT), str(out_dir), str(nan_step), *args, *strategy]
-    start = time.monotonic()
-    done = subprocess.run(command, cwd=out_dir, env=env, capture_output=True, text=True, timeout=240)
-    seconds = time.monotonic() - start
+@dataclass
+class TwoProcessRun:
+    """A run of `fit ARGS` in 2 processes, in `out_dir`, with `env` set; `nan_step` >= 0: process 1's loss at that
+    step is NaN. Once fitted: `ranks`, the records of ranks 0 and 1."""
+
+    args: list[str]
+    out_dir: Path
+    nan_step: int = -1
+    env: dict[str, str] = field(default_factory=dict)
+    ranks: tuple[dict, dict] = ()
+
+
+def fit_two_processes(runs: dict[str, TwoProcessRun], strategy: list[str], timeout: float = 600) -> dict[str, TwoProcessRun]:
+    """Fit `runs` in order, each with `strategy` (DDP or FSDP2), in one launch of 2 processes; each run's `ranks` set."""
+    root = next(iter(runs.values())).out_dir.parent
+    plan = [{"name": name, "out_dir": str(run.out_dir), "args": [*run.args, *strategy], "nan_step": run.nan_step, "env": run.env}
+            for name, run in runs.items()]  # fmt: skip
+    (root / "runs.json").write_text(json.dumps(plan))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(SCRIPT), str(root / "runs.json")], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     name = "DDPStrategy" if strategy is DDP else "ModelParallelStrategy"
-    assert [(r["rank"], r["world_size"], r["strategy"]) for r in ranks] == [(0, 2, name), (1, 2, name)]
-    return ranks[0], ranks[1], seconds
+    for run_name, run in runs.items():
+        run.ranks = tuple(torch.load(run.out_dir / f"{run_name}.rank{r}.pt", weights_only=False) for r in (0, 1))
+        assert [(r["rank"], r["world_size"], r["strategy"]) for r in run.ranks] == [(0, 2, name), (1, 2, name)]
+    return runs
 
 
 def pairs_args(module: str, model_dir: str, dataset, batch_size: int, steps: int, *extra) -> list[str]:
@@ -80,9 +92,58 @@ def assert_each_held_out_row_counted_once(rank0: dict, rank1: dict, one: dict) -
     assert sorted(val0 + val1) == sorted(rows(one["val_rows"]))
 
 
-def test_reward_model_two_processes_train_like_one_with_the_global_batch(tiny_reward_dir, real_rows, tmp_path, monkeypatch):
-    args = pairs_args("lit_rlhf.reward.RewardModule", tiny_reward_dir, real_rows, 2, 1)
-    rank0, rank1, _ = fit_two_processes(args, tmp_path / "ddp")
+PPO_FLAGS = ["--model.response_length", "4", "--model.ppo_epochs", "2", "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-3",
+             "--data.mode", "prompts", "--data.limit", "13", "--data.val_size", "3", "--data.batch_size", "2", "--trainer.limit_train_batches", "1",
+             "--seed_everything", "0", *FP32]  # fmt: skip
+DPO_LR = ["--model.learning_rate", "1e-3"]  # a step moves the weights by about this: far above the 1e-5 tolerance
+PRECOMPUTE = ["--model.precompute_ref_logps", "true"]
+
+RECORDING_REWARD = '''
+import json, os
+
+
+def length_mod_7(prompts, completions, answer, **columns):
+    rewards = [float((len(c) + a) % 7) for c, a in zip(completions, answer)]
+    with open(os.environ["RECORD_FILE"], "a") as f:
+        for p, c, r in zip(prompts, completions, rewards):
+            f.write(json.dumps([p, c, r]) + "\\n")
+    return rewards
+'''
+
+
+def reward_function_args(model_dir: str, folder: Path) -> list[str]:
+    """GRPO on 12 prompt rows written to `folder`, rewarded by `length_mod_7` (which records what it scored), with
+    the sanity check's 2 validation batches."""
+    rows = [{"prompt": f"What is {i} + {i}?", "answer": 2 * i} for i in range(12)]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "judge.py").write_text(RECORDING_REWARD)
+    return fit_args(
+        "lit_rlhf.ppo.PPOModule", model_dir, folder / "prompts.jsonl", "--model.reward_funcs", f"[{folder}/judge.py:length_mod_7]",
+        "--model.advantage_estimator", "grpo", "--model.num_generations", "2", "--model.response_length", "6", "--model.ppo_epochs", "1",
+        "--model.gradient_accumulation_steps", "1", "--data.mode", "prompts", "--data.val_size", "4", "--data.batch_size", "2",
+        "--trainer.limit_train_batches", "1", "--seed_everything", "0", *FP32, sanity_val_steps=2,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path_factory) -> dict[str, TwoProcessRun]:
+    """The 2-process DDP runs of this file's tests, fitted in one launch."""
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "functions").mkdir()
+    return fit_two_processes({
+        "reward": TwoProcessRun(pairs_args("lit_rlhf.reward.RewardModule", tiny_reward_dir, real_rows, 2, 1), root / "reward"),
+        "dpo_nan": TwoProcessRun(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 2, 2, *DPO_LR, "--model.on_non_finite", "skip"),
+                                 root / "dpo_nan", nan_step=1),  # rank 1's second loss is NaN
+        "dpo_precompute": TwoProcessRun(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 2, 1, *PRECOMPUTE), root / "dpo_precompute"),
+        "ppo": TwoProcessRun(fit_args("lit_rlhf.ppo.PPOModule", tiny_model_dir, real_rows, "--model.reward_model_path", tiny_reward_dir, *PPO_FLAGS),
+                             root / "ppo"),
+        "reward_function": TwoProcessRun(reward_function_args(tiny_model_dir, root / "functions"), root / "reward_function",
+                                         env={"RECORD_FILE": str(root / "functions/two.jsonl")}),
+    }, DDP)  # fmt: skip
+
+
+def test_reward_model_two_processes_train_like_one_with_the_global_batch(ddp, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    rank0, rank1 = ddp["reward"].ranks
     monkeypatch.chdir(tmp_path)
     one = fit_and_record(pairs_args("lit_rlhf.reward.RewardModule", tiny_reward_dir, real_rows, 4, 1))
     assert_like_one_process(rank0, rank1, one, ("loss", "accuracy", "margin", "rewards/chosen"))
@@ -91,15 +152,13 @@ def test_reward_model_two_processes_train_like_one_with_the_global_batch(tiny_re
         assert rank0["final_metrics"][name] == pytest.approx(one["final_metrics"][name], abs=1e-5), name
     # the export: rank 0 only, after every process has read the log folder (the old gloo crash)
     assert rank0["exported"] and not rank1["exported"]
-    assert (tmp_path / "ddp/logs/reward/version_0/hf/model.safetensors").is_file()
+    assert (ddp["reward"].out_dir / "logs/reward/version_0/hf/model.safetensors").is_file()
 
 
-def test_dpo_two_processes_train_like_one_and_skip_a_nan_together(tiny_model_dir, real_rows, tmp_path, monkeypatch):
-    lr = ["--model.learning_rate", "1e-3"]  # a step moves the weights by about this: far above the 1e-5 tolerance
-    args = pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 2, 2, *lr, "--model.on_non_finite", "skip")
-    rank0, rank1, _ = fit_two_processes(args, tmp_path / "ddp", nan_step=1)  # rank 1's second loss is NaN
+def test_dpo_two_processes_train_like_one_and_skip_a_nan_together(ddp, tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    rank0, rank1 = ddp["dpo_nan"].ranks  # rank 1's second loss is NaN
     monkeypatch.chdir(tmp_path)
-    one = fit_and_record(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 4, 1, *lr))
+    one = fit_and_record(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 4, 1, *DPO_LR))
     assert rank0["metrics"][0]["loss"] == pytest.approx(log(2), abs=1e-6)  # policy == reference at step 0
     assert_like_one_process(rank0, rank1, one, ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected"))
     # a NaN on one process: both skip the update (one skipping its backward alone would stall the other)
@@ -110,12 +169,11 @@ def test_dpo_two_processes_train_like_one_and_skip_a_nan_together(tiny_model_dir
     assert rank0["frozen_requires_grad"] == rank1["frozen_requires_grad"] == {"ref_model": False}  # DDP never syncs it
 
 
-def test_dpo_reference_log_probs_split_over_two_processes_and_rows_tokenized_once(tiny_model_dir, real_rows, tmp_path, monkeypatch):
-    precompute = ["--model.precompute_ref_logps", "true"]
-    rank0, rank1, _ = fit_two_processes(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 2, 1, *precompute), tmp_path / "ddp")
+def test_dpo_reference_log_probs_split_over_two_processes_and_rows_tokenized_once(ddp, tiny_model_dir, real_rows, tmp_path, monkeypatch):
+    rank0, rank1 = ddp["dpo_precompute"].ranks
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # computed here, not read from a file
-    one = fit_and_record(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 4, 1, *precompute))
+    one = fit_and_record(pairs_args("lit_rlhf.dpo.DPOModule", tiny_model_dir, real_rows, 4, 1, *PRECOMPUTE))
     # every process ends with the whole table, the one a single process computes
     assert torch.equal(rank0["ref_logps"], rank1["ref_logps"]) and rank0["ref_logps"].shape == (25, 2)
     assert not rank0["ref_logps"].isnan().any() and (rank0["ref_logps"] - one["ref_logps"]).abs().max() < 1e-5
@@ -138,15 +196,8 @@ def test_a_bad_row_stops_both_processes_with_its_own_message(tiny_reward_dir, tm
     assert set(errors) == {f"lit-rlhf: error: {bad}: row 7: field 'chosen' is empty"}, done.stderr[-2000:]
 
 
-def test_ppo_two_processes_sample_apart_whiten_together_and_end_with_the_same_weights(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path):
-    args = fit_args(
-        "lit_rlhf.ppo.PPOModule", tiny_model_dir, real_rows, "--model.reward_model_path", tiny_reward_dir, "--model.response_length", "4",
-        "--model.ppo_epochs", "2", "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-3", "--data.mode", "prompts",
-        "--data.limit", "13", "--data.val_size", "3", "--data.batch_size", "2", "--trainer.limit_train_batches", "1", "--seed_everything", "0",
-        *FP32,
-    )  # fmt: skip
-    rank0, rank1, seconds = fit_two_processes(args, tmp_path / "ddp")
-    print(f"2-process tiny PPO run: {seconds:.1f} s")
+def test_ppo_two_processes_sample_apart_whiten_together_and_end_with_the_same_weights(ddp):
+    rank0, rank1 = ddp["ppo"].ranks
     assert rank0["metrics"][0]["objective/kl"] == rank1["metrics"][0]["objective/kl"] == 0.0  # first rollout: policy == reference
     assert len(rank0["train_rows"][0]) == len(rank1["train_rows"][0]) == 2
     assert not set(rank0["train_rows"][0]) & set(rank1["train_rows"][0])
@@ -165,19 +216,6 @@ def test_ppo_two_processes_sample_apart_whiten_together_and_end_with_the_same_we
     assert rank0["exported"] and not rank1["exported"]
 
 
-RECORDING_REWARD = '''
-import json, os
-
-
-def length_mod_7(prompts, completions, answer, **columns):
-    rewards = [float((len(c) + a) % 7) for c, a in zip(completions, answer)]
-    with open(os.environ["RECORD_FILE"], "a") as f:
-        for p, c, r in zip(prompts, completions, rewards):
-            f.write(json.dumps([p, c, r]) + "\\n")
-    return rewards
-'''
-
-
 def first_rewards(record_file: Path, prompts: set[str]) -> dict[str, list]:
     """The first (completion, reward) a reward function gave each of `prompts`."""
     seen = {}
@@ -187,24 +225,14 @@ def first_rewards(record_file: Path, prompts: set[str]) -> dict[str, list]:
     return seen
 
 
-def test_a_reward_function_runs_in_every_process_and_scores_as_in_one(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_reward_function_runs_in_every_process_and_scores_as_in_one(ddp, tiny_model_dir, tmp_path, monkeypatch):
     """Greedy answers to the held-out prompts before training (the sanity check) get the same rewards from the
     function's worker on 2 processes as on 1."""
-    rows = [{"prompt": f"What is {i} + {i}?", "answer": 2 * i} for i in range(12)]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "judge.py").write_text(RECORDING_REWARD)
-    args = fit_args(
-        "lit_rlhf.ppo.PPOModule", tiny_model_dir, tmp_path / "prompts.jsonl", "--model.reward_funcs", f"[{tmp_path}/judge.py:length_mod_7]",
-        "--model.advantage_estimator", "grpo", "--model.num_generations", "2", "--model.response_length", "6", "--model.ppo_epochs", "1",
-        "--model.gradient_accumulation_steps", "1", "--data.mode", "prompts", "--data.val_size", "4", "--data.batch_size", "2",
-        "--trainer.limit_train_batches", "1", "--seed_everything", "0", *FP32, sanity_val_steps=2,
-    )  # fmt: skip
-    monkeypatch.setenv("RECORD_FILE", str(tmp_path / "two.jsonl"))
-    rank0, rank1, _ = fit_two_processes(args, tmp_path / "ddp")
+    rank0, rank1 = ddp["reward_function"].ranks
     assert rank0["metrics"][0]["rewards/length_mod_7/none_share"] == 0.0
     monkeypatch.setenv("RECORD_FILE", str(tmp_path / "one.jsonl"))
     monkeypatch.chdir(tmp_path)
-    fit_and_record([*args, "--trainer.devices", "1"])
+    fit_and_record([*reward_function_args(tiny_model_dir, tmp_path), "--trainer.devices", "1"])
     held_out = {json.loads(line)[0] for line in (tmp_path / "one.jsonl").read_text().splitlines()[:4]}  # the sanity check comes first
-    one, two = first_rewards(tmp_path / "one.jsonl", held_out), first_rewards(tmp_path / "two.jsonl", held_out)
+    one, two = first_rewards(tmp_path / "one.jsonl", held_out), first_rewards(ddp["reward_function"].out_dir.parent / "functions/two.jsonl", held_out)
     assert len(one) == 4 and one == two

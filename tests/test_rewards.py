@@ -295,6 +295,28 @@ def test_arithmetic_splits_share_no_problem_and_final_number_checks_them():
     assert final_number([r["prompt"] for r in heldout[:10]], completions, answer=[r["answer"] for r in heldout[:10]]) == [1.0] * 5 + [0.0] * 5
 
 
+
+def test_the_calculator_task_teaches_the_tool_and_keeps_each_problems_split():
+    """`--tool calculator` writes the same problems as chat messages: the system turn says how to call the tool, the
+    worked example's call is one the calculator answers with the example's answer, and the question names the operator
+    in words."""
+    from lit_rlhf.tasks import arithmetic
+    from lit_rlhf.tools import calculator, tool_call
+
+    plain, tool = (arithmetic(50, 20, seed=0, ops="*", min_operand=10, max_operand=40, tool=t) for t in (None, "calculator"))
+    for p, t in zip(plain[0] + plain[1], tool[0] + tool[1]):
+        a, _, b = p["prompt"].split()[2:5]
+        assert p["answer"] == t["answer"] == int(a) * int(b.rstrip("?"))
+        assert t["prompt"][-1] == {"role": "user", "content": f"What is {a} times {b}"}
+    assert not {str(r["prompt"]) for r in tool[0]} & {str(r["prompt"]) for r in tool[1]}
+    system, question, example_call, result, answer, _ = tool[0][0]["prompt"]
+    assert [m["role"] for m in (system, question, example_call, result, answer)] == ["system", "user", "assistant", "tool", "assistant"]
+    assert "<tool_call>" in system["content"] and question["content"] == "What is 23 * 41?"
+    name, arguments = tool_call(example_call["content"])
+    assert name == "calculator" and calculator(**arguments) == result["content"] == str(23 * 41) and answer["content"] == "Answer: 943"
+    with pytest.raises(UserError, match=r"--ops '\+/' --min_operand 1 --max_operand 20: operators of \+-\*"):
+        arithmetic(10, 5, ops="+/")
+
 TASK_PLUGIN = '''
 def always(prompts, completions, answer, **columns):
     assert len(answer) == len(completions)

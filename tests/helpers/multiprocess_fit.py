@@ -1,17 +1,25 @@
-"""Fit a run and save what each of its processes saw: the helper of tests/test_multiprocess.py.
+"""Fit runs one after the other in the same processes and save what each process saw: the helper of
+tests/test_multiprocess.py and tests/test_fsdp2.py.
 
-    python tests/helpers/multiprocess_fit.py OUT_DIR NAN_STEP FIT_ARGS...
+    python tests/helpers/multiprocess_fit.py RUNS.json
 
-builds the run with `lit_rlhf.cli.cli(FIT_ARGS, run=False)`, fits it and saves `OUT_DIR/rank<r>.pt`
-in every process r, with the work each process did: exports, rows tokenized, rows whose DPO reference
-log-probs it computed. NAN_STEP >= 0 turns process 1's training loss at that global step into NaN.
-Lightning's DDP launcher starts processes 1.. by running this script again with the same arguments,
-so the script's work sits under `if __name__ == "__main__"`.
+reads a list of runs, `{"name", "out_dir", "args", "nan_step", "env"}`; for each, in its `out_dir` with its
+`env` and a datasets cache of its own (`out_dir/cache`), it builds the run with `lit_rlhf.cli.cli(args,
+run=False)`, fits it and saves `out_dir/<name>.rank<r>.pt` in every process r, with the work each process did:
+exports, rows tokenized, rows whose DPO reference log-probs it computed. `nan_step` >= 0 turns process 1's
+training loss at that global step into NaN.
+
+Lightning's launcher starts processes 1.. by running this script again with the same arguments, at the first
+run's `fit` (so the script's work sits under `if __name__ == "__main__"`); it then leaves `LOCAL_RANK` set in
+process 0, so the later runs join the processes and the process group already there: one start-up for all.
 """
 
+import json
+import os
 import sys
 from pathlib import Path
 
+import datasets.config
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.distributed.tensor import DTensor
@@ -117,10 +125,17 @@ def record_calls(record: dict, key: str, owner, name: str, entry=lambda *args: T
 
 
 if __name__ == "__main__":
-    out_dir, nan_step, args = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     work = {}
     record_calls(work, "exported", lit_rlhf.base, "export_pretrained")
     record_calls(work, "tokenized_rows", lit_rlhf.tokenization, "encode_messages")
     record_calls(work, "reference_rows", DPOModule, "live_reference_logps", lambda module, batch: batch["index"].tolist())
-    record = fit_and_record(args, nan_step) | work
-    torch.save(record, out_dir / f"rank{record['rank']}.pt")
+    for run in json.loads(Path(sys.argv[1]).read_text()):
+        out_dir = Path(run["out_dir"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        os.chdir(out_dir)
+        os.environ.update(run["env"], HF_DATASETS_CACHE=str(out_dir / "cache"))
+        datasets.config.HF_DATASETS_CACHE = out_dir / "cache"  # its rank 0 tokenizes, its rank 1 reads what rank 0 wrote
+        for calls in work.values():
+            calls.clear()
+        record = fit_and_record(run["args"], run["nan_step"]) | {key: list(calls) for key, calls in work.items()}
+        torch.save(record, out_dir / f"{run['name']}.rank{record['rank']}.pt")
