@@ -12,6 +12,7 @@ judged by reward functions (a reward of 1 is a pass).
 
 import hashlib
 import json
+import math
 import operator
 import random
 import sys
@@ -134,7 +135,7 @@ def task_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_
                  engine: Engine = "hf", multi_turn: Optional[MultiTurn] = None) -> list[dict]:  # fmt: skip
     """The model's answer to each row's `prompt`, greedy (or sampled at `temperature`), as `generate_answers` gives them;
     with `multi_turn`, the whole conversation with its environment or tools (each policy turn at most `max_new_tokens`;
-    the HF engine), and each answer's `tool_calls`."""
+    the HF engine), and each answer's `tool_calls` and `environment_reward` (None: none)."""
     prompts = [tokenize(tokenizer, render_prompt(tokenizer, prompt_messages(row, n))) for n, row in enumerate(rows, start=1)]
     if multi_turn is None:
         return generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature, engine)
@@ -146,9 +147,11 @@ def task_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_
         batch |= {"prompt_text": [m[-1]["content"] for m in map(prompt_messages, rows[start : start + batch_size], range(start + 1, len(rows) + 1))],
                   "columns": {key: [row.get(key) for row in rows[start : start + batch_size]] for key in rows[0] if key != "prompt"}}  # fmt: skip
         samples = rollout.sample(batch, 1, max_new_tokens, temperature if sample else 0.0)
-        for ids, mask, eos, calls in zip(samples.responses, samples.response_mask, samples.contains_eos.tolist(), samples.episode["tool_calls"].tolist()):
+        rewards = [None] * len(samples.responses) if samples.environment_rewards is None else samples.environment_rewards.tolist()
+        for ids, mask, eos, calls, reward in zip(samples.responses, samples.response_mask, samples.contains_eos.tolist(), samples.episode["tool_calls"].tolist(), rewards):
             ids = ids[mask.bool()].tolist()
-            answers.append({"response": ids, "text": policy.decode(ids).strip(), "eos": eos, "tool_calls": calls})
+            answers.append({"response": ids, "text": policy.decode(ids).strip(), "eos": eos, "tool_calls": calls,
+                            "environment_reward": None if reward is None or math.isnan(reward) else reward})  # fmt: skip
     return answers
 
 
@@ -161,11 +164,13 @@ def task_passes(model, tokenizer, rows: list[dict], functions: list[Callable], m
 
 def passes(rows: list[dict], answers: list[dict], functions: list[Callable]) -> torch.Tensor:
     """(N,) 1.0 where `answers[n]` (`generate_answers`') to `rows[n]` (its `prompt` text and other columns) passes: the
-    reward `functions` (TRL's contract; the rows' other columns and `completion_ids` passed) sum to 1 or more."""
+    reward `functions` (TRL's contract; the rows' other columns and `completion_ids` passed) and, in a conversation
+    with an environment, its reward sum to 1 or more."""
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"} | {"completion_ids": [a["response"] for a in answers]}
     completions = [answer["text"] for answer in answers]
     prompts = [messages[-1]["content"] for messages in map(prompt_messages, rows, range(1, len(rows) + 1))]  # the question, as in training
     scores = [f(prompts=prompts, completions=completions, **columns) for f in functions]
+    scores.append([answer.get("environment_reward") for answer in answers])  # an environment's reward counts as training counts it
     return torch.tensor([float(sum(s or 0.0 for s in row_scores) >= 1) for row_scores in zip(*scores)])
 
 

@@ -230,6 +230,18 @@ def test_task_accuracy_answers_in_conversations_with_the_tools_and_counts_the_ca
         task_accuracy({"base": tiny_model_dir}, "task.jsonl", generation_engine="vllm", **flags)
 
 
+@pytest.mark.parametrize("turns, passes", [(("ab", "c"), [1.0]), (("1", "2"), [0.0])])
+def test_task_accuracy_counts_the_environments_reward(tiny_model_dir, plugins, monkeypatch, turns, passes):
+    """`Script`'s reward is the ASCII letters the policy wrote: 3 in `ab` + `c` (a pass without any reward function),
+    0 in `1` + `2`."""
+    from lit_rlhf.tasks import task_accuracy
+
+    Path("task.jsonl").write_text(json.dumps({"prompt": "Write letters."}) + "\n")
+    toy_policy(monkeypatch, script=turns + ("x",) * 4)  # greedy: 2 turns, Script's end; then the sample
+    report = task_accuracy({"base": tiny_model_dir}, "task.jsonl", [], k=1, max_new_tokens=8, environment="my_env.py:Script", max_turns=2)
+    assert report["base"]["greedy_passes"] == passes and report["base"]["tool_call_rate"] == 0.0
+
+
 def test_step_stats_and_row_picking_of_a_multi_turn_rollout_by_hand():
     """Two conversations, R = 4: a policy token, an observation token, two policy tokens; and one policy token. The
     entropies and the generated tokens count the policy's 4 tokens, not the observation; the episode's counts are
