@@ -286,7 +286,7 @@ def test_arithmetic_splits_share_no_problem_and_final_number_checks_them():
     assert arithmetic(300, 100, seed=0) == (train, heldout)  # seeded
     other_train, other_heldout = arithmetic(300, 100, seed=1)
     assert not {r["prompt"] for r in other_train} & {r["prompt"] for r in heldout}  # the split does not depend on the seed
-    with pytest.raises(UserError, match=r"--num_heldout 300: its split holds \d+ of the 800 problems with operands up to 20"):
+    with pytest.raises(UserError, match=r"--num_heldout 300: its split holds \d+ of the 800 problems with operands 1 to 20"):
         arithmetic(100, 300)
     for row in train[:20]:
         a, op, b = row["prompt"].split()[2:5]
