@@ -236,26 +236,29 @@ def test_ppo_and_dpo_ranges(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path
 # ---- 5. exit codes and one-line errors ------------------------------------------------------
 
 
-def run_console_script(*args, cwd) -> subprocess.CompletedProcess:
+def run_console_scripts(*commands: list[str], cwd) -> list[subprocess.CompletedProcess]:
+    """`lit-rlhf COMMAND...` for each of `commands`, all at once (each start-up mostly imports, on one core), offline."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     code = "from lit_rlhf.commands import main; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    running = [subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+               for args in commands]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in running]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *output) for p, output in zip(running, outputs)]
 
 
 def test_console_script_exit_status(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path):
-    ok = run_console_script(
+    nowhere = ["fit", "--model", "lit_rlhf.dpo.DPOModule", "--model.model_name_or_path", str(tmp_path / "nowhere")]
+    ok, bad, debug = run_console_scripts([
         "evaluate", "--models", json.dumps({"base": tiny_model_dir}), "--reward_model", tiny_reward_dir,
         "--data.dataset", str(real_rows), "--data.limit", "12", "--data.val_size", "4", "--data.max_length", "64",
         "--data.max_prompt_length", "32", "--unseen_dataset", str(real_rows.parent / "dolly_sample.jsonl"),
         "--num_generation_prompts", "3", "--max_new_tokens", "2", "--num_rows", "4", "--num_logprob_rows", "2",
-        "--output_dir", "eval", cwd=tmp_path,
+        "--output_dir", "eval"], nowhere, [*nowhere, "--debug"], cwd=tmp_path,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (tmp_path / "eval/report.md").is_file()
-    bad = run_console_script("fit", "--model", "lit_rlhf.dpo.DPOModule", "--model.model_name_or_path", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith(f"lit-rlhf: error: {tmp_path / 'nowhere'} is not a Hugging Face model folder")
-    debug = run_console_script("fit", "--model", "lit_rlhf.dpo.DPOModule", "--model.model_name_or_path", str(tmp_path / "nowhere"), "--debug", cwd=tmp_path)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 
