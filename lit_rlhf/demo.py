@@ -92,28 +92,36 @@ def main(args=None) -> None:
     print(f"demo finished in {(time.time() - start) / 60:.1f} min; report: {Path('logs/evaluate/report.md').resolve()}")
 
 
+#: `demo-verifiable --task`: the `lit-rlhf arithmetic` flags that write it; its config's multi-turn flags, if any, are also
+#: task-accuracy's (the evaluation talks to the same tools)
+TASKS = {"arithmetic": [], "calculator": ["--ops", "*", "--min_operand", "100", "--max_operand", "999", "--tool", "calculator"]}
+
+
 def verifiable(args=None) -> None:
     parser = argparse.ArgumentParser(
         prog="lit-rlhf demo-verifiable",
-        description="RL from a verifiable reward, offline on 2 CPU cores: write arithmetic problems (train and held-out,"
+        description="RL from a verifiable reward, offline on 2 CPU cores: write the task's problems (train and held-out,"
         " never shared), train SmolLM2-135M-Instruct on the training problems with each estimator (rewarded by"
-        f" `final_number`, {DEMO_CONFIGS / 'arithmetic.yaml'}), then measure greedy pass@1 (with the gain over base"
+        f" `final_number`, {DEMO_CONFIGS}/<task>.yaml), then measure greedy pass@1 (with the gain over base"
         " and its paired bootstrap interval) and pass@k of base and of each trained policy on the held-out problems.",
     )
+    parser.add_argument("--task", choices=list(TASKS), default="arithmetic",
+                        help="arithmetic: a + b and a - b, operands 1 to 20; calculator: 3-digit multiplications, in conversations with a calculator tool")  # fmt: skip
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_DIR, help="where the offline model is kept")
-    parser.add_argument("--estimators", nargs="+", default=["grpo", "rloo"], help="--model.advantage_estimator of each run")
+    parser.add_argument("--estimators", nargs="+", default=None, help="--model.advantage_estimator of each run (default: grpo and rloo; calculator: grpo)")
     parser.add_argument("--heldout", type=int, default=200, help="held-out problems judged")
     parser.add_argument("--k", type=int, default=4, help="answers per problem sampled (at the training temperature) for pass@k")
     opts = parser.parse_args(args)
-    start, config = time.time(), yaml.safe_load((DEMO_CONFIGS / "arithmetic.yaml").read_text())
-    policies = {"base": str(fetch_smollm2(opts.model_dir))}
-    tasks.write_arithmetic(["--out", "logs/arithmetic", "--num_heldout", str(opts.heldout)])
-    for estimator in opts.estimators:
+    start, config = time.time(), yaml.safe_load((DEMO_CONFIGS / f"{opts.task}.yaml").read_text())["model"]["init_args"]
+    policies, data = {"base": str(fetch_smollm2(opts.model_dir))}, f"logs/{opts.task}"
+    tasks.write_arithmetic(["--out", data, "--num_heldout", str(opts.heldout), *TASKS[opts.task]])
+    for estimator in opts.estimators or (["grpo"] if config.get("tools") else ["grpo", "rloo"]):
         began = time.time()
-        policies[estimator] = str(fit("arithmetic.yaml", "--model.model_name_or_path", policies["base"], "--data.dataset", "logs/arithmetic/train.jsonl",
+        policies[estimator] = str(fit(f"{opts.task}.yaml", "--model.model_name_or_path", policies["base"], "--data.dataset", f"{data}/train.jsonl",
                                   "--model.advantage_estimator", estimator))  # fmt: skip
         print(f"{estimator}: trained in {(time.time() - began) / 60:.1f} min", file=sys.stderr)
-    tasks.main(["--models", json.dumps(policies), "--dataset", "logs/arithmetic/heldout.jsonl", "--limit", str(opts.heldout), "--k", str(opts.k),
-                "--max_new_tokens", str(config["model"]["init_args"]["response_length"]), "--temperature", str(config["model"]["init_args"]["temperature"]),
-                "--generation_engine", "auto"])  # fmt: skip
+    multi_turn = [flag for key in ("tools", "max_turns", "max_rollout_tokens") if key in config for flag in (f"--{key}", json.dumps(config[key]))]
+    tasks.main(["--models", json.dumps(policies), "--dataset", f"{data}/heldout.jsonl", "--limit", str(opts.heldout), "--k", str(opts.k),
+                "--max_new_tokens", str(config["response_length"]), "--temperature", str(config["temperature"]), "--generation_engine", "auto",
+                *multi_turn])  # fmt: skip
     print(f"demo-verifiable finished in {(time.time() - start) / 60:.1f} min")

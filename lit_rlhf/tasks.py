@@ -188,13 +188,13 @@ def task_accuracy(
     Answers are generated with `generation_precision` weights: by default bf16 where this machine
     has bf16 units (lit_rlhf/precision.py), else fp32, by `generation_engine` (`hf`, `vllm`, or `auto`: the
     fastest here, `generation.started_vllm`). With an `environment` or `tools` (and their limits, as the `--model.*`
-    flags of lit-rlhf fit), each answer is a conversation with them, as in training (the HF engine; `max_new_tokens` a
-    turn); the report adds each model's `tool_call_rate`, the share of greedy answers with a tool call."""
+    flags of lit-rlhf fit), each answer is a conversation with them, as in training (the `hf` engine, which `auto`
+    takes; `max_new_tokens` a turn); the report adds each model's `tool_call_rate`, the share of greedy answers with a tool call."""
     check_ranges("", locals(), {"limit": "> 0", "k": "> 0", "max_new_tokens": "> 0", "batch_size": "> 0", "temperature": "> 0", "max_turns": "> 0",
                                 "max_rollout_tokens": "> 0", "environment_timeout": "> 0"})  # fmt: skip
     multi_turn = MultiTurn(environment, tools, max_turns, max_rollout_tokens, environment_timeout) if environment or tools else None
-    if multi_turn is not None and generation_engine != "hf":
-        raise UserError(f"--generation_engine {generation_engine}: conversations with --environment or --tools run on the hf engine here")
+    if multi_turn is not None and generation_engine == "vllm":
+        raise UserError("--generation_engine vllm: conversations with --environment or --tools run on the hf engine here (auto takes it)")
     rows = [row for _, row in load_rows(dataset)[:limit]]
     for name, source in models.items():  # every model found and every judge imported before any work starts
         check_source(source, f"--models {name}")

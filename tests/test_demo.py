@@ -53,3 +53,23 @@ def test_progress_scales_the_reference_times_by_this_machines_speed(monkeypatch,
     first, second = capsys.readouterr().err.splitlines()
     assert first == "[demo 1/2] first: 0.0 min so far, about 7 min left"  # 400 s at the reference speed
     assert second == "[demo 2/2] second: 3.3 min so far, about 10 min left"
+
+
+def test_demo_verifiable_calculator_trains_with_the_tool_and_evaluates_with_it(tmp_path, monkeypatch):
+    """The calculator task: its problems teach the tool, GRPO trains on them with the config's tools, and
+    task-accuracy answers in conversations with the same tools and limits; arithmetic keeps its two estimators."""
+    fits, evaluations = [], []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "fetch_smollm2", lambda model_dir: Path("/models/base"))
+    monkeypatch.setattr(demo, "fit", lambda config, *flags: fits.append((config, flags)) or Path(f"/runs/{len(fits)}/hf"))
+    monkeypatch.setattr(demo.tasks, "main", evaluations.append)
+    demo.verifiable(["--task", "calculator", "--heldout", "20"])
+    [(config, flags)] = fits
+    assert config == "calculator.yaml" and flags[flags.index("--data.dataset") + 1] == "logs/calculator/train.jsonl"
+    first = json.loads(Path("logs/calculator/train.jsonl").read_text().splitlines()[0])
+    assert first["prompt"][-1]["content"].split()[3] == "times" and len(Path("logs/calculator/heldout.jsonl").read_text().splitlines()) == 20
+    (args,) = evaluations
+    assert json.loads(args[args.index("--models") + 1]) == {"base": "/models/base", "grpo": "/runs/1/hf"}
+    assert [args[args.index(flag) + 1] for flag in ("--tools", "--max_turns", "--max_rollout_tokens")] == ['["calculator"]', "3", "160"]
+    demo.verifiable(["--heldout", "20"])
+    assert [config for config, _ in fits[1:]] == ["arithmetic.yaml"] * 2 and "--tools" not in evaluations[1]
