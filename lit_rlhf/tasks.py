@@ -134,23 +134,32 @@ def prompt_messages(row: dict, n: int) -> list[dict]:
 def task_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int, sample: bool = False, temperature: float = 1.0,
                  engine: Engine = "hf", multi_turn: Optional[MultiTurn] = None) -> list[dict]:  # fmt: skip
     """The model's answer to each row's `prompt`, greedy (or sampled at `temperature`), as `generate_answers` gives them;
-    with `multi_turn`, the whole conversation with its environment or tools (each policy turn at most `max_new_tokens`;
-    the HF engine), and each answer's `tool_calls` and `environment_reward` (None: none)."""
+    with `multi_turn`, `conversation_answers`."""
     prompts = [tokenize(tokenizer, render_prompt(tokenizer, prompt_messages(row, n))) for n, row in enumerate(rows, start=1)]
     if multi_turn is None:
         return generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature, engine)
-    policy = SimpleNamespace(model=model, tokenizer=tokenizer, hparams=multi_turn, _trainer=None, decode=partial(tokenizer.decode, skip_special_tokens=True))
-    rollout, answers = MultiTurnRollout(policy), []
+    return conversation_answers(model, tokenizer, rows, prompts, multi_turn, max_new_tokens, batch_size, temperature if sample else 0.0)
+
+
+def conversation_answers(model, tokenizer, rows: list[dict], prompts: list[list[int]], multi_turn: MultiTurn, max_new_tokens: int,
+                         batch_size: int, temperature: float) -> list[dict]:  # fmt: skip
+    """Each row's conversation with the environment or tools of `multi_turn`, from its tokenized prompt, by the multi-turn
+    rollout engine (the `hf` loop; each policy turn at most `max_new_tokens`, greedy at `temperature` 0), `batch_size`
+    rows at a time: as `generate_answers` gives answers (the whole conversation after the prompt), with `tool_calls` and
+    `environment_reward` (None: none)."""
+    decode = partial(tokenizer.decode, skip_special_tokens=True)
+    engine, answers = MultiTurnRollout(SimpleNamespace(model=model, tokenizer=tokenizer, hparams=multi_turn, _trainer=None, decode=decode)), []
     for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
         batch = collate_prompts([{"prompt": ids} for ids in prompts[start : start + batch_size]], tokenizer.pad_token_id)
         batch = {key: batch[key].to(unwrap(model).device) for key in ("input_ids", "attention_mask")}
-        batch |= {"prompt_text": [m[-1]["content"] for m in map(prompt_messages, rows[start : start + batch_size], range(start + 1, len(rows) + 1))],
-                  "columns": {key: [row.get(key) for row in rows[start : start + batch_size]] for key in rows[0] if key != "prompt"}}  # fmt: skip
-        samples = rollout.sample(batch, 1, max_new_tokens, temperature if sample else 0.0)
-        rewards = [None] * len(samples.responses) if samples.environment_rewards is None else samples.environment_rewards.tolist()
+        batch |= {"prompt_text": [prompt_messages(row, start + n)[-1]["content"] for n, row in enumerate(chunk, start=1)],
+                  "columns": {key: [row.get(key) for row in chunk] for key in rows[0] if key != "prompt"}}  # fmt: skip
+        samples = engine.sample(batch, 1, max_new_tokens, temperature)
+        rewards = [None] * len(chunk) if samples.environment_rewards is None else samples.environment_rewards.tolist()
         for ids, mask, eos, calls, reward in zip(samples.responses, samples.response_mask, samples.contains_eos.tolist(), samples.episode["tool_calls"].tolist(), rewards):
             ids = ids[mask.bool()].tolist()
-            answers.append({"response": ids, "text": policy.decode(ids).strip(), "eos": eos, "tool_calls": calls,
+            answers.append({"response": ids, "text": decode(ids).strip(), "eos": eos, "tool_calls": calls,
                             "environment_reward": None if reward is None or math.isnan(reward) else reward})  # fmt: skip
     return answers
 
