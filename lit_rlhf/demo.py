@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
@@ -120,7 +121,7 @@ def verifiable(args=None) -> None:
         policies[estimator] = str(fit(f"{opts.task}.yaml", "--model.model_name_or_path", policies["base"], "--data.dataset", f"{data}/train.jsonl",
                                   "--model.advantage_estimator", estimator))  # fmt: skip
         print(f"{estimator}: trained in {(time.time() - began) / 60:.1f} min", file=sys.stderr)
-    multi_turn = [flag for key in ("tools", "max_turns", "max_rollout_tokens") if key in config for flag in (f"--{key}", json.dumps(config[key]))]
+    multi_turn = [flag for field in fields(tasks.MultiTurn) if field.name in config for flag in (f"--{field.name}", json.dumps(config[field.name]))]
     tasks.main(["--models", json.dumps(policies), "--dataset", f"{data}/heldout.jsonl", "--limit", str(opts.heldout), "--k", str(opts.k),
                 "--max_new_tokens", str(config["response_length"]), "--temperature", str(config["temperature"]), "--generation_engine", "auto",
                 *multi_turn])  # fmt: skip

@@ -174,12 +174,12 @@ def task_passes(model, tokenizer, rows: list[dict], functions: list[Callable], m
 def passes(rows: list[dict], answers: list[dict], functions: list[Callable]) -> torch.Tensor:
     """(N,) 1.0 where `answers[n]` (`generate_answers`') to `rows[n]` (its `prompt` text and other columns) passes: the
     reward `functions` (TRL's contract; the rows' other columns and `completion_ids` passed) and, in a conversation
-    with an environment, its reward sum to 1 or more."""
+    with an environment, its reward sum to 1 or more (unweighted: `--model.reward_weights` is training's)."""
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"} | {"completion_ids": [a["response"] for a in answers]}
     completions = [answer["text"] for answer in answers]
     prompts = [messages[-1]["content"] for messages in map(prompt_messages, rows, range(1, len(rows) + 1))]  # the question, as in training
     scores = [f(prompts=prompts, completions=completions, **columns) for f in functions]
-    scores.append([answer.get("environment_reward") for answer in answers])  # an environment's reward counts as training counts it
+    scores.append([answer.get("environment_reward") for answer in answers])  # an environment's reward, a reward source as in training
     return torch.tensor([float(sum(s or 0.0 for s in row_scores) >= 1) for row_scores in zip(*scores)])
 
 
@@ -202,9 +202,14 @@ def task_accuracy(
     check_ranges("", locals(), {"limit": "> 0", "k": "> 0", "max_new_tokens": "> 0", "batch_size": "> 0", "temperature": "> 0", "max_turns": "> 0",
                                 "max_rollout_tokens": "> 0", "environment_timeout": "> 0"})  # fmt: skip
     multi_turn = MultiTurn(environment, tools, max_turns, max_rollout_tokens, environment_timeout) if environment or tools else None
+    if environment and tools:
+        raise UserError("--environment and --tools: give one (an environment answers every turn itself; it may call functions of its own)")
     if multi_turn is not None and generation_engine == "vllm":
         raise UserError("--generation_engine vllm: conversations with --environment or --tools run on the hf engine here (auto takes it)")
-    rows = [row for _, row in load_rows(dataset)[:limit]]
+    loaded = load_rows(dataset)[:limit]
+    for where, row in loaded:  # every prompt checked before any work starts, naming its file and row
+        as_messages(row, "prompt", where, "user")
+    rows = [row for _, row in loaded]
     for name, source in models.items():  # every model found and every judge imported before any work starts
         check_source(source, f"--models {name}")
     functions = judges(reward_funcs, "--reward_funcs")
@@ -222,7 +227,7 @@ def task_accuracy(
         report[name] = {"greedy": bootstrap_ci(greedy, seed=seed), f"pass@{k}": sampled.max(0).values.mean().item(),
                         "sampled_pass_rate": sampled.mean().item(), "gain": bootstrap_ci(greedy - first, seed=seed),
                         "problems": len(rows), "greedy_passes": greedy.tolist(), "max_new_tokens": max_new_tokens, "temperature": temperature, "generation_precision": precision,
-                        "generation_engine": generation_engine}  # fmt: skip
+                        "generation_engine": "hf" if multi_turn else generation_engine}  # fmt: skip
         if multi_turn is not None:
             report[name]["tool_call_rate"] = sum(a["tool_calls"] > 0 for a in greedy_answers) / len(rows)
         print(f"{name}: greedy pass@1 {interval_text(report[name]['greedy'])}, pass@{k} {report[name][f'pass@{k}']:.3f}", file=sys.stderr)

@@ -228,6 +228,11 @@ def test_task_accuracy_answers_in_conversations_with_the_tools_and_counts_the_ca
     assert report["greedy_passes"] == [1.0, 0.0] and report["tool_call_rate"] == 0.0
     with pytest.raises(UserError, match="--generation_engine vllm: conversations with --environment or --tools run on the hf engine"):
         task_accuracy({"base": tiny_model_dir}, "task.jsonl", generation_engine="vllm", **flags)
+    with pytest.raises(UserError, match="--environment and --tools: give one"):
+        task_accuracy({"base": tiny_model_dir}, "task.jsonl", environment="my_env.py:Script", **flags)
+    Path("task.jsonl").write_text(Path("task.jsonl").read_text() + json.dumps({"prompt": [{"role": "tool", "content": "42"}], "answer": 1}) + "\n")
+    with pytest.raises(UserError, match="task.jsonl: row 3: field 'prompt' must end with a 'user' message, ends with 'tool'"):
+        task_accuracy({"base": "/nowhere"}, "task.jsonl", **flags)  # before any model is looked for
 
 
 @pytest.mark.parametrize("turns, passes", [(("ab", "c"), [1.0]), (("1", "2"), [0.0])])

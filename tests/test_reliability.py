@@ -242,7 +242,11 @@ def run_console_scripts(*commands: list[str], cwd) -> list[subprocess.CompletedP
     code = "from lit_rlhf.commands import main; main()"
     running = [subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
                for args in commands]  # fmt: skip
-    outputs = [p.communicate(timeout=300) for p in running]
+    try:
+        outputs = [p.communicate(timeout=300) for p in running]
+    finally:
+        for p in running:  # a timeout leaves none of them running
+            p.kill()
     return [subprocess.CompletedProcess(p.args, p.returncode, *output) for p, output in zip(running, outputs)]
 
 

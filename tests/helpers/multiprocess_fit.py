@@ -133,9 +133,12 @@ if __name__ == "__main__":
         out_dir = Path(run["out_dir"])
         out_dir.mkdir(parents=True, exist_ok=True)
         os.chdir(out_dir)
+        before = {key: os.environ.get(key) for key in run["env"]}
         os.environ.update(run["env"], HF_DATASETS_CACHE=str(out_dir / "cache"))
         datasets.config.HF_DATASETS_CACHE = out_dir / "cache"  # its rank 0 tokenizes, its rank 1 reads what rank 0 wrote
         for calls in work.values():
             calls.clear()
         record = fit_and_record(run["args"], run["nan_step"]) | {key: list(calls) for key, calls in work.items()}
         torch.save(record, out_dir / f"{run['name']}.rank{record['rank']}.pt")
+        for key, value in before.items():  # the run's own variables undone (not the launcher's: later runs join its processes)
+            os.environ.pop(key) if value is None else os.environ.update({key: value})
