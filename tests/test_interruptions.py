@@ -140,37 +140,70 @@ if __name__ == "__main__":  # the DDP launcher runs this file again for process 
 """
 
 
-def signalled_run(tmp_path, signum: int, args: list[str]) -> subprocess.CompletedProcess:
-    script = tmp_path / "signalled_run.py"
+def start_signalled_run(folder: Path, signum: int, args: list[str]) -> subprocess.Popen:
+    """`lit-rlhf ARGS` in `folder`, started, whose process of rank 0 sends itself `signum` during its 3rd step (0: none)."""
+    script = folder / "signalled_run.py"
     script.write_text(SIGNALLED_RUN)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, str(script), str(signum), *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.Popen([sys.executable, str(script), str(signum), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder,
+                            env=env)  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "algorithm, signum", [("reward", signal.SIGTERM), ("reward", signal.SIGINT), ("dpo", signal.SIGTERM), ("ppo", signal.SIGTERM)],
-    ids=["reward-SIGTERM", "reward-SIGINT", "dpo-SIGTERM", "ppo-SIGTERM"],
-)
-def test_a_signal_ends_the_step_writes_a_checkpoint_and_the_resume_is_row_exact(
-    tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch, algorithm, signum
-):  # fmt: skip
+def finished(run: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    return subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
+
+
+def signalled_run(folder: Path, signum: int, args: list[str]) -> subprocess.CompletedProcess:
+    return finished(start_signalled_run(folder, signum, args))
+
+
+SIGNALS = {"reward-SIGTERM": ("reward", signal.SIGTERM), "reward-SIGINT": ("reward", signal.SIGINT), "dpo-SIGTERM": ("dpo", signal.SIGTERM),
+           "ppo-SIGTERM": ("ppo", signal.SIGTERM)}  # fmt: skip
+
+
+def signal_args(algorithm: str, model_dir: str, reward_dir: str, rows) -> list[str]:
+    if algorithm == "ppo":
+        return ppo_args(model_dir, reward_dir, rows, "--data.limit", "24", "--data.batch_size", "4")
+    args = reward_args(model_dir, rows, "--trainer.limit_val_batches", "0")
+    args[2] = {"reward": "lit_rlhf.reward.RewardModule", "dpo": "lit_rlhf.dpo.DPOModule"}[algorithm]
+    return args
+
+
+@pytest.fixture(scope="module")
+def signalled(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The signalled run of each of `SIGNALS`, each in a folder of its own, all started at once (a start-up mostly
+    imports, on one core): name -> (its folder, the finished process)."""
+    runs = {}
+    for name, (algorithm, signum) in SIGNALS.items():
+        folder = tmp_path_factory.mktemp(name)
+        runs[name] = folder, start_signalled_run(folder, int(signum), signal_args(algorithm, tiny_model_dir, tiny_reward_dir, real_rows))
+    return {name: (folder, finished(run)) for name, (folder, run) in runs.items()}
+
+
+@pytest.mark.parametrize("name", list(SIGNALS))
+def test_a_signal_ends_the_step_writes_a_checkpoint_and_the_resume_is_row_exact(signalled, tiny_model_dir, tiny_reward_dir, real_rows, tmp_path,
+                                                                                monkeypatch, name):  # fmt: skip
+    """The run signalled during its 3rd step finishes that step, writes last.ckpt and exits 1 naming it; resumed, it
+    reads the rows an uninterrupted run (in a folder of its own) reads after them."""
+    algorithm, signum = SIGNALS[name]
+    folder, killed = signalled[name]
+    args = signal_args(algorithm, tiny_model_dir, tiny_reward_dir, real_rows)
     monkeypatch.chdir(tmp_path)
-    if algorithm in ("reward", "dpo"):
-        args = reward_args(tiny_model_dir, real_rows, "--trainer.limit_val_batches", "0")
-        args[2] = {"reward": "lit_rlhf.reward.RewardModule", "dpo": "lit_rlhf.dpo.DPOModule"}[algorithm]
-    else:
-        args = ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "24", "--data.batch_size", "4")
     uninterrupted, _ = fit_recording(monkeypatch, args)
     assert len(uninterrupted) == (5 if algorithm == "ppo" else 6)
-    killed = signalled_run(tmp_path, int(signum), args)
-    ckpt = (tmp_path / f"logs/{algorithm}/version_1/checkpoints/last.ckpt").resolve()
+    ckpt = (folder / f"logs/{algorithm}/version_0/checkpoints/last.ckpt").resolve()
     assert killed.returncode == 1, killed.stderr[-3000:]
     last_line = killed.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"lit-rlhf: error: interrupted by {signum.name}") and f"checkpoint written to {ckpt};" in last_line
-    assert not (tmp_path / f"logs/{algorithm}/version_1/hf").exists()
+    assert not (folder / f"logs/{algorithm}/version_0/hf").exists()
     assert "weights_only" not in killed.stderr  # the checkpoint is saved whole on purpose: no warning about it
-    killed_rows = json.loads((tmp_path / "rows0.json").read_text())
+    killed_rows = json.loads((folder / "rows0.json").read_text())
     assert killed_rows == uninterrupted[:3]  # the step in progress finished, nothing after it started
+    monkeypatch.chdir(folder)
     resumed, run = fit_recording(monkeypatch, [*args, "--ckpt_path", "last"])
     assert killed_rows + resumed == uninterrupted
     assert Path(run.trainer.log_dir) == ckpt.parent.parent
