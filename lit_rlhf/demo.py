@@ -11,6 +11,7 @@ import yaml
 
 from lit_rlhf import evaluate, tasks
 from lit_rlhf.cli import cli
+from lit_rlhf.environments import MultiTurn
 from lit_rlhf.smollm2 import DEFAULT_DIR, fetch_smollm2
 
 DEMO_CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"  # package data: a plain `pip install .` has them
@@ -121,7 +122,7 @@ def verifiable(args=None) -> None:
         policies[estimator] = str(fit(f"{opts.task}.yaml", "--model.model_name_or_path", policies["base"], "--data.dataset", f"{data}/train.jsonl",
                                   "--model.advantage_estimator", estimator))  # fmt: skip
         print(f"{estimator}: trained in {(time.time() - began) / 60:.1f} min", file=sys.stderr)
-    multi_turn = [flag for field in fields(tasks.MultiTurn) if field.name in config for flag in (f"--{field.name}", json.dumps(config[field.name]))]
+    multi_turn = [flag for field in fields(MultiTurn) if field.name in config for flag in (f"--{field.name}", json.dumps(config[field.name]))]
     tasks.main(["--models", json.dumps(policies), "--dataset", f"{data}/heldout.jsonl", "--limit", str(opts.heldout), "--k", str(opts.k),
                 "--max_new_tokens", str(config["response_length"]), "--temperature", str(config["temperature"]), "--generation_engine", "auto",
                 *multi_turn])  # fmt: skip

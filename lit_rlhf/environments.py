@@ -44,6 +44,18 @@ ENDINGS = ("environment", "max_turns", "response_length", "max_rollout_tokens", 
 
 
 @dataclass
+class MultiTurn:
+    """What answers the policy's turns and the limits of a conversation, with their defaults: the `--model.*` flags of
+    the same names (lit_rlhf/ppo.py) and task-accuracy's, read by the multi-turn rollout engine."""
+
+    environment: Optional[str] = None
+    tools: Optional[list[str]] = None
+    max_turns: int = 4
+    max_rollout_tokens: int = 1024
+    environment_timeout: float = 10.0
+
+
+@dataclass
 class Reply:
     """What answers one policy turn."""
 

@@ -47,6 +47,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_rlhf.base import DEFAULT_MODEL, AlignmentModule
 from lit_rlhf.distributed import no_backward_sync
+from lit_rlhf.environments import MultiTurn
 from lit_rlhf.errors import UserError
 from lit_rlhf.estimators import ESTIMATOR_ARGUMENTS, ESTIMATORS, Estimator, checked_estimate, resolved_estimator
 from lit_rlhf.forward import response_logps, response_logps_and_entropies, response_values, sequence_scores
@@ -135,7 +136,7 @@ class PPOModule(AlignmentModule):
         loss_aggregation: Optional[Literal["token_mean", "sequence_mean", "constant"]] = None, mask_truncated_completions: bool = False,
         entropy_coef: float = 0.0, dynamic_sampling_max_rounds: int = 0, cliprange_value: float = 0.2, vf_coef: float = 0.1, max_grad_norm: float = 1.0,
         sample_every_n_steps: int = 10, rollout_engine: str = "hf", importance_sampling_cap: Optional[float] = 2.0, vllm_gpu_memory_utilization: float = 0.3,
-        environment: Optional[str] = None, tools: Optional[list[str]] = None, max_turns: int = 4, max_rollout_tokens: int = 1024, environment_timeout: float = 10.0, **kwargs,
+        environment: Optional[str] = None, tools: Optional[list[str]] = None, max_turns: int = MultiTurn.max_turns, max_rollout_tokens: int = MultiTurn.max_rollout_tokens, environment_timeout: float = MultiTurn.environment_timeout, **kwargs,
     ):  # fmt: skip
         """PPO and its critic-free relatives (RLOO, GRPO, Dr. GRPO, REINFORCE++), the estimator a flag (docs/cli.md).
 
@@ -362,6 +363,6 @@ class PPOModule(AlignmentModule):
     @torch.no_grad()
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Greedy responses (conversations, with an environment or tools) to held-out prompts, scored by the reward sources: `val_objective/scores`."""
-        samples = (MultiTurnRollout if self.hparams.environment or self.hparams.tools else HFRollout)(self).sample(batch, 1, self.hparams.response_length, 0.0)
+        samples = (MultiTurnRollout if issubclass(self.engine_class, MultiTurnRollout) else HFRollout)(self).sample(batch, 1, self.hparams.response_length, 0.0)
         scores = self.rewards.total(self.rewards(Responses.of(batch, joined(batch, samples, 1), 1, self.decode, samples.environment_rewards)))  # (B,)
         self.log_stats({"objective/scores": scores.mean()}, "val", len(scores))

@@ -16,7 +16,6 @@ import math
 import operator
 import random
 import sys
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +29,7 @@ from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.generation import Engine, generate_answers
 from lit_rlhf.metrics import bootstrap_ci, interval_text
 from lit_rlhf.data import collate_prompts
+from lit_rlhf.environments import MultiTurn
 from lit_rlhf.models import check_source, load_causal_lm, load_tokenizer, unwrap
 from lit_rlhf.plugins import resolve
 from lit_rlhf.precision import generation_precision as default_generation_precision
@@ -56,9 +56,10 @@ def tool_prompt(a: int, op: str, b: int) -> list[dict]:
     call = partial(tool_call_text, "calculator")
     system = f"You can use a calculator: write {call({'expression': '<expression>'})} and its result comes back. End with a line 'Answer: <number>'."
     x, x_op, y = EXAMPLE
+    result = OPERATORS[x_op](x, y)
     return [{"role": "system", "content": system}, {"role": "user", "content": f"What is {x} {x_op} {y}?"},
-            {"role": "assistant", "content": call({"expression": f"{x} {x_op} {y}"})}, {"role": "tool", "content": str(OPERATORS[x_op](x, y))},
-            {"role": "assistant", "content": f"Answer: {OPERATORS[x_op](x, y)}"}, {"role": "user", "content": f"What is {a} {WORDS[op]} {b}?"}]  # fmt: skip
+            {"role": "assistant", "content": call({"expression": f"{x} {x_op} {y}"})}, {"role": "tool", "content": str(result)},
+            {"role": "assistant", "content": f"Answer: {result}"}, {"role": "user", "content": f"What is {a} {WORDS[op]} {b}?"}]  # fmt: skip
 
 
 def is_heldout(text: str, share: float) -> bool:
@@ -111,18 +112,6 @@ def write_arithmetic(args: Optional[list[str]] = None) -> None:
 def judges(reward_funcs: list[str], flag: str) -> list[Callable]:
     """The reward functions `flag` names, imported now: a wrong name or path fails before any work starts."""
     return [resolve(spec, REWARD_FUNCTIONS, flag) for spec in reward_funcs]
-
-
-@dataclass
-class MultiTurn:
-    """What answers the policy's turns and the limits of a conversation: the `--model.*` flags of the same names
-    (lit_rlhf/ppo.py), read by the multi-turn rollout engine."""
-
-    environment: Optional[str] = None
-    tools: Optional[list[str]] = None
-    max_turns: int = 4
-    max_rollout_tokens: int = 1024
-    environment_timeout: float = 10.0
 
 
 def prompt_messages(row: dict, n: int) -> list[dict]:
@@ -187,7 +176,7 @@ def task_accuracy(
     models: dict[str, str], dataset: str, reward_funcs: list[str] = ["final_number"], limit: int = 200, k: int = 8,
     max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0, generation_precision: Optional[Literal["bf16", "fp32"]] = None,
     temperature: float = 1.0, generation_engine: Engine = "hf", environment: Optional[str] = None, tools: Optional[list[str]] = None,
-    max_turns: int = 4, max_rollout_tokens: int = 1024, environment_timeout: float = 10.0,
+    max_turns: int = MultiTurn.max_turns, max_rollout_tokens: int = MultiTurn.max_rollout_tokens, environment_timeout: float = MultiTurn.environment_timeout,
 ) -> dict:  # fmt: skip
     """Per model: greedy pass@1 (mean and bootstrap 95 % interval over problems) and pass@k of `k` answers
     sampled at `temperature`, on the first `limit` prompt rows of `dataset` (`task_passes`); for every model
