@@ -11,13 +11,14 @@ import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lit_rlhf.distributed import data_parallel_mesh, fsdp2, fully_shard_models, gathered_state_dict, sum_over_processes
 from lit_rlhf.errors import NonFiniteError, UserError, check_ranges
 from lit_rlhf.models import export_pretrained, load_policy, unwrap
-from lit_rlhf.ops import linear_warmup_decay
+from lit_rlhf.ops import linear_warmup_constant, linear_warmup_decay
 from lit_rlhf.runs import StopCheckpoint, signals_deferred, version_folder
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM-135M-Instruct"
@@ -46,6 +47,7 @@ class AlignmentModule(L.LightningModule):
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_scheduler: Literal["linear", "constant"] = "linear",
         lora_r: int = 0,
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
@@ -61,8 +63,9 @@ class AlignmentModule(L.LightningModule):
                 train; also the tokenizer the DataModule uses.
             learning_rate: Peak AdamW learning rate.
             weight_decay: AdamW weight decay.
-            warmup_steps: Scheduler steps of linear warmup (optimizer steps; PPO: PPO steps); the rate
-                then decays linearly to 0.
+            warmup_steps: Scheduler steps of linear warmup (optimizer steps; PPO: PPO steps).
+            lr_scheduler: The rate after the warmup: `linear` decays it linearly to 0 at the run's last
+                step (transformers' `linear`), `constant` keeps it at `learning_rate` (`constant_with_warmup`).
             lora_r: LoRA rank; 0 trains all weights.
             lora_alpha: LoRA scaling numerator (scale = alpha / r).
             lora_dropout: Dropout on the LoRA input.
@@ -136,6 +139,17 @@ class AlignmentModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         return False
 
+    def gradient_norms(self) -> dict[str, torch.Tensor]:
+        """The norm of each trained module's gradients as they are now (before clipping), `grad_norm/<module>`; none
+        for a module whose gradients the strategy keeps elsewhere (DeepSpeed)."""
+        norms = {}
+        for name in self.trained_modules:
+            grads = [p.grad for p in getattr(self, name).parameters() if p.grad is not None]
+            if grads:
+                norm = torch.nn.utils.get_total_norm(grads)
+                norms[f"grad_norm/{name}"] = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        return norms
+
     def clipped_step(self, optimizer, max_grad_norm: float) -> None:
         """An optimizer step by hand (manual optimisation), the gradients clipped to norm `max_grad_norm`; none when a
         gradient is not finite (`gradients_are_finite`)."""
@@ -198,7 +212,8 @@ class AlignmentModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = partial(linear_warmup_decay, warmup_steps=self.hparams.warmup_steps, total_steps=total)
+        schedule = {"linear": linear_warmup_decay, "constant": linear_warmup_constant}[self.hparams.lr_scheduler]
+        schedule = partial(schedule, warmup_steps=self.hparams.warmup_steps, total_steps=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -81,11 +81,19 @@ def mean_answer_logprob(model, rows: list[dict], pad_id: int, batch_size: int) -
     return (over_batches(sequence_logps, model, pairs, pad_id, batch_size) / lengths).mean().item()
 
 
-def sequence_kl(model, batch: dict[str, torch.Tensor], base_model) -> torch.Tensor:
-    """Per-token KL(model || base) estimates summed over each completion, from one forward of each
-    model: column 0 the k1 estimate, column 1 k3. -> (B, 2)"""
-    mask = (batch["labels"][:, 1:] != IGNORE_INDEX).double()
-    logps, base_logps = token_logps(model, batch).double(), token_logps(base_model, batch).double()
+def completion_logps(model, batch: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """The completion tokens' log-probs under `model`, left-aligned, of a right-padded batch of (prompt, completion)
+    rows (`collate_sequences`). -> (B, width) fp32, 0 after each row's completion"""
+    logps, labelled = token_logps(model, batch), batch["labels"][:, 1:] != IGNORE_INDEX  # (B, T - 1)
+    offsets = torch.arange(width, device=logps.device)
+    positions = (labelled.int().argmax(1, keepdim=True) + offsets).clamp(max=logps.shape[1] - 1)  # (B, width)
+    return logps.gather(1, positions) * (offsets < labelled.sum(1, keepdim=True))
+
+
+def sequence_kl(logps: torch.Tensor, base_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(model || base) estimates summed over each response, from the log-probs of the model's sampled
+    tokens under the model and under base, `logps`, `base_logps` (N, R), and the response `mask` (N, R): column 0
+    the k1 estimate, column 1 k3. -> (N, 2)"""
     return torch.stack([(kl_estimate(logps, base_logps, k) * mask).sum(-1) for k in ("k1", "k3")], 1)
 
 
@@ -330,12 +338,28 @@ class Bench:
 
 def sampled_kl(bench: Bench, model) -> torch.Tensor:
     """KL(model || baseline) per prompt from one temperature-1 sample of `model` (seeded): the k1 and k3 estimates
-    summed over the response. The samples come from the weights that score them. -> (N, 2)"""
+    summed over the response. The samples' log-probs under `model` come from the decoding that drew them (the
+    weights that score them), the baseline's from a forward over them. -> (N, 2)"""
     if model is bench.base_model:  # KL(base || base) is 0: no samples needed
         return torch.zeros(len(bench.prompts), 2, dtype=torch.float64)
     torch.manual_seed(bench.seed)
-    sampled = generate_answers(model, bench.tokenizer, bench.prompts, bench.max_new_tokens, bench.batch_size, sample=True, engine=bench.generation_engine)
-    return bench.scored(partial(sequence_kl, base_model=bench.base_model), model, [(p, s["response"]) for p, s in zip(bench.prompts, sampled)])
+    sampled = generate_answers(model, bench.tokenizer, bench.prompts, bench.max_new_tokens, bench.batch_size, sample=True,
+                               engine=bench.generation_engine, logprobs=True)  # fmt: skip
+    width = max(len(s["response"]) for s in sampled)
+    base_logps = bench.scored(partial(completion_logps, width=width), bench.base_model, [(p, s["response"]) for p, s in zip(bench.prompts, sampled)])
+    logps, mask = torch.zeros(len(sampled), width), torch.zeros(len(sampled), width)  # (N, R)
+    for i, s in enumerate(sampled):
+        logps[i, : len(s["logprobs"])], mask[i, : len(s["logprobs"])] = torch.tensor(s["logprobs"]), 1.0
+    return sequence_kl(logps.double(), base_logps.double(), mask.double())
+
+
+def greedy_logratio(bench: Bench, model, greedy: list[dict], answered: Pairs) -> float:
+    """Mean over prompts of log model(answer) - log baseline(answer) of `model`'s greedy answers: the model's log-probs
+    from the decoding (`greedy` asked with `logprobs`), the baseline's from a forward over them."""
+    if model is bench.base_model:
+        return 0.0
+    logps = torch.tensor([sum(g["logprobs"]) for g in greedy], dtype=torch.float64)
+    return (logps - bench.scored(sequence_logps, bench.base_model, answered).double()).mean().item()
 
 
 def degeneration(texts: list[str], greedy: list[dict], ci) -> dict:
@@ -350,7 +374,8 @@ def evaluate_model(bench: Bench, model, base: Optional[dict]) -> dict:
     """One model's results: rewards and win-rates of its greedy answers against `base` (the baseline's results; None:
     this is the baseline), its KL to the baseline, degeneration, answer log-probs, and the task's pass@1."""
     ci = partial(bootstrap_ci, seed=bench.seed)
-    greedy = generate_answers(model, bench.tokenizer, bench.prompts, bench.max_new_tokens, bench.batch_size, engine=bench.generation_engine)
+    greedy = generate_answers(model, bench.tokenizer, bench.prompts, bench.max_new_tokens, bench.batch_size, engine=bench.generation_engine,
+                              logprobs=model is not bench.base_model)  # fmt: skip
     answered, texts = [(p, g["response"]) for p, g in zip(bench.prompts, greedy)], [g["text"] for g in greedy]
     judge_scores, lengths = bench.scored(sequence_scores, bench.judge, answered), torch.tensor([len(g["response"]) for g in greedy])
     base = base or {"judge_scores": judge_scores, "lengths": lengths}  # per prompt (N,)
@@ -363,7 +388,7 @@ def evaluate_model(bench: Bench, model, base: Optional[dict]) -> dict:
         "lc_win_rate": length_controlled_win_rate(win, (lengths - torch.as_tensor(base["lengths"])).double()),
         "sampled_kl": ci(kl[:, 0]),
         "sampled_kl_k3": ci(kl[:, 1]),
-        "greedy_logratio": (bench.scored(sequence_logps, model, answered) - bench.scored(sequence_logps, bench.base_model, answered)).mean().item(),
+        "greedy_logratio": greedy_logratio(bench, model, greedy, answered),
         **degeneration(texts, greedy, ci),
         "logprob_preference": mean_answer_logprob(model, bench.logprob_rows, bench.tokenizer.pad_token_id, bench.score_batch_size),
         "logprob_unseen": mean_answer_logprob(model, bench.unseen, bench.tokenizer.pad_token_id, bench.score_batch_size),

@@ -143,21 +143,30 @@ def sample(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cumulative, u, right=True).squeeze(1)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) at `tokens`: the log-prob of each row's token under the model at temperature 1, computed
+    in fp32. logits (B, V), tokens (B,) -> (B,)"""
+    return logits.gather(1, tokens[:, None]).squeeze(1).float() - logits.float().logsumexp(-1)
+
+
 @torch.no_grad()
 def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-           pad_token_id: int, temperature: float = 0.0, min_new_tokens: int = 0) -> torch.Tensor:  # fmt: skip
+           pad_token_id: int, temperature: float = 0.0, min_new_tokens: int = 0, logprobs: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
     """Up to `max_new_tokens` new tokens after left-padded prompts `input_ids`, `attention_mask` (B, P), greedy when
     `temperature` is 0. A row stops at its first EOS (not before `min_new_tokens`) and leaves the batch; the loop
-    stops when every row has. -> (B, R) new tokens, `pad_token_id` after a row's EOS, R the longest row."""
+    stops when every row has. -> (B, R) new tokens, `pad_token_id` after a row's EOS, R the longest row; and with
+    `logprobs` each new token's log-prob under the model at temperature 1 (`token_logprobs`, (B, R) fp32, 0 after
+    a row's EOS), else None."""
     with grouped_kv_attention(model), kv_cache_kept(model):
-        return decode_loop(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, min_new_tokens)
+        return decode_loop(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, min_new_tokens, logprobs)
 
 
 def decode_loop(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-                pad_token_id: int, temperature: float, min_new_tokens: int) -> torch.Tensor:  # fmt: skip
-    """`decode`'s loop. -> (B, R)"""
+                pad_token_id: int, temperature: float, min_new_tokens: int, logprobs: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
+    """`decode`'s loop. -> (B, R), (B, R) or None"""
     B, device = input_ids.shape[0], input_ids.device
     out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    out_logps = torch.zeros(B, max_new_tokens, device=device) if logprobs else None
     rows = torch.arange(B, device=device)  # the rows still generating
     cache, mask = kv_cache(model, input_ids.shape[1] + max_new_tokens), attention_mask
     positions = position_ids(mask)
@@ -167,9 +176,11 @@ def decode_loop(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     for step in range(max_new_tokens):
         tokens = next_tokens(logits, temperature, eos_token_id, allow_eos=step >= min_new_tokens)  # (b,)
         out[rows, step] = tokens
+        if logprobs:
+            out_logps[rows, step] = token_logprobs(logits, tokens)
         going = tokens != eos_token_id
         if step == max_new_tokens - 1 or not going.any():
-            return out[:, : step + 1]
+            return out[:, : step + 1], None if out_logps is None else out_logps[:, : step + 1]
         if not going.all():
             cache.batch_select_indices(going.nonzero().squeeze(1))
             rows, tokens, mask, positions = rows[going], tokens[going], mask[going], positions[going]
@@ -179,7 +190,7 @@ def decode_loop(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         else:
             logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
         positions = positions + 1
-    return out
+    return out, out_logps
 
 
 VLLM_ENGINES: dict[tuple[str, torch.dtype], Optional[VLLMEngine]] = {}  # None: vLLM did not start
@@ -216,15 +227,19 @@ def started_vllm(model: nn.Module, tokenizer, engine: Engine) -> Optional[VLLMEn
 
 
 def generate(model: nn.Module, prompts: dict[str, torch.Tensor], tokenizer, max_new_tokens: int, temperature: float = 0.0,
-             min_new_tokens: int = 0, engine: Engine = "auto", synced: bool = False) -> tuple[torch.Tensor, ...]:  # fmt: skip
+             min_new_tokens: int = 0, engine: Engine = "auto", synced: bool = False, logprobs: bool = False) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Responses to left-padded prompts `input_ids`, `attention_mask` (B, P): greedy when `temperature` is 0, else
     sampled at `temperature` from the whole vocabulary; stopped at the tokenizer's EOS, not before `min_new_tokens`.
     `auto` falls back to `hf` (with a warning) when vLLM does not start for this model (`started_vllm`). `synced`:
     the parameters are sharded over processes (FSDP, DeepSpeed ZeRO-3), so every forward is a collective and every
     process must keep stepping until all are done: `transformers_generate(synced_gpus=True)`, whatever `engine`.
 
-    Returns responses, response_mask (B, R), contains_eos (B,), cut after the first EOS (`ops.truncate_after_eos`)."""
+    Returns responses, response_mask (B, R), contains_eos (B,), cut after the first EOS (`ops.truncate_after_eos`);
+    with `logprobs` also each response token's log-prob under the sampling model at temperature 1 (B, R) fp32, 0 on
+    padding (`temperature` 0 or 1 only: vLLM gives them at the sampling temperature; not with `synced`)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if logprobs and (synced or temperature not in (0.0, 1.0)):
+        raise ValueError(f"generate: log-probs are given for greedy or temperature-1 answers of an unsharded model, not at temperature {temperature}{' with synced' if synced else ''}")
     if synced:
         return transformers_generate(model, prompts, tokenizer, max_new_tokens, temperature, min_new_tokens, synced_gpus=True)
     engine = started_vllm(model, tokenizer, engine)
@@ -233,9 +248,10 @@ def generate(model: nn.Module, prompts: dict[str, torch.Tensor], tokenizer, max_
         ids = [row[mask.bool()].tolist() for row, mask in zip(prompts["input_ids"], prompts["attention_mask"])]
         seed = int(torch.randint(2**31, ()))  # from torch's stream: a seeded caller gets the same samples again
         out = engine.sample(ids, 1, max_new_tokens, temperature, eos, pad, seed, min_tokens=min_new_tokens)
-        return tuple(tensor.to(prompts["input_ids"].device) for tensor in out[:3])
-    tokens = decode(model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens, eos, pad, temperature, min_new_tokens)
-    return truncate_after_eos(tokens, eos, pad)
+        return tuple(tensor.to(prompts["input_ids"].device) for tensor in out[: 4 if logprobs else 3])
+    tokens, logps = decode(model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens, eos, pad, temperature, min_new_tokens, logprobs)
+    responses, response_mask, contains_eos = truncate_after_eos(tokens, eos, pad)
+    return (responses, response_mask, contains_eos) + ((logps * response_mask,) if logprobs else ())
 
 
 def transformers_generate(model: nn.Module, prompts: dict[str, torch.Tensor], tokenizer, max_new_tokens: int, temperature: float,
@@ -252,11 +268,12 @@ def transformers_generate(model: nn.Module, prompts: dict[str, torch.Tensor], to
 
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False,
-                     temperature: float = 1.0, engine: Engine = "hf", min_new_tokens: int = 0) -> list[dict]:  # fmt: skip
+                     temperature: float = 1.0, engine: Engine = "hf", min_new_tokens: int = 0, logprobs: bool = False) -> list[dict]:  # fmt: skip
     """Greedy (or, with `sample`, sampled at `temperature` from the whole vocabulary) answers to tokenized prompts:
     per prompt, in their order, its `response` ids (cut after the first EOS), `text` and whether it ended with EOS
-    (`eos`). The HF engine answers `batch_size` prompts at a time, prompts of similar lengths together (less padding);
-    vLLM takes them all and schedules them itself."""
+    (`eos`); with `logprobs`, each response token's log-prob under `model` at temperature 1 (`logprobs`, from the
+    decoding itself: `generate`). The HF engine answers `batch_size` prompts at a time, prompts of similar lengths
+    together (less padding); vLLM takes them all and schedules them itself."""
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     size = len(order) if started_vllm(model, tokenizer, engine) is not None else batch_size
     answers: list[Optional[dict]] = [None] * len(prompt_ids)
@@ -264,8 +281,10 @@ def generate_answers(model: nn.Module, tokenizer, prompt_ids: list[list[int]], m
         rows = order[start : start + size]
         batch = collate_prompts([{"prompt": prompt_ids[i]} for i in rows], tokenizer.pad_token_id)
         batch = {k: batch[k].to(unwrap(model).device) for k in ("input_ids", "attention_mask")}
-        responses, mask, eos = generate(model, batch, tokenizer, max_new_tokens, temperature if sample else 0.0, min_new_tokens, engine)
-        for i, r, m, e in zip(rows, responses, mask, eos.tolist()):
+        out = generate(model, batch, tokenizer, max_new_tokens, temperature if sample else 0.0, min_new_tokens, engine, logprobs=logprobs)
+        for j, (i, r, m, e) in enumerate(zip(rows, out[0], out[1], out[2].tolist())):
             ids = r[m.bool()].tolist()
             answers[i] = {"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "eos": e}
+            if logprobs:
+                answers[i]["logprobs"] = out[3][j][m.bool()].tolist()
     return answers

@@ -287,3 +287,10 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def linear_warmup_constant(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier at scheduler step `step` (0-based): linear warmup from `1 / warmup_steps`
+    to 1 over `warmup_steps` steps, then 1 to the end (`total_steps` unused: the signature of
+    `linear_warmup_decay`)."""
+    return (step + 1) / warmup_steps if step < warmup_steps else 1.0

@@ -333,6 +333,8 @@ class PPOModule(AlignmentModule):
                     for name, value in micro_stats.items():
                         stats.setdefault(name, []).append(value)
                 else:  # every micro-batch had a finite loss (gradients are synced on the last one)
+                    for name, norm in self.gradient_norms().items():
+                        stats.setdefault(name, []).append(norm)
                     self.clipped_step(optimizer, hp.max_grad_norm)
                 optimizer.zero_grad()
         self.lr_schedulers().step()

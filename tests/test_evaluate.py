@@ -10,7 +10,7 @@ import torch
 from lit_rlhf.cli import cli
 from lit_rlhf.errors import UserError
 from lit_rlhf.ops import IGNORE_INDEX
-from lit_rlhf.evaluate import is_boilerplate, main, mean_answer_logprob, over_batches, sequence_kl
+from lit_rlhf.evaluate import completion_logps, is_boilerplate, main, mean_answer_logprob, over_batches, sequence_kl
 from lit_rlhf.report import SEEDED, across_seeds, answer_table, seed_table
 
 
@@ -63,14 +63,22 @@ def test_over_batches_groups_rows_by_length_and_answers_in_the_given_order():
 
 
 def test_sequence_kl_by_hand():
-    # completion tokens 1, 0 under p = (1/4, 3/4) and q = (1/2, 1/2):
+    # completion tokens 1, 0 under p = (1/4, 3/4) and q = (1/2, 1/2), a third position masked out:
     # k1 = log(3/4 / 1/2) + log(1/4 / 1/2) = log 1.5 + log 0.5
     # k3 = (r - 1) - log r with r = q / p: (2/3 - 1 - log 2/3) + (2 - 1 - log 2)
-    batch = {"input_ids": torch.tensor([[0, 1, 0]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
-             "labels": torch.tensor([[-100, 1, 0]])}  # fmt: skip
-    k1, k3 = sequence_kl(biased_coin_lm(), batch, fair_coin_lm())[0]
+    logps = torch.tensor([[math.log(0.75), math.log(0.25), -5.0]], dtype=torch.float64)
+    base_logps = torch.tensor([[math.log(0.5), math.log(0.5), -1.0]], dtype=torch.float64)
+    k1, k3 = sequence_kl(logps, base_logps, torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64))[0]
     assert k1.item() == pytest.approx(math.log(1.5) + math.log(0.5))
     assert k3.item() == pytest.approx((2 / 3 - 1 - math.log(2 / 3)) + (2 - 1 - math.log(2)))
+
+
+def test_completion_logps_left_aligned_by_hand():
+    # row 1: prompt [0], completion [1, 0]; row 2: prompt [0, 0], completion [1], right-padded; p(1) = 3/4, p(0) = 1/4
+    batch = {"input_ids": torch.tensor([[0, 1, 0], [0, 0, 1]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 1]]),
+             "labels": torch.tensor([[-100, 1, 0], [-100, -100, 1]])}  # fmt: skip
+    expected = [[math.log(0.75), math.log(0.25), 0.0, 0.0], [math.log(0.75), 0.0, 0.0, 0.0]]
+    assert completion_logps(biased_coin_lm(), batch, width=4).tolist() == [pytest.approx(row, abs=1e-6) for row in expected]
 
 
 def test_preferred_answers_by_hand():
@@ -125,8 +133,10 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
         "--precision", "fp32",
     ])  # fmt: skip
     same, base = report["models"]["same"], report["models"]["base"]
-    assert same["win_rate"] == [0.5, 0.5, 0.5] and same["lc_win_rate"] == pytest.approx(0.5) and same["greedy_logratio"] == 0.0
-    assert same["sampled_kl"] == [0.0, 0.0, 0.0] and same["sampled_kl_k3"] == [0.0, 0.0, 0.0]
+    assert same["win_rate"] == [0.5, 0.5, 0.5] and same["lc_win_rate"] == pytest.approx(0.5)
+    # the same weights: the decoding's log-probs of its answers equal base's forward over them (fp32 rounding apart)
+    assert same["greedy_logratio"] == pytest.approx(0.0, abs=1e-4) and same["sampled_kl"] == pytest.approx([0.0] * 3, abs=1e-4)
+    assert same["sampled_kl_k3"] == pytest.approx([0.0] * 3, abs=1e-8)
     assert same["logprob_unseen"] == base["logprob_unseen"] < 0
     assert same["judge_reward"] == base["judge_reward"] != base["proxy_reward"]  # the judge is another model
     assert report["judge"]["independent"] and report["judge"]["accuracy"] != report["proxy"]["accuracy"]

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import make_causal_lm, make_tokenizer
-from lit_rlhf.data import collate_prompts
+from lit_rlhf.data import collate_prompts, collate_sequences
+from lit_rlhf.evaluate import completion_logps
 from lit_rlhf.generation import decode, generate, generate_answers, sample, transformers_generate
 from lit_rlhf.ops import truncate_after_eos
 from lit_rlhf.tokenization import render_prompt, tokenize
@@ -123,11 +124,26 @@ def test_sampled_decoding_draws_from_the_models_tempered_distribution(model, tok
     logits[tokenizer.eos_token_id] = -float("inf")
     n = 4000
     torch.manual_seed(0)
-    first = decode(model, prompt.repeat(n, 1), torch.ones(n, prompt.shape[1], dtype=torch.long), 1, tokenizer.eos_token_id, tokenizer.pad_token_id, 0.7, 1)[:, 0]
+    first = decode(model, prompt.repeat(n, 1), torch.ones(n, prompt.shape[1], dtype=torch.long), 1, tokenizer.eos_token_id, tokenizer.pad_token_id, 0.7, 1)[0][:, 0]
     frequencies = torch.bincount(first, minlength=len(logits)) / n
     assert within_sampling_error(frequencies, (logits / 0.7).softmax(-1), n)
     assert not within_sampling_error(frequencies, logits.softmax(-1), n)  # the check tells temperatures apart
     assert frequencies[tokenizer.eos_token_id] == 0
+
+
+def test_the_decodings_logprobs_are_the_models_own(model, tokenizer):
+    """The log-prob of each greedy or temperature-1 token, from the decoding that drew it: the model's forward over
+    the finished answers gives the same (fp32), 0 on padding; at another temperature they are refused."""
+    batch = left_padded(tokenizer)
+    for temperature in (0.0, 1.0):
+        torch.manual_seed(0)
+        responses, mask, _, logps = generate(model, batch, tokenizer, NEW_TOKENS, temperature, engine="hf", logprobs=True)
+        pairs = [(p, r[m.bool()].tolist()) for p, r, m in zip(prompt_ids(tokenizer), responses, mask)]
+        with torch.no_grad():
+            expected = completion_logps(model, collate_sequences(pairs, tokenizer.pad_token_id), width=responses.shape[1])
+        assert torch.allclose(logps, expected, atol=1e-5) and (logps[mask == 0] == 0).all() and (logps[mask == 1] < 0).all()
+    with pytest.raises(ValueError, match="temperature 0.7"):
+        generate(model, batch, tokenizer, NEW_TOKENS, 0.7, engine="hf", logprobs=True)
 
 
 def test_transformers_generate_for_sharded_policies_answers_as_the_decode_loop(model, tokenizer):
@@ -176,8 +192,9 @@ def test_vllm_answers_greedy_as_the_hf_engine(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
     assert_rows_end_at_different_steps(out["hf"][0], make_tokenizer().eos_token_id)
-    for hf, vllm in zip(out["hf"], out["vllm"]):
+    for hf, vllm in zip(out["hf"][:3], out["vllm"][:3]):
         assert torch.equal(hf, vllm)
+    assert torch.allclose(out["hf"][3], out["vllm"][3], atol=1e-4)  # greedy tokens' log-probs at temperature 1, both engines
     assert out["samples"][0] == out["samples"][1] and out["samples"][0] != out["samples"][2]
 
 
@@ -192,7 +209,8 @@ def vllm_run(path: str) -> None:
         torch.manual_seed(seed)
         return [a["response"] for a in generate_answers(model, tokenizer, prompts, NEW_TOKENS, 8, sample=True, engine="vllm")]
 
-    out = {"hf": generate(model, batch, tokenizer, NEW_TOKENS, engine="hf"), "vllm": generate(model, batch, tokenizer, NEW_TOKENS, engine="vllm"),
+    out = {"hf": generate(model, batch, tokenizer, NEW_TOKENS, engine="hf", logprobs=True),
+           "vllm": generate(model, batch, tokenizer, NEW_TOKENS, engine="vllm", logprobs=True),
            "samples": [samples(0), samples(0), samples(1)]}  # fmt: skip
     torch.save(out, path)
 

@@ -17,6 +17,7 @@ from lit_rlhf.ops import (
     label_logps,
     label_logps_and_entropies,
     last_token_index,
+    linear_warmup_constant,
     linear_warmup_decay,
     masked_whiten,
     position_ids,
@@ -274,6 +275,11 @@ def test_last_token_index_any_padding_side():
 )
 def test_linear_warmup_decay_by_hand(warmup, total, expected):
     assert [linear_warmup_decay(step, warmup, total) for step in range(len(expected))] == pytest.approx(expected)
+
+
+def test_linear_warmup_constant_by_hand():
+    assert [linear_warmup_constant(step, 2, 6) for step in range(7)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 1])  # the peak to the end
+    assert [linear_warmup_constant(step, 0, 4) for step in range(3)] == [1.0, 1.0, 1.0]
 
 
 def test_pure_math_modules_import_torch_alone():

@@ -172,6 +172,8 @@ def test_toy_reward_is_learned(tiny_model_dir, tiny_reward_dir, real_rows, tmp_p
     run.trainer.fit(run.model, datamodule=run.datamodule)
     assert len(scores) == 10
     assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.15, scores
+    norms = {name: value for name, value in run.trainer.logged_metrics.items() if name.startswith("grad_norm/")}  # before clipping
+    assert set(norms) == {f"grad_norm/{name}" for name in run.model.trained_modules} and all(value > 0 for value in norms.values())
 
 
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
