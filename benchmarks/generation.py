@@ -1,4 +1,4 @@
-"""Generated tokens per second of each generation engine on this machine, against its compute limit.
+"""Generated tokens per second of each generation engine on this machine, against its compute and memory limits.
 
     python benchmarks/generation.py                       # SmolLM2-135M (lit-rlhf fetch-smollm2), about 6 minutes alone
     python benchmarks/generation.py --full                # every engine at every size and dtype (longer)
@@ -16,7 +16,9 @@ vLLM's start and one warm-up call not). The engines:
 Each engine and dtype runs in a process of its own (its peak resident memory is its own; vLLM pins
 torch's threads). The compute limit: the model's FLOPs per token (2 x its parameters: 0.27 GFLOP for
 the 135M model, attention's own FLOPs left out) against a large matmul's TFLOP/s measured here in that
-dtype. Prints a markdown table with the CPU, its bf16 flags and the load average before and after (other
+dtype. The memory limit: each decoding step reads every weight once for the whole batch and each row's
+cached keys and values (on average prompt + N/2 positions), at the read bandwidth measured here (a sum
+over 1 GiB); at batch 64 on two cores it is the lower of the two. Prints a markdown table with the CPU, its bf16 flags and the load average before and after (other
 processes on the cores slow every engine; run it alone).
 """
 
@@ -46,6 +48,17 @@ def matmul_tflops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) ->
         a @ b
         n += 1
     return 2 * size**3 * n / (time.perf_counter() - start) / 1e12
+
+
+def read_gb_per_s(gib: int = 1, seconds: float = 2.0) -> float:
+    """Memory read bandwidth: GB/s of summing a `gib` GiB fp32 tensor, repeated for about `seconds`."""
+    x = torch.ones(gib * 2**28)
+    x.sum()
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        x.sum()
+        n += 1
+    return x.numel() * 4 * n / (time.perf_counter() - start) / 1e9
 
 
 def cpu_description() -> str:
@@ -103,7 +116,8 @@ def worker(spec: dict) -> list[dict]:
     start_seconds = time.perf_counter() - start
     run = generator(spec["engine"], model, tokenizer)
     run(prompt_batch(tokenizer, 2), 4)  # warm-up
-    results = []
+    config, results = model.config, []
+    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     for batch_size, new_tokens in spec["cells"]:
         batch = prompt_batch(tokenizer, batch_size)
         start = time.perf_counter()
@@ -112,7 +126,9 @@ def worker(spec: dict) -> list[dict]:
         assert tokens.shape == (batch_size, new_tokens), tokens.shape  # every row did the same work
         results.append({"engine": spec["engine"], "dtype": spec["dtype"], "batch": batch_size, "new_tokens": new_tokens,
                         "tokens_per_s": batch_size * new_tokens / seconds, "seconds": seconds, "peak_rss_gib": peak_rss_gib(),
-                        "start_s": start_seconds, "flops_per_token": 2 * sum(p.numel() for p in model.parameters())})  # fmt: skip
+                        "start_s": start_seconds, "flops_per_token": 2 * sum(p.numel() for p in model.parameters()),
+                        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "prompt_length": batch["input_ids"].shape[1],
+                        "kv_bytes_per_position": kv_bytes * DTYPES[spec["dtype"]].itemsize})  # fmt: skip
     return results
 
 
@@ -146,17 +162,25 @@ def run_worker(spec: dict) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(results: list[dict], tflops: dict[str, float]) -> str:
+def memory_limit(result: dict, gb_per_s: float) -> float:
+    """Tokens/s if every decoding step of `result`'s cell only read the weights once and each row's keys and values."""
+    positions = result["prompt_length"] + result["new_tokens"] / 2  # cached per row, on average over the steps
+    step_bytes = result["weight_bytes"] + result["batch"] * positions * result["kv_bytes_per_position"]
+    return result["batch"] * gb_per_s * 1e9 / step_bytes
+
+
+def table(results: list[dict], tflops: dict[str, float], gb_per_s: float) -> str:
     """The markdown table: one row per cell, with the speed-up over `hf-generate` in the same cell and dtype."""
     baseline = {(r["dtype"], r["batch"], r["new_tokens"]): r["tokens_per_s"] for r in results if r["engine"] == "hf-generate"}
-    lines = ["| engine | dtype | batch | new tokens | tokens/s | vs hf-generate | share of the compute limit | peak RSS (GiB) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| engine | dtype | batch | new tokens | tokens/s | vs hf-generate | share of the compute limit | share of the memory limit | peak RSS (GiB) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
         base = baseline.get((r["dtype"], r["batch"], r["new_tokens"]))
         limit = tflops[r["dtype"]] * 1e12 / r["flops_per_token"]  # tokens/s
         speedup = f"{r['tokens_per_s'] / base:.1f}x" if base else "-"
         lines.append(f"| {r['engine']} | {r['dtype']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_s']:.0f} | {speedup} | "
-                     f"{100 * r['tokens_per_s'] / limit:.0f} % of {limit:.0f} | {r['peak_rss_gib']:.2f} |")  # fmt: skip
+                     f"{100 * r['tokens_per_s'] / limit:.0f} % of {limit:.0f} | {100 * r['tokens_per_s'] / memory_limit(r, gb_per_s):.0f} % of "
+                     f"{memory_limit(r, gb_per_s):.0f} | {r['peak_rss_gib']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -180,15 +204,15 @@ def main(argv=None) -> None:
 
         args.model = str(fetch_smollm2())
     began, load_before = time.time(), os.getloadavg()[0]
-    tflops = {name: matmul_tflops(DTYPES[name]) for name in args.dtypes}
+    tflops, gb_per_s = {name: matmul_tflops(DTYPES[name]) for name in args.dtypes}, read_gb_per_s()
     results = [r for spec in plan(args) for r in run_worker(spec)]
     print(f"CPU: {cpu_description()}")
-    print("matmul (2048^3) TFLOP/s measured here: " + ", ".join(f"{name} {value:.2f}" for name, value in tflops.items()))
+    print("matmul (2048^3) TFLOP/s measured here: " + ", ".join(f"{name} {value:.2f}" for name, value in tflops.items()) + f"; memory read {gb_per_s:.1f} GB/s")
     print(f"model: {args.model}; load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; {time.time() - began:.0f} s in all")
     starts = {r["dtype"]: r["start_s"] for r in results if r["engine"] == "vllm"}
     print("vLLM start (s, not counted): " + (", ".join(f"{dtype} {seconds:.0f}" for dtype, seconds in starts.items()) or "-"))
     print()
-    print(table(results, tflops))
+    print(table(results, tflops, gb_per_s))
 
 
 if __name__ == "__main__":

@@ -219,6 +219,16 @@ if __name__ == "__main__":
     vllm_run(sys.argv[1])
 
 
+def test_the_benchmarks_memory_limit_by_hand():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import generation as benchmark  # benchmarks/generation.py
+
+    # 1 GB of weights and 2 rows of 10 prompt + 20 / 2 cached positions at 1 MB each: 1.04 GB a step; at 10.4 GB/s 10
+    # steps a second, 2 tokens each
+    cell = {"batch": 2, "new_tokens": 20, "prompt_length": 10, "weight_bytes": 1e9, "kv_bytes_per_position": 1e6}
+    assert benchmark.memory_limit(cell, gb_per_s=10.4) == pytest.approx(20.0)
+
+
 def test_vllm_requests_are_sent_in_runs_that_fit_its_kv_cache_and_one_prefill_step():
     """vLLM on a CPU cannot resume a seeded request it stopped half-way (preempted for lack of KV blocks, or its prefill
     split over steps): each run must fit the KV cache and be prefilled in one step."""
