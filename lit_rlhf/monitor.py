@@ -29,7 +29,7 @@ def degeneration_stats(answers: list[dict]) -> dict[str, torch.Tensor]:
 
 
 class GenerationMonitor(L.Callback):
-    def __init__(self, num_prompts: int = 16, max_new_tokens: int = 96, batch_size: int = 8, pass_at_k: int = 0, temperature: float = 1.0,
+    def __init__(self, num_prompts: int = 16, max_new_tokens: Optional[int] = None, batch_size: int = 8, pass_at_k: int = 0, temperature: float = 1.0,
                  reward_funcs: Optional[list[str]] = None, seed: int = 0):  # fmt: skip
         """At the end of each validation, the policy answers the first `num_prompts` held-out prompts
         greedily, and `val_generations/eos_share`, `val_generations/loop_share` (a word 4-gram three
@@ -38,7 +38,9 @@ class GenerationMonitor(L.Callback):
 
         Args:
             num_prompts: Held-out prompts answered at each validation (0: off).
-            max_new_tokens: Length cap of each answer; an answer that reaches it has not ended.
+            max_new_tokens: Length cap of each answer; an answer that reaches it has not ended. null: the policy's
+                `response_length` (PPO: the length its rollouts are sampled at), else 256 (where 82 % of the shipped
+                rows' chosen answers end: judged shorter, an answer like them would not end).
             batch_size: Prompts generated at once.
             pass_at_k: On a verifiable task, also `val_generations/pass@1` (the greedy answers) and `val_generations/pass@k` (k
                 answers sampled per prompt, one passing is enough); an answer passes when `reward_funcs` sum to 1 or more. 0: off.
@@ -64,16 +66,16 @@ class GenerationMonitor(L.Callback):
         if trainer.sanity_checking or not self.num_prompts or model is None or not unwrap(model).can_generate():
             return
         held_out = trainer.datamodule.val_rows[: self.num_prompts]
-        prompts = [row["prompt"] for row in held_out]
+        prompts, max_new_tokens = [row["prompt"] for row in held_out], self.max_new_tokens or getattr(pl_module.hparams, "response_length", 256)
         with trainer.precision_plugin.forward_context():
-            answers = generate_answers(model, pl_module.tokenizer, prompts, self.max_new_tokens, self.batch_size)
+            answers = generate_answers(model, pl_module.tokenizer, prompts, max_new_tokens, self.batch_size)
         stats = degeneration_stats(answers)
         if self.judges:
             rows = [{key: value for key, value in row.items() if key not in ENCODED_FIELDS} | {"prompt": row["prompt_text"]} for row in held_out]
             stats["pass@1"] = passes(rows, answers, self.judges).mean()
             with torch.random.fork_rng(), trainer.precision_plugin.forward_context():
                 torch.manual_seed(self.seed)
-                sampled = [passes(rows, generate_answers(model, pl_module.tokenizer, prompts, self.max_new_tokens, self.batch_size, True, self.temperature), self.judges)
+                sampled = [passes(rows, generate_answers(model, pl_module.tokenizer, prompts, max_new_tokens, self.batch_size, True, self.temperature), self.judges)
                            for _ in range(self.pass_at_k)]  # fmt: skip
             stats[f"pass@{self.pass_at_k}"] = torch.stack(sampled).max(0).values.mean()  # (k, N) -> one passing answer per prompt
         for name, value in stats.items():

@@ -375,6 +375,10 @@ def test_validation_logs_the_share_of_held_out_answers_that_end_and_that_loop(ti
     metrics = run.trainer.callback_metrics
     assert metrics["val_generations/eos_share"].item() == pytest.approx(2 / 3)
     assert metrics["val_generations/loop_share"].item() == pytest.approx(1 / 3) and metrics["val_generations/mean_length"].item() == 4.0
+    monitor = next(c for c in run.trainer.callbacks if isinstance(c, lit_rlhf.monitor.GenerationMonitor))
+    monitor.max_new_tokens = None  # the default: a policy without a rollout length (DPO) answers up to 256 tokens
+    run.trainer.validate(run.model, datamodule=run.datamodule, verbose=False)
+    assert asked[-1][1] == 256
 
 
 def test_validation_logs_greedy_pass_at_1_and_sampled_pass_at_k_without_touching_the_runs_random_stream(tiny_model_dir, real_rows, tmp_path, monkeypatch):
