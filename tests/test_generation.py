@@ -1,20 +1,18 @@
 """The one generation path (lit_rlhf/generation.py): the same answers as `model.generate`, from every engine.
 
-The vLLM test runs this file as a script in a process of its own (vLLM starts a process group and pins
-torch's threads in the process it runs in), as tests/test_vllm.py does.
+Its vLLM engine is tested in tests/test_vllm.py, with the other vLLM checks in one process of their own (vLLM
+starts a process group and pins torch's threads in the process it runs in): the same model and prompts.
 """
 
 import types
 import copy
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_causal_lm, make_tokenizer
+from conftest import make_causal_lm
 from lit_rlhf.data import collate_prompts, collate_sequences
 from lit_rlhf.evaluate import completion_logps
 from lit_rlhf.generation import decode, generate, generate_answers, sample, transformers_generate
@@ -181,42 +179,6 @@ def test_a_policy_that_checkpoints_its_layers_generates_with_its_kv_cache(model,
 def test_an_unknown_engine_is_refused(model, tokenizer):
     with pytest.raises(ValueError, match="auto, hf or vllm"):
         generate(model, left_padded(tokenizer), tokenizer, 2, engine="fast")
-
-
-@pytest.mark.vllm
-def test_vllm_answers_greedy_as_the_hf_engine(tmp_path):
-    """Token-identical greedy answers in fp32, and seeded samples that repeat, from an engine started from the
-    model's config alone and given its weights by a push."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
-    done = subprocess.run([sys.executable, __file__, str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt")
-    assert_rows_end_at_different_steps(out["hf"][0], make_tokenizer().eos_token_id)
-    for hf, vllm in zip(out["hf"][:3], out["vllm"][:3]):
-        assert torch.equal(hf, vllm)
-    assert torch.allclose(out["hf"][3], out["vllm"][3], atol=1e-4)  # greedy tokens' log-probs at temperature 1, both engines
-    assert out["samples"][0] == out["samples"][1] and out["samples"][0] != out["samples"][2]
-
-
-def vllm_run(path: str) -> None:
-    """What test_vllm_answers_greedy_as_the_hf_engine compares, saved to `path`. vLLM's CPU attention needs heads of
-    >= 32 dims: 2 heads of 32."""
-    tokenizer = make_tokenizer()
-    model, batch = chatty_lm(tokenizer, num_attention_heads=2, num_key_value_heads=1, eos_like=165), left_padded(tokenizer)
-    prompts = prompt_ids(tokenizer)
-
-    def samples(seed: int) -> list[list[int]]:
-        torch.manual_seed(seed)
-        return [a["response"] for a in generate_answers(model, tokenizer, prompts, NEW_TOKENS, 8, sample=True, engine="vllm")]
-
-    out = {"hf": generate(model, batch, tokenizer, NEW_TOKENS, engine="hf", logprobs=True),
-           "vllm": generate(model, batch, tokenizer, NEW_TOKENS, engine="vllm", logprobs=True),
-           "samples": [samples(0), samples(0), samples(1)]}  # fmt: skip
-    torch.save(out, path)
-
-
-if __name__ == "__main__":
-    vllm_run(sys.argv[1])
 
 
 def test_the_benchmarks_memory_limit_by_hand():

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from conftest import make_causal_lm
+from test_generation import assert_rows_end_at_different_steps
 from lit_rlhf.environments import observation_text
 from lit_rlhf.errors import UserError
 from lit_rlhf.tokenization import tokenize
@@ -104,6 +105,17 @@ def test_multi_turn_rollouts_with_vllm_are_its_sampled_turns_and_the_observation
     assert first["ratio"].item() == pytest.approx(1.0, abs=1e-6) and first["approxkl"].item() < 1e-10
     assert 0 < metrics["rollout/logprob_diff"] < 1e-2  # the trainer's log-probs of the policy's tokens are vLLM's
     assert metrics["rollout/turns"] > 1.0
+
+
+def test_vllm_answers_greedy_as_the_hf_engine(checks, tokenizer):
+    """The generation path's `engine="vllm"`: token-identical greedy answers to the HF loop's in fp32 (rows ending at
+    different steps), the same log-probs of them, and seeded samples that repeat (tests/test_generation.py's model)."""
+    out = checks["generation"]
+    assert_rows_end_at_different_steps(out["hf"][0], tokenizer.eos_token_id)
+    for hf, vllm in zip(out["hf"][:3], out["vllm"][:3]):  # responses, mask, contains_eos
+        assert torch.equal(hf, vllm)
+    assert max_gap(out["hf"][3], out["vllm"][3]) < SAME  # each greedy token's log-prob at temperature 1
+    assert out["samples"][0] == out["samples"][1] and out["samples"][0] != out["samples"][2]
 
 
 def test_starting_vllm_keeps_the_runs_random_stream(checks):

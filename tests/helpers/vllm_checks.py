@@ -1,8 +1,10 @@
-"""PPO/GRPO runs with `--model.rollout_engine vllm`, recording what tests/test_vllm.py asserts on.
+"""PPO/GRPO runs with `--model.rollout_engine vllm`, and the generation path's `engine="vllm"`, recording what
+tests/test_vllm.py asserts on.
 
     PYTHONPATH=tests python tests/helpers/vllm_checks.py OUT_FILE MODEL_DIR REWARD_DIR ROWS
 
-(tests/ on the path: the flags come from conftest.py, the toy reward from test_ppo.py).
+(tests/ on the path: the flags come from conftest.py, the toy reward from test_ppo.py, the chatty model from
+test_generation.py).
 
 vLLM starts a process group and pins torch's threads in the process it runs in, so these runs get a
 process of their own. One engine is started by the first run (as `on_fit_start` does) and handed to
@@ -19,10 +21,12 @@ from lightning.pytorch.callbacks import LambdaCallback
 
 from lit_rlhf.cli import cli
 from lit_rlhf.forward import token_logps
+from lit_rlhf.generation import VLLM_ENGINES, generate, generate_answers
 from lit_rlhf.policy_losses import POLICY_LOSSES
 from lit_rlhf.rollout_engines import VLLMMultiTurnRollout, VLLMRollout
 from lit_rlhf.vllm_engine import VLLMEngine
-from conftest import fit_args  # after lit_rlhf, as test_ppo imports it: importing conftest sets HF_* variables
+from conftest import fit_args, make_tokenizer  # after lit_rlhf, as test_ppo imports it: importing conftest sets HF_* variables
+from test_generation import NEW_TOKENS, chatty_lm, left_padded, prompt_ids
 from test_multi_turn import ENVIRONMENT_FILE
 from test_ppo import ascii_share_score
 
@@ -128,7 +132,27 @@ def main(out_file: str, model_dir: str, reward_dir: str, rows: str) -> None:
                   "--model.temperature", "1.0", "--model.ppo_epochs", "4", "--trainer.limit_train_batches", "10"),
         engine=engine, score=ascii_share_score(scores))  # fmt: skip
     results["toy_scores"] = scores
+
+    # 5. the one generation path (lit_rlhf/generation.py) through the same engine: test_generation.py's model and prompts
+    results["generation"] = generation_path(engine.engine)
     torch.save(results, out_file)
+
+
+def generation_path(engine: VLLMEngine) -> dict:
+    """`generate(engine="hf")` and `generate(engine="vllm")` on test_generation.py's chatty model and prompts (greedy,
+    with log-probs), and seeded vLLM samples drawn twice with one seed and once with another. `engine` serves the
+    same architecture (2 heads of 32 dims: vLLM's CPU attention needs >= 32): it is handed to the generation path
+    instead of a second engine started in this process."""
+    tokenizer = make_tokenizer()
+    model, batch = chatty_lm(tokenizer, num_attention_heads=2, num_key_value_heads=1, eos_like=165), left_padded(tokenizer)
+    VLLM_ENGINES[(model.config.to_json_string(), torch.float32)] = engine
+
+    def samples(seed: int) -> list[list[int]]:
+        torch.manual_seed(seed)
+        return [a["response"] for a in generate_answers(model, tokenizer, prompt_ids(tokenizer), NEW_TOKENS, 8, sample=True, engine="vllm")]
+
+    return {"hf": generate(model, batch, tokenizer, NEW_TOKENS, engine="hf", logprobs=True),
+            "vllm": generate(model, batch, tokenizer, NEW_TOKENS, engine="vllm", logprobs=True), "samples": [samples(0), samples(0), samples(1)]}  # fmt: skip
 
 
 if __name__ == "__main__":
