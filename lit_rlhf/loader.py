@@ -93,9 +93,11 @@ class CountingDataLoader(DataLoader):
 
     `next_batch` takes the next batch of the epoch the training loop is iterating, from the same stream: a step
     that needs more rows than its batch (PPO's dynamic sampling) takes the batches the next steps would have
-    taken, counted alike, so a checkpoint resumes after them."""
+    taken, counted alike, so a checkpoint resumes after them; with `limit`, they count against the epoch's batches
+    (`--trainer.limit_train_batches`), which then ends after fewer steps."""
 
     batch_sampler: ResumableBatchSampler
+    limit: Optional[int] = None  # batches an epoch may take in all (the trainer's `num_training_batches`); None: all
 
     def __iter__(self):
         self.live = self.counted(super().__iter__())
@@ -103,6 +105,8 @@ class CountingDataLoader(DataLoader):
 
     def counted(self, batches):
         for batch in batches:
+            if self.limit is not None and self.batch_sampler.batches_done >= self.limit:
+                return  # the epoch ends sooner: a step took batches that later steps would have taken (`next_batch`)
             self.batch_sampler.batches_done += 1  # counted when taken, not when a worker prefetches it
             yield batch
 

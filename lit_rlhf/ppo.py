@@ -262,7 +262,9 @@ class PPOModule(AlignmentModule):
 
     def dynamically_sampled(self, rollout: Rollout) -> tuple[Rollout, dict[str, torch.Tensor]]:
         """DAPO's dynamic sampling (`rollout.dynamically_sampled`): more rollouts of the training loader's next batches, till none is left."""
-        more = (self.rollout(self.transfer_batch_to_device(batch, self.device, 0)) for batch in iter(self.trainer.train_dataloader.next_batch, None))
+        loader = self.trainer.train_dataloader
+        loader.limit = self.trainer.num_training_batches  # the batches taken here count against `--trainer.limit_train_batches`
+        more = (self.rollout(self.transfer_batch_to_device(batch, self.device, 0)) for batch in iter(loader.next_batch, None))
         return dynamically_sampled(rollout, self.hparams.num_generations, self.hparams.dynamic_sampling_max_rounds, more, self.sum_over_processes)
 
     @torch.no_grad()

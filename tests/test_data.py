@@ -14,7 +14,7 @@ from lit_rlhf.commands import main
 from lit_rlhf.data import PreferenceDataModule, collate_pairs, collate_prompts
 from lit_rlhf.tokenization import render_completion, render_prompt
 from lit_rlhf.errors import UserError
-from lit_rlhf.loader import ResumableBatchSampler
+from lit_rlhf.loader import CountingDataLoader, ResumableBatchSampler
 from lit_rlhf.ops import IGNORE_INDEX
 
 EOS = PAD = 9  # pad == eos, as in SmolLM
@@ -288,6 +288,16 @@ def test_cli_prints_one_line_error_without_traceback(tiny_model_dir, tmp_path, c
 def shares(num_rows: int, batch_size: int, world_size: int, shuffle: bool) -> list[list[list[int]]]:
     """The batches each of `world_size` processes draws in the first epoch, seed 3."""
     return [list(ResumableBatchSampler(num_rows, batch_size, shuffle, 3, rank, world_size)) for rank in range(world_size)]
+
+
+def test_batches_a_step_takes_count_against_the_epochs_limit():
+    """6 batches of 2 rows, the epoch limited to 4: the loop's first batch, one a step takes (`next_batch`, PPO's
+    dynamic sampling), then the loop's next two; the epoch ends there, as it would have after 4 steps."""
+    loader = CountingDataLoader(list(range(12)), batch_sampler=ResumableBatchSampler(12, 2, shuffle=False))
+    loader.limit = 4
+    epoch = iter(loader)
+    taken = [next(epoch).tolist(), loader.next_batch().tolist()] + [batch.tolist() for batch in epoch]
+    assert taken == [[0, 1], [2, 3], [4, 5], [6, 7]] and loader.next_batch() is None and loader.batch_sampler.batches_done == 4
 
 
 def test_training_shards_are_disjoint_equal_and_add_up_to_the_one_process_batches():

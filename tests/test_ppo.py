@@ -467,7 +467,7 @@ def dynamic_module(tiny_model_dir, tiny_reward_dir):
         return {}
 
     loader.next_batch = next_batch
-    module._trainer = types.SimpleNamespace(train_dataloader=loader, strategy=types.SimpleNamespace(reduce=lambda t, reduce_op: t))
+    module._trainer = types.SimpleNamespace(train_dataloader=loader, num_training_batches=8, strategy=types.SimpleNamespace(reduce=lambda t, reduce_op: t))
     module.rollout = lambda batch: next(rounds)
     module.transfer_batch_to_device = lambda batch, device, index: batch
     return module, loader
@@ -481,6 +481,7 @@ def test_dynamic_sampling_refills_a_batch_of_flat_groups(dynamic_module):
     rollout, stats = module.dynamically_sampled(toy_rollout([1.0, 1.0, 0.0, 0.0], P=2, R=3, first=0))
     assert rollout.scores.tolist() == [0.0, 1.0, 5.0, 4.0] and rollout.prompt_text == ["p10", "p11", "p22", "p23"]
     assert stats["rollout/sampling_rounds"] == 3 and stats["rollout/flat_group_share"] == pytest.approx(4 / 6) and loader.taken == 2
+    assert loader.limit == 8  # what it takes counts against the epoch's batches (tests/test_data.py)
     assert rollout.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0]] * 2 + [[0, 1, 1, 1, 1, 1, 1]] * 2
     assert rollout.labels[0].tolist() == [-100, -100, -100, 10, 10, -100, -100] and rollout.response_mask[0].tolist() == [1, 1, 0, 0]
     assert rollout.input_ids[2].tolist() == [0, 22, 22, 22, 22, 22, 22] and rollout.logprobs.shape == (4, 4)
