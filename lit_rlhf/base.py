@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from lit_rlhf.distributed import data_parallel_mesh, fsdp2, fully_shard_models, gathered_state_dict, sum_over_processes
 from lit_rlhf.errors import NonFiniteError, UserError, check_ranges
+from lit_rlhf.loader import CountingDataLoader
 from lit_rlhf.models import export_pretrained, load_policy, unwrap
 from lit_rlhf.ops import linear_warmup_constant, linear_warmup_decay
 from lit_rlhf.runs import StopCheckpoint, signals_deferred, version_folder
@@ -150,12 +151,14 @@ class AlignmentModule(L.LightningModule):
                 norms[f"grad_norm/{name}"] = norm.full_tensor() if isinstance(norm, DTensor) else norm
         return norms
 
-    def clipped_step(self, optimizer, max_grad_norm: float) -> None:
+    def clipped_step(self, optimizer, max_grad_norm: float) -> dict[str, torch.Tensor]:
         """An optimizer step by hand (manual optimisation), the gradients clipped to norm `max_grad_norm`; none when a
-        gradient is not finite (`gradients_are_finite`)."""
+        gradient is not finite (`gradients_are_finite`). -> the gradient norms before clipping (`gradient_norms`)"""
+        norms = self.gradient_norms()
         if self.gradients_are_finite(optimizer):
             self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
+        return norms
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if not self.automatic_optimization:
@@ -243,6 +246,12 @@ class AlignmentModule(L.LightningModule):
                 for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
                     group["lr"] = self.hparams.learning_rate * factor(scheduler.last_epoch)
                 scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+    def on_train_epoch_start(self) -> None:
+        """The batches a step takes beyond its own (`CountingDataLoader.next_batch`: PPO's dynamic sampling) count
+        against the epoch's `--trainer.limit_train_batches`: the epoch ends after fewer steps."""
+        if isinstance(loader := self.trainer.train_dataloader, CountingDataLoader):
+            loader.limit = self.trainer.num_training_batches
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"logs and checkpoints: {Path(self.trainer.log_dir).resolve()}")

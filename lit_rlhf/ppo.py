@@ -262,9 +262,7 @@ class PPOModule(AlignmentModule):
 
     def dynamically_sampled(self, rollout: Rollout) -> tuple[Rollout, dict[str, torch.Tensor]]:
         """DAPO's dynamic sampling (`rollout.dynamically_sampled`): more rollouts of the training loader's next batches, till none is left."""
-        loader = self.trainer.train_dataloader
-        loader.limit = self.trainer.num_training_batches  # the batches taken here count against `--trainer.limit_train_batches`
-        more = (self.rollout(self.transfer_batch_to_device(batch, self.device, 0)) for batch in iter(loader.next_batch, None))
+        more = (self.rollout(self.transfer_batch_to_device(batch, self.device, 0)) for batch in iter(self.trainer.train_dataloader.next_batch, None))
         return dynamically_sampled(rollout, self.hparams.num_generations, self.hparams.dynamic_sampling_max_rounds, more, self.sum_over_processes)
 
     @torch.no_grad()
@@ -320,8 +318,7 @@ class PPOModule(AlignmentModule):
         """`ppo_epochs` passes over shuffled minibatches of whole groups, gradients accumulated over micro-batches."""
         hp, optimizer = self.hparams, self.optimizers()
         N = len(rollout.input_ids)  # B * k rows
-        micro_size = max(1, N // (hp.num_minibatches * hp.gradient_accumulation_steps))  # rows per forward/backward
-        stats: dict[str, list[torch.Tensor]] = {}
+        micro_size, stats = max(1, N // (hp.num_minibatches * hp.gradient_accumulation_steps)), {}  # rows per forward/backward; name -> values
         for _ in range(hp.ppo_epochs):
             for minibatch in group_minibatches(N, hp.num_generations, hp.num_minibatches, self.device):
                 micro = minibatch.split(micro_size)
@@ -335,9 +332,8 @@ class PPOModule(AlignmentModule):
                     for name, value in micro_stats.items():
                         stats.setdefault(name, []).append(value)
                 else:  # every micro-batch had a finite loss (gradients are synced on the last one)
-                    for name, norm in self.gradient_norms().items():
+                    for name, norm in self.clipped_step(optimizer, hp.max_grad_norm).items():
                         stats.setdefault(name, []).append(norm)
-                    self.clipped_step(optimizer, hp.max_grad_norm)
                 optimizer.zero_grad()
         self.lr_schedulers().step()
         return {name: torch.stack(values).mean() for name, values in stats.items()}

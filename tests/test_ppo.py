@@ -467,7 +467,7 @@ def dynamic_module(tiny_model_dir, tiny_reward_dir):
         return {}
 
     loader.next_batch = next_batch
-    module._trainer = types.SimpleNamespace(train_dataloader=loader, num_training_batches=8, strategy=types.SimpleNamespace(reduce=lambda t, reduce_op: t))
+    module._trainer = types.SimpleNamespace(train_dataloader=loader, strategy=types.SimpleNamespace(reduce=lambda t, reduce_op: t))
     module.rollout = lambda batch: next(rounds)
     module.transfer_batch_to_device = lambda batch, device, index: batch
     return module, loader
@@ -481,7 +481,6 @@ def test_dynamic_sampling_refills_a_batch_of_flat_groups(dynamic_module):
     rollout, stats = module.dynamically_sampled(toy_rollout([1.0, 1.0, 0.0, 0.0], P=2, R=3, first=0))
     assert rollout.scores.tolist() == [0.0, 1.0, 5.0, 4.0] and rollout.prompt_text == ["p10", "p11", "p22", "p23"]
     assert stats["rollout/sampling_rounds"] == 3 and stats["rollout/flat_group_share"] == pytest.approx(4 / 6) and loader.taken == 2
-    assert loader.limit == 8  # what it takes counts against the epoch's batches (tests/test_data.py)
     assert rollout.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0]] * 2 + [[0, 1, 1, 1, 1, 1, 1]] * 2
     assert rollout.labels[0].tolist() == [-100, -100, -100, 10, 10, -100, -100] and rollout.response_mask[0].tolist() == [1, 1, 0, 0]
     assert rollout.input_ids[2].tolist() == [0, 22, 22, 22, 22, 22, 22] and rollout.logprobs.shape == (4, 4)
@@ -503,6 +502,20 @@ def test_dynamic_sampling_takes_nothing_for_a_full_batch_and_stops_at_the_end_of
     loader.left = 0  # the epoch has no batch left
     rollout, stats = module.dynamically_sampled(toy_rollout([1.0, 1.0, 0.0, 0.0], P=2, R=3, first=0))
     assert rollout.scores.tolist() == [1.0, 1.0, 0.0, 0.0] and stats["rollout/flat_group_share"] == 1.0 and stats["rollout/sampling_rounds"] == 1
+
+
+def test_the_batches_dynamic_sampling_takes_count_against_limit_train_batches(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    """Every group flat (one score for all), 3 of the 12 batches of prompts for the epoch: the first step reads its batch and
+    takes up to 2 more for its flat groups; 3 batches read in all, in fewer than 3 PPO steps, none past the limit."""
+    monkeypatch.chdir(tmp_path)
+    rollouts, rollout = [], PPOModule.rollout
+    monkeypatch.setattr(PPOModule, "rollout", lambda self, batch: rollouts.append(batch["index"].tolist()) or rollout(self, batch))
+    run = cli(ppo_args(tiny_model_dir, tiny_reward_dir, real_rows, "--data.limit", "28", "--model.gradient_accumulation_steps", "1",
+                       "--model.dynamic_sampling_max_rounds", "2", "--model.advantage_estimator", "grpo", "--model.num_generations", "2",
+                       "--model.ppo_epochs", "1", "--data.batch_size", "2", "--trainer.limit_train_batches", "3"), run=False)  # 12 batches  # fmt: skip
+    run.model.score = types.MethodType(lambda self, batch, context_length: torch.zeros(len(batch["input_ids"])), run.model)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert len(rollouts) == 3 and run.trainer.global_step < 3  # one optimizer step per PPO step
 
 
 def test_dynamic_sampling_needs_a_group_estimator():
