@@ -28,7 +28,7 @@ NO_CHECKPOINTS = ("--checkpoint.save_last", "false", "--checkpoint.save_top_k", 
 
 #: seconds each stage took in one demo seed on 2 cores with AVX512-BF16 (docs/speed.md): the time left is their sum
 #: over the stages to come, scaled by how much faster or slower this machine ran the stages so far
-STAGE_SECONDS = {"reward": 176, "ppo": 403, "dpo": 193, "evaluate base": 118, "evaluate policy": 200}
+STAGE_SECONDS = {"reward": 207, "ppo": 486, "dpo": 264, "evaluate base": 100, "evaluate policy": 185}
 
 
 class Progress:
