@@ -25,6 +25,7 @@ from typing import Literal, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
@@ -345,12 +346,10 @@ def sampled_kl(bench: Bench, model) -> torch.Tensor:
     torch.manual_seed(bench.seed)
     sampled = generate_answers(model, bench.tokenizer, bench.prompts, bench.max_new_tokens, bench.batch_size, sample=True,
                                engine=bench.generation_engine, logprobs=True)  # fmt: skip
-    width = max(len(s["response"]) for s in sampled)
-    base_logps = bench.scored(partial(completion_logps, width=width), bench.base_model, [(p, s["response"]) for p, s in zip(bench.prompts, sampled)])
-    logps, mask = torch.zeros(len(sampled), width), torch.zeros(len(sampled), width)  # (N, R)
-    for i, s in enumerate(sampled):
-        logps[i, : len(s["logprobs"])], mask[i, : len(s["logprobs"])] = torch.tensor(s["logprobs"]), 1.0
-    return sequence_kl(logps.double(), base_logps.double(), mask.double())
+    logps = pad_sequence([torch.tensor(s["logprobs"], dtype=torch.float64) for s in sampled], batch_first=True)  # (N, R), 0 after each
+    mask = (torch.arange(logps.shape[1]) < torch.tensor([len(s["logprobs"]) for s in sampled])[:, None]).double()  # (N, R)
+    base_logps = bench.scored(partial(completion_logps, width=logps.shape[1]), bench.base_model, [(p, s["response"]) for p, s in zip(bench.prompts, sampled)])
+    return sequence_kl(logps, base_logps.double(), mask)
 
 
 def greedy_logratio(bench: Bench, model, greedy: list[dict], answered: Pairs) -> float:

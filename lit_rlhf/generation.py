@@ -193,7 +193,13 @@ def decode_loop(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return out, out_logps
 
 
-VLLM_ENGINES: dict[tuple[str, torch.dtype], Optional[VLLMEngine]] = {}  # None: vLLM did not start
+VLLM_ENGINES: dict[tuple[str, torch.dtype], Optional[VLLMEngine]] = {}  # by `engine_key`; None: vLLM did not start
+
+
+def engine_key(model: nn.Module) -> tuple[str, torch.dtype]:
+    """What one vLLM engine serves: `model`'s architecture (its config) and dtype, the key of `VLLM_ENGINES`."""
+    inner = unwrap(model)
+    return inner.config.to_json_string(), next(inner.parameters()).dtype
 
 
 def started_vllm(model: nn.Module, tokenizer, engine: Engine) -> Optional[VLLMEngine]:
@@ -209,9 +215,8 @@ def started_vllm(model: nn.Module, tokenizer, engine: Engine) -> Optional[VLLMEn
     multi_process = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     if engine == "auto" and (multi_process or isinstance(model, FSDPModule)):
         return None
-    inner = unwrap(model)
-    dtype = next(inner.parameters()).dtype
-    key = (inner.config.to_json_string(), dtype)
+    inner, key = unwrap(model), engine_key(model)
+    dtype = key[1]
     if key not in VLLM_ENGINES:
         folder = tempfile.mkdtemp(prefix="lit-rlhf-vllm-")
         inner.config.save_pretrained(folder)
@@ -239,7 +244,8 @@ def generate(model: nn.Module, prompts: dict[str, torch.Tensor], tokenizer, max_
     padding (`temperature` 0 or 1 only: vLLM gives them at the sampling temperature; not with `synced`)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if logprobs and (synced or temperature not in (0.0, 1.0)):
-        raise ValueError(f"generate: log-probs are given for greedy or temperature-1 answers of an unsharded model, not at temperature {temperature}{' with synced' if synced else ''}")
+        raise ValueError("generate: log-probs are given for greedy or temperature-1 answers of an unsharded model, "
+                         f"not at temperature {temperature}{' with synced' if synced else ''}")
     if synced:
         return transformers_generate(model, prompts, tokenizer, max_new_tokens, temperature, min_new_tokens, synced_gpus=True)
     engine = started_vllm(model, tokenizer, engine)

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import LambdaCallback
 
 from lit_rlhf.cli import cli
 from lit_rlhf.forward import token_logps
-from lit_rlhf.generation import VLLM_ENGINES, generate, generate_answers
+from lit_rlhf.generation import VLLM_ENGINES, engine_key, generate, generate_answers
 from lit_rlhf.policy_losses import POLICY_LOSSES
 from lit_rlhf.rollout_engines import VLLMMultiTurnRollout, VLLMRollout
 from lit_rlhf.vllm_engine import VLLMEngine
@@ -145,7 +145,7 @@ def generation_path(engine: VLLMEngine) -> dict:
     instead of a second engine started in this process."""
     tokenizer = make_tokenizer()
     model, batch = chatty_lm(tokenizer, num_attention_heads=2, num_key_value_heads=1, eos_like=165), left_padded(tokenizer)
-    VLLM_ENGINES[(model.config.to_json_string(), torch.float32)] = engine
+    VLLM_ENGINES[engine_key(model)] = engine
 
     def samples(seed: int) -> list[list[int]]:
         torch.manual_seed(seed)
