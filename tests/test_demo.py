@@ -1,9 +1,26 @@
 """`lit-rlhf demo`'s wiring, with the training and the evaluation replaced by recorders."""
 
 import json
+import os
 from pathlib import Path
 
+import pytest
+
 from lit_rlhf import demo
+
+in_own_process = demo.in_own_process  # the fixture below replaces it in the demo for every test
+
+
+@pytest.fixture(autouse=True)
+def stages_in_this_process(monkeypatch):
+    """The recorders below live in this process: run the demo's stages here, not each in a process of its own."""
+    monkeypatch.setattr(demo, "in_own_process", lambda function, *args: function(*args))
+
+
+def test_a_stage_runs_in_a_process_of_its_own_and_its_errors_reach_the_caller():
+    assert in_own_process(os.getpid) != os.getpid()
+    with pytest.raises(ValueError, match="invalid literal"):
+        in_own_process(int, "not a number")
 
 
 def test_seeds_train_policies_apart_and_reach_the_report_by_name(monkeypatch):
