@@ -15,7 +15,7 @@ import torch
 from conftest import make_causal_lm
 from lit_rlhf.data import collate_prompts, collate_sequences
 from lit_rlhf.evaluate import completion_logps
-from lit_rlhf.generation import decode, generate, generate_answers, sample, transformers_generate
+from lit_rlhf.generation import PreallocatedLayer, decode, generate, generate_answers, kept_rows, sample, transformers_generate
 from lit_rlhf.ops import truncate_after_eos
 from lit_rlhf.tokenization import render_prompt, tokenize
 
@@ -84,6 +84,20 @@ def test_greedy_answers_do_not_depend_on_the_batch(model, tokenizer):
         ids, _, eos = truncate_after_eos(alone, tokenizer.eos_token_id, tokenizer.pad_token_id)
         assert answer["response"] == ids[0][: len(answer["response"])].tolist() and answer["eos"] == eos.item()
         assert answer["eos"] or len(answer["response"]) == NEW_TOKENS
+
+
+def test_rows_that_stop_are_replaced_by_rows_from_the_end_and_the_cache_follows():
+    going = torch.tensor([False, True, True, False, True, False, True])  # 4 go on: rows 0 and 3 stopped among the first 4
+    assert kept_rows(going).tolist() == [4, 1, 2, 6]
+    assert kept_rows(torch.tensor([True, True, False])).tolist() == [0, 1]  # nothing to move
+    layer = PreallocatedLayer(capacity=5)
+    keys = torch.arange(7.0)[:, None, None, None].expand(7, 1, 3, 2)  # (B, KV, t, D): row i holds i
+    layer.update(keys, -keys)
+    layer.batch_select_indices(kept_rows(going))
+    assert layer.keys.shape == (4, 1, 3, 2) and layer.keys[:, 0, :, 0].tolist() == [[4.0] * 3, [1.0] * 3, [2.0] * 3, [6.0] * 3]
+    assert torch.equal(layer.values, -layer.keys)
+    layer.update(torch.full((4, 1, 1, 2), 9.0), torch.zeros(4, 1, 1, 2))  # the next token lands after the kept rows' 3
+    assert layer.keys.shape == (4, 1, 4, 2) and layer.keys[:, 0, 3, 0].tolist() == [9.0] * 4 and layer.keys[0, 0, 2, 0] == 4.0
 
 
 def test_min_new_tokens_forbids_eos_until_then(model, tokenizer):
