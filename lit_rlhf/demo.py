@@ -51,7 +51,7 @@ def in_own_process(function, *args):
     """`function(*args)` in a fresh Python process (spawned), its result returned and its errors raised here. The
     demo runs each stage so: the memory a stage freed goes back to the system when its process ends, where one
     process kept glibc's freed blocks from stage to stage (peak 10.2 GiB in one process against 8 for the
-    largest stage alone, docs/speed.md)."""
+    largest stage alone, docs/results.md)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
 

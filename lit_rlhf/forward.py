@@ -17,12 +17,21 @@ from lit_rlhf.models import unwrap
 from lit_rlhf.ops import label_logps, label_logps_and_entropies, last_token_index, position_ids
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's `input_ids`, `position_ids` and the attention mask the model needs: none for a right-padded batch
+    (each row's padding after its tokens), where causal attention alone keeps every real token from the padding and
+    no loss reads the padding's outputs; the real tokens' outputs are the same, the forward ~10 % faster on a CPU
+    (docs/speed.md). A left-padded batch (prompts before responses) keeps its mask."""
+    mask = batch["attention_mask"]
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    return dict(input_ids=batch["input_ids"], attention_mask=None if right_padded else mask, position_ids=position_ids(mask))
+
+
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[PreTrainedModel, torch.Tensor]:
     """The transformers model inside `model` (peft adapters still active) and its backbone's last hidden states (B, T, H)."""
     inner = unwrap(model)
-    mask = batch["attention_mask"]
     backbone = getattr(inner, inner.base_model_prefix)
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask))
+    inputs = model_inputs(batch)
     if not isinstance(model, FSDPModule):
         return inner, backbone(**inputs).last_hidden_state
     # FSDP2: only the whole model's forward gathers its root weights (embeddings, norm, head; kept whole until
@@ -57,8 +66,7 @@ def label_outputs(model: nn.Module, batch: dict[str, torch.Tensor], temperature:
     model's last hidden states and LM head; on the full (B, T, V) logits for a model whose logits are more than
     `head(hidden)`."""
     if any(getattr(unwrap(model).config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
-        mask = batch["attention_mask"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).logits  # (B, T, V)
+        logits = model(**model_inputs(batch)).logits  # (B, T, V)
         return of_labels(logits, batch["labels"], temperature)
     inner, hidden = hidden_states(model, batch)
     return of_labels(hidden, batch["labels"], temperature, head=inner.get_output_embeddings())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lit_rlhf import sequence_scores
-from lit_rlhf.forward import token_values
+from lit_rlhf.forward import hidden_states, model_inputs, token_values
 from lit_rlhf.models import load_scalar_model
 
 
@@ -26,6 +26,24 @@ def test_score_is_read_at_last_real_token_even_when_it_is_the_pad_id(tiny_model_
     assert torch.allclose(scores, alone.expand(2), atol=1e-5)
     # transformers' own pooling (last id != pad) would read the token before EOS: a different value
     assert not torch.isclose(alone, before_eos, atol=1e-4)
+
+
+def test_a_right_padded_batch_runs_without_a_mask_and_its_tokens_see_no_padding(tiny_model_dir, tokenizer):
+    """Causal attention alone keeps each real token from the padding after it: no mask, the same hidden states as each
+    row alone, whatever the padding holds; a batch with padding before some row's tokens keeps its mask."""
+    model = load_scalar_model(tiny_model_dir, tokenizer.pad_token_id).eval()
+    rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    ids = torch.tensor([row + [99] * (5 - len(row)) for row in rows])  # right-padded with an ordinary token
+    mask = torch.tensor([[1] * len(row) + [0] * (5 - len(row)) for row in rows])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    assert model_inputs(batch)["attention_mask"] is None
+    with torch.no_grad():
+        _, batched = hidden_states(model, batch)
+        for i, row in enumerate(rows):
+            _, alone = hidden_states(model, {"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long)})
+            assert torch.allclose(batched[i, : len(row)], alone[0], atol=1e-5)
+    left = {"input_ids": ids, "attention_mask": mask.flip(1)}
+    assert model_inputs(left)["attention_mask"] is left["attention_mask"]
 
 
 def test_attn_implementation_reaches_every_model_of_the_run(tiny_model_dir, tiny_reward_dir):
