@@ -17,8 +17,10 @@ def stages_in_this_process(monkeypatch):
     monkeypatch.setattr(demo, "in_own_process", lambda function, *args: function(*args))
 
 
-def test_a_stage_runs_in_a_process_of_its_own_and_its_errors_reach_the_caller():
+def test_a_stage_runs_in_a_process_of_its_own_and_its_errors_reach_the_caller(capsys):
     assert in_own_process(os.getpid) != os.getpid()
+    peak = float(capsys.readouterr().err.split("peak memory ")[1].split()[0])  # GiB: an interpreter's, not this one's
+    assert 0 < peak < 1
     with pytest.raises(ValueError, match="invalid literal"):
         in_own_process(int, "not a number")
 
