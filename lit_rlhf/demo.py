@@ -51,8 +51,8 @@ class Progress:
 def in_own_process(function, *args):
     """`function(*args)` in a fresh Python process (spawned), its result returned and its errors raised here; prints
     the process's time and peak memory. The demo runs each stage so: the memory a stage freed goes back to the
-    system when its process ends, where one process kept glibc's freed blocks from stage to stage (peak 10.2 GiB
-    in one process against 8 for the largest stage alone, docs/results.md)."""
+    system when its process ends, where one process kept glibc's freed blocks from stage to stage and peaked well
+    above its largest stage (docs/results.md)."""
     start = time.time()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         result, peak_kib = pool.submit(with_peak_memory, function, *args).result()

@@ -20,7 +20,7 @@ from lit_rlhf.ops import label_logps, label_logps_and_entropies, last_token_inde
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch's `input_ids`, `position_ids` and the attention mask the model needs: none for a right-padded batch
     (each row's padding after its tokens), where causal attention alone keeps every real token from the padding and
-    no loss reads the padding's outputs; the real tokens' outputs are the same, the forward ~10 % faster on a CPU
+    no loss reads the padding's outputs; the real tokens' outputs are the same, the forward faster on a CPU
     (docs/speed.md). A left-padded batch (prompts before responses) keeps its mask."""
     mask = batch["attention_mask"]
     right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())

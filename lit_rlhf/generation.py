@@ -105,7 +105,7 @@ class PreallocatedLayer(DynamicLayer):
 def kept_rows(going: torch.Tensor) -> torch.Tensor:
     """The indices of the rows still `going` (B,) bool, in the order that moves the fewest: with b rows going, each
     of the first b rows that stopped is replaced by one going from past b, the others keep their place. Copying a
-    cache's every kept row (`DynamicCache`'s way) cost a quarter of a greedy pass at batch 128 (docs/speed.md). -> (b,)"""
+    cache's every kept row instead (`DynamicCache`'s way) was a large share of a greedy pass (docs/speed.md). -> (b,)"""
     b = int(going.sum())
     kept = torch.arange(b, device=going.device)
     kept[(~going[:b]).nonzero().squeeze(1)] = going[b:].nonzero().squeeze(1) + b
