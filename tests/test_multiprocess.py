@@ -82,8 +82,11 @@ def assert_like_one_process(rank0: dict, rank1: dict, one: dict, names: tuple[st
     for name in names:  # reduced: both processes log the mean of the two, which is the 1-process value (float32: rel 1e-6)
         assert rank0["metrics"][0][name] == rank1["metrics"][0][name] == pytest.approx(one["metrics"][0][name], rel=1e-6, abs=1e-5), name
     assert max_difference(rank0["weights"][0], rank1["weights"][0]) == 0.0
-    assert max_difference(rank0["weights"][0], one["weights"][0]) < 1e-5
-    assert max_difference(one["weights"][0], one["initial_weights"]) > 1e-4  # the step moved the weights far more than 1e-5
+    step = max_difference(one["weights"][0], one["initial_weights"])  # Adam's first step: about the learning rate
+    assert step > 1e-4
+    # Adam moves a weight by lr * g / (|g| + eps): where g is near 0 the all-reduce's summation order shows
+    # (AVX2 kernels: 1.2e-5 at lr 1e-3); the runs agree to 5 % of the step
+    assert max_difference(rank0["weights"][0], one["weights"][0]) < step / 20
 
 
 def assert_each_held_out_row_counted_once(rank0: dict, rank1: dict, one: dict) -> None:
@@ -95,7 +98,7 @@ def assert_each_held_out_row_counted_once(rank0: dict, rank1: dict, one: dict) -
 PPO_FLAGS = ["--model.response_length", "4", "--model.ppo_epochs", "2", "--model.gradient_accumulation_steps", "2", "--model.learning_rate", "1e-3",
              "--data.mode", "prompts", "--data.limit", "13", "--data.val_size", "3", "--data.batch_size", "2", "--trainer.limit_train_batches", "1",
              "--seed_everything", "0", *FP32]  # fmt: skip
-DPO_LR = ["--model.learning_rate", "1e-3"]  # a step moves the weights by about this: far above the 1e-5 tolerance
+DPO_LR = ["--model.learning_rate", "1e-3"]  # a step moves the weights by about this
 PRECOMPUTE = ["--model.precompute_ref_logps", "true"]
 
 RECORDING_REWARD = '''
