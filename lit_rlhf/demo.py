@@ -2,11 +2,8 @@
 
 import argparse
 import json
-import multiprocessing
-import resource
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import yaml
 from lit_rlhf import evaluate, tasks
 from lit_rlhf.cli import cli
 from lit_rlhf.environments import MultiTurn
+from lit_rlhf.processes import in_own_process
 from lit_rlhf.smollm2 import DEFAULT_DIR, fetch_smollm2
 
 DEMO_CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"  # package data: a plain `pip install .` has them
@@ -46,24 +44,6 @@ class Progress:
         left = speed * sum(expected[self.done :])
         print(f"[demo {self.done + 1}/{len(expected)}] {title}: {elapsed / 60:.1f} min so far, about {left / 60:.0f} min left", file=sys.stderr)
         self.done += 1
-
-
-def in_own_process(function, *args):
-    """`function(*args)` in a fresh Python process (spawned), its result returned and its errors raised here; prints
-    the process's time and peak memory. The demo runs each stage so: the memory a stage freed goes back to the
-    system when its process ends, where one process kept glibc's freed blocks from stage to stage and peaked well
-    above its largest stage (docs/results.md)."""
-    start = time.time()
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        result, peak_kib = pool.submit(with_peak_memory, function, *args).result()
-    print(f"[demo] done in {(time.time() - start) / 60:.1f} min, peak memory {peak_kib / 2**20:.1f} GiB", file=sys.stderr)
-    return result
-
-
-def with_peak_memory(function, *args):
-    """`function(*args)` and this process's peak resident memory so far (KiB)."""
-    result = function(*args)
-    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def fit(config: str, *flags: str) -> Path:

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from lit_rlhf import demo
-
-in_own_process = demo.in_own_process  # the fixture below replaces it in the demo for every test
+from lit_rlhf.processes import in_own_process  # the fixture below replaces the demo's for every test
 
 
 @pytest.fixture(autouse=True)
