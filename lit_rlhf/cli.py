@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_rlhf.base import AlignmentModule
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.errors import UserError
+from lit_rlhf.kl_control import AdaptiveKLController
 from lit_rlhf.models import read_checkpoint
 from lit_rlhf.monitor import GenerationMonitor
 from lit_rlhf.precision import auto_precision
@@ -35,6 +36,7 @@ class LitRLHFCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(GenerationMonitor, "generations")
+        parser.add_lightning_class_args(AdaptiveKLController, "kl_control")
         # one pass over the data, as the published recipes train (Lightning's own default is 1000 epochs)
         parser.set_defaults({"trainer.max_epochs": 1})
         # no_grad rather than inference_mode in evaluation: validation metrics can then also be
