@@ -11,8 +11,6 @@ vLLM's start and one warm-up call not). The engines:
 
 - `hf-generate`: `model.generate`, dynamic cache (what every caller used before lit_rlhf/generation.py);
 - `hf`: lit_rlhf/generation.py's own decode loop (`generate(..., engine="hf")`);
-- `hf-ops`: the same loop with lit_rlhf/kernels.py turned off (`LIT_RLHF_KERNELS=0`: the bf16 step on PyTorch's
-  operators, as where no C++ compiler builds the kernels);
 - `vllm`: lit_rlhf/generation.py's vLLM engine (`engine="vllm"`), its weights pushed at every call as callers do.
 
 Each engine and dtype runs in a process of its own (its peak resident memory is its own; vLLM pins
@@ -38,7 +36,7 @@ import torch
 
 ROWS = Path(__file__).resolve().parents[1] / "lit_rlhf" / "assets" / "human_like_dpo_1k.jsonl"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-ENGINES = ("hf-generate", "hf-ops", "hf", "vllm")
+ENGINES = ("hf-generate", "hf", "vllm")
 
 
 def matmul_tflops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
@@ -94,7 +92,7 @@ def generator(engine: str, model, tokenizer):
                                  eos_token_id=tokenizer.eos_token_id)  # fmt: skip
             return out[:, batch["input_ids"].shape[1] :]
         return run
-    return lambda batch, n: generate(model, batch, tokenizer, n, min_new_tokens=n, engine=engine.removesuffix("-ops"))[0]
+    return lambda batch, n: generate(model, batch, tokenizer, n, min_new_tokens=n, engine=engine)[0]
 
 
 def peak_rss_gib() -> float:
@@ -156,7 +154,7 @@ def plan(args) -> list[dict]:
 
 def run_worker(spec: dict) -> list[dict]:
     """`worker(spec)` in a fresh process: its peak memory is its own."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), LIT_RLHF_KERNELS="0" if spec["engine"] == "hf-ops" else "1")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
     if done.returncode:
         print(f"{spec['engine']} {spec['dtype']} failed:\n{done.stderr[-2000:]}", file=sys.stderr)

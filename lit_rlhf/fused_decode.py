@@ -4,11 +4,9 @@
 spends about as long on its ~40 small operations per layer and on re-laying out each weight for the
 matmul kernel as on the matmuls themselves. `FusedLlama` runs the same layers with the weights laid out
 once for oneDNN (`torch.ops.mkldnn`, bit-identical to `F.linear` in bf16), the q/k/v and the gate/up
-projections as one matmul each. Between the matmuls it runs `kernels` (each norm with its residual add, the
-rotary embedding with the cache write, the attention, the activation: one pass each); without them (no C++
-compiler) PyTorch's operators, each sum rounded where transformers rounds it, so that its logits are transformers'
-bit for bit. The kernels' logits are as close to the fp32 model's as transformers' bf16 ones, not the same bits
-(tests/test_fused_decode.py). The prompt's prefill stays transformers' forward; both write the same KV cache.
+projections as one matmul each, and rotary embeddings on queries and keys in one pass. Every sum is
+rounded where transformers rounds it, so its logits are transformers' bit for bit (tests/test_fused_decode.py).
+The prompt's prefill stays transformers' forward; both write the same KV cache.
 """
 
 import torch
@@ -16,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Cache
 
-from lit_rlhf import kernels
 from lit_rlhf.models import unwrap
 
 PACKING_BATCH = 64  # the batch size oneDNN lays the packed weights out for; others work as well
@@ -82,14 +79,9 @@ class FusedLlama:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, cache: Cache) -> torch.Tensor:
         """The next-token logits after `tokens` (b,) at `positions` (b, 1), the rows' KV caches in `cache` (appended to
         in place) and `attention_mask` (b, T) over cache + token. -> (b, V) in bf16"""
+        b, H, KV, D = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         x = self.embed(tokens).to(torch.bfloat16)  # (b, d)
         cos, sin = self.rotary(x, positions)  # (b, 1, D) each, broadcast over heads
-        step = self.kernel_layers if kernels.library() is not None else self.torch_layers
-        return linear(step(x, cos, sin, attention_mask, cache), self.lm_head)
-
-    def torch_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """The layers and the final norm on PyTorch's operators, transformers' rounding bit for bit: x (b, d) -> (b, d)"""
-        b, H, KV, D = x.shape[0], self.heads, self.kv_heads, self.head_dim
         mask = torch.zeros(attention_mask.shape, dtype=x.dtype).masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]  # (b, 1, 1, T)
         for layer, weights in zip(cache.layers, self.layers):
             qkv = linear(self.rms_norm(x, weights["input_norm"]), weights["qkv"]).view(b, H + 2 * KV, D)
@@ -100,20 +92,4 @@ class FusedLlama:
             x = x + linear(out.view(b, H * D), weights["o"])
             gate, up = linear(self.rms_norm(x, weights["post_norm"]), weights["gate_up"]).chunk(2, -1)
             x = x + linear(F.silu(gate) * up, weights["down"])
-        return self.rms_norm(x, self.norm)
-
-    def kernel_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """The layers and the final norm on `kernels` (one pass each for the norms with their residual adds, the rotary
-        embedding with the cache write, the attention and the activation): x (b, d) -> (b, d)"""
-        b, H, D = x.shape[0], self.heads, self.head_dim
-        mask, cos, sin = attention_mask.to(torch.uint8), cos.view(b, D), sin.view(b, D)  # (b, T), (b, D), (b, D)
-        normed, residual = kernels.add_rms_norm(x, None, self.layers[0]["input_norm"], self.eps), None
-        for i, (layer, weights) in enumerate(zip(cache.layers, self.layers)):
-            if i > 0:
-                normed = kernels.add_rms_norm(x, residual, weights["input_norm"], self.eps)  # x += the last MLP's output
-            keys, values = layer.grow()  # (b, KV, T, D) each, the new position last
-            q = kernels.rotary_into_cache(linear(normed, weights["qkv"]), cos, sin, keys, values, H)  # (b, H, D)
-            out = kernels.decode_attention(q, keys, values, mask)  # (b, H, D)
-            gate_up = linear(kernels.add_rms_norm(x, linear(out.view(b, H * D), weights["o"]), weights["post_norm"], self.eps), weights["gate_up"])
-            residual = linear(kernels.silu_mul(gate_up), weights["down"])  # (b, d)
-        return kernels.add_rms_norm(x, residual, self.norm, self.eps)
+        return linear(self.rms_norm(x, self.norm), self.lm_head)

@@ -92,15 +92,6 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
         return self.keys, self.values
 
-    def grow(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One more position, left for the caller to write in place (`kernels.rotary_into_cache`). -> all keys and
-        values so far, the new position last, (B, KV, T, D) views each"""
-        end = self.get_seq_length() + 1
-        if end > self.capacity:
-            raise ValueError(f"PreallocatedLayer: position {end} is past the cache's capacity of {self.capacity}")
-        self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
-        return self.keys, self.values
-
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows `indices` (b,) of the cache, as its first b rows, in place: only the rows that change place
         are copied, and only the positions written so far (`kept_rows` orders them so that few do)."""
