@@ -29,7 +29,7 @@ NO_CHECKPOINTS = ("--checkpoint.save_last", "false", "--checkpoint.save_top_k", 
 
 #: seconds each stage took in one demo seed on 2 cores with AVX512-BF16 (docs/speed.md): the time left is their sum
 #: over the stages to come, scaled by how much faster or slower this machine ran the stages so far
-STAGE_SECONDS = {"reward": 205, "ppo": 432, "dpo": 216, "evaluate base": 65, "evaluate policy": 124}
+STAGE_SECONDS = {"reward": 195, "ppo": 600, "dpo": 180, "evaluate base": 60, "evaluate policy": 110}
 
 
 class Progress:
