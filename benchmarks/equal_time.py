@@ -6,15 +6,16 @@
         --trl-ppo-python /work/trl112env/bin/python --out logs/equal_time
 
 A faster library sees more data in the same time: this is where that must show. One after the other, on one machine:
-1. lit_dpo: `lit-rlhf fit -c lit_rlhf/configs/demo/dpo.yaml` on the shipped rows, as `lit-rlhf demo` runs it (no
-   checkpoints). Its wall time T is the whole process's, as a user sees it: start-up, loading, tokenizing, training,
-   the recipe's validation and the export.
-2. trl_dpo: TRL's DPOTrainer on lit-rlhf's training rows (the same --data.* split, as chat messages) with the settings
-   of lit-rlhf's run, read from its saved config.yaml: learning rate and warmup, weight decay, beta, rpo_alpha (TRL's
-   "sft" loss term, the same per-token mean), batch size, gradient accumulation, clipping, max length, precision,
-   gradient checkpointing, seed. A callback stops it at the end of its first optimizer step that ends T seconds or more
-   after its process started (model loading counts for both; its last step may pass T, the table shows by how much);
-   the rows cycle until then. The policy is saved with save_pretrained.
+1. lit_dpo: as `lit-rlhf demo` runs it, `lit-rlhf self-play-pairs` (base's greedy answers become the rejected ones),
+   then `lit-rlhf fit -c lit_rlhf/configs/demo/dpo.yaml` on those rows (no checkpoints). Its wall time T is both
+   processes', as a user sees them: start-up, loading, generating, tokenizing, training, the recipe's validation and
+   the export.
+2. trl_dpo: TRL's DPOTrainer on lit-rlhf's training rows (of the rows lit_dpo wrote, the same --data.* split, as chat
+   messages) with the settings of lit-rlhf's run, read from its saved config.yaml: learning rate and warmup, weight
+   decay, beta, rpo_alpha (TRL's "sft" loss term, the same per-token mean), batch size, gradient accumulation,
+   clipping, max length, precision, gradient checkpointing, seed. A callback stops it at the end of its first
+   optimizer step that ends T seconds or more after its process started (model loading counts for both; its last step
+   may pass T, the table shows by how much); the rows cycle until then. The policy is saved with save_pretrained.
 3. lit_ppo, trl_ppo: the same for PPO (configs/demo/ppo.yaml; --reward-model scores the rollouts and starts the value
    model in both) and TRL's PPOTrainer (trl.experimental.ppo) on lit-rlhf's training prompts (the same tokens): prompts
    per rollout, micro-batch, PPO epochs, response length, temperature, KL coefficient and estimator, missing-EOS
@@ -121,12 +122,17 @@ def finished(stage: str, opts) -> dict:
 
 def lit_stage(algorithm: str, opts, folder: Path) -> dict:
     """`lit-rlhf fit` of the demo's config, timed as a user sees it; its steps from the exported model card."""
-    from lit_rlhf.demo import DEMO_CONFIGS, NO_CHECKPOINTS, SHIPPED_ROWS
+    from lit_rlhf.demo import DEMO_CONFIGS, NO_CHECKPOINTS, SHIPPED_ROWS, self_play_args
 
     lit = shutil.which("lit-rlhf", path=sysconfig.get_path("scripts")) or fail(f"no `lit-rlhf` beside {sys.executable}: pip install -e .")
-    flags = ["--model.model_name_or_path", opts.model, "--data.dataset", str(SHIPPED_ROWS), "--trainer.default_root_dir", str(folder), *NO_CHECKPOINTS]
+    start, rows, peak = time.time(), str(SHIPPED_ROWS), 0.0
+    if algorithm == "dpo":  # the demo's DPO reads base's own answers as its rejected ones: written first, on lit-rlhf's clock
+        rows = str(folder / "self_play_rows.jsonl")
+        peak = timed([lit, "self-play-pairs", *self_play_args(opts.model, rows)], folder / "self_play.log", start)["peak_rss_gib"]
+    flags = ["--model.model_name_or_path", opts.model, "--data.dataset", rows, "--trainer.default_root_dir", str(folder), *NO_CHECKPOINTS]
     flags += ["--model.reward_model_path", opts.reward_model] if algorithm == "ppo" else []
-    run = timed([lit, "fit", "-c", str(DEMO_CONFIGS / f"{algorithm}.yaml"), *flags, *shlex.split(opts.fit_flags)], folder / "fit.log", time.time())
+    run = timed([lit, "fit", "-c", str(DEMO_CONFIGS / f"{algorithm}.yaml"), *flags, *shlex.split(opts.fit_flags)], folder / "fit.log", start)
+    run["peak_rss_gib"] = max(run["peak_rss_gib"], peak)
     (version,) = (folder / "logs" / algorithm).glob("version_*")
     steps = re.search(r"(\d+) optimizer steps", (version / "hf" / "README.md").read_text())
     config = yaml.safe_load((version / "config.yaml").read_text())

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import yaml
 
-from lit_rlhf import demo, evaluate, smollm2, tasks
+from lit_rlhf import demo, evaluate, self_play, smollm2, tasks
 from lit_rlhf.cli import cli
 from lit_rlhf.errors import UserError
 
 COMMANDS = {"evaluate": evaluate.main, "fetch-smollm2": smollm2.main, "demo": demo.main, "demo-verifiable": demo.verifiable, "arithmetic": tasks.write_arithmetic,
-            "task-accuracy": tasks.main}  # fmt: skip
+            "task-accuracy": tasks.main, "self-play-pairs": self_play.main}  # fmt: skip
 
 
 def configured_model_class(args: list[str]):
@@ -64,7 +64,7 @@ def run(argv: list[str]) -> None:
         print(
             "lit-rlhf commands: fit, validate, test (LightningCLI, below); evaluate (compare models);"
             " fetch-smollm2 (offline model); demo (offline pipeline); demo-verifiable (RL from a verifiable reward, offline); arithmetic (write a verifiable task);"
-            " task-accuracy (pass@1 and pass@k on one). `lit-rlhf COMMAND --help` explains each;"
+            " task-accuracy (pass@1 and pass@k on one); self-play-pairs (preference rows whose rejected answer is a model's own, for DPO). `lit-rlhf COMMAND --help` explains each;"
             " --debug shows the traceback of an error.\n"
         )
     if {"-h", "--help"} & set(argv) and (model_class := configured_model_class(argv)):

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import yaml
 
-from lit_rlhf import evaluate, tasks
+from lit_rlhf import evaluate, self_play, tasks
 from lit_rlhf.cli import cli
 from lit_rlhf.environments import MultiTurn
 from lit_rlhf.processes import in_own_process
+from lit_rlhf.runs import RunLogger
 from lit_rlhf.smollm2 import DEFAULT_DIR, fetch_smollm2
 
 DEMO_CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"  # package data: a plain `pip install .` has them
@@ -29,7 +30,7 @@ NO_CHECKPOINTS = ("--checkpoint.save_last", "false", "--checkpoint.save_top_k", 
 
 #: seconds each stage took in one demo seed on 2 cores with AVX512-BF16 (docs/speed.md): the time left is their sum
 #: over the stages to come, scaled by how much faster or slower this machine ran the stages so far
-STAGE_SECONDS = {"reward": 195, "ppo": 600, "dpo": 180, "evaluate base": 60, "evaluate policy": 110}
+STAGE_SECONDS = {"reward": 195, "self-play": 80, "ppo": 600, "dpo": 180, "evaluate base": 60, "evaluate policy": 110}
 
 
 class Progress:
@@ -52,6 +53,20 @@ def fit(config: str, *flags: str) -> Path:
     return Path(run.trainer.log_dir).resolve() / "hf"
 
 
+def self_play_args(base: str, output: str) -> list[str]:
+    """The flags of `lit-rlhf self-play-pairs` that write the DPO stage's rows to `output`: the shipped rows that dpo.yaml
+    reads (its --data.limit), each rejected answer replaced by base's greedy answer at the evaluation's length."""
+    limit = yaml.safe_load((DEMO_CONFIGS / "dpo.yaml").read_text())["data"]["limit"]
+    return ["--model", base, "--dataset", str(SHIPPED_ROWS), "--output", output, "--limit", str(limit)]
+
+
+def self_play_rows(base: str) -> str:
+    """The DPO stage's rows (`self_play_args`) written to `logs/self_play/version_N/rows.jsonl`; returns the file."""
+    output = str(Path(RunLogger("logs", name="self_play").log_dir) / "rows.jsonl")
+    self_play.main(self_play_args(base, output))
+    return output
+
+
 def main(args=None) -> None:
     parser = argparse.ArgumentParser(
         prog="lit-rlhf demo",
@@ -72,18 +87,21 @@ def main(args=None) -> None:
     base = str(fetch_smollm2(opts.model_dir))
     data = ("--model.model_name_or_path", base, "--data.dataset", str(SHIPPED_ROWS))
     t = STAGE_SECONDS
-    progress = Progress([t["reward"]] * 2 + [t["ppo"], t["dpo"]] * len(opts.seeds) + [t["evaluate base"] + 2 * len(opts.seeds) * t["evaluate policy"]])
+    progress = Progress([t["reward"]] * 2 + [t["self-play"]] + [t["ppo"], t["dpo"]] * len(opts.seeds)
+                        + [t["evaluate base"] + 2 * len(opts.seeds) * t["evaluate policy"]])
     progress.next("reward model (the proxy PPO optimises)")
     reward_model = in_own_process(fit, "reward.yaml", *data)
     progress.next("judge reward model (the same recipe on the next 360 rows, which no other stage reads)")
     judge = in_own_process(fit, "reward.yaml", *data, "--data.offset", "360")
+    progress.next("DPO's rejected answers: base's own answers to the training prompts (SPIN)")
+    dpo_rows = in_own_process(self_play_rows, base)
     policies: dict[str, dict[str, str]] = {"ppo": {}, "dpo": {}}
     for seed in opts.seeds:
         seeded = ("--seed_everything", str(seed), "--data.shuffle_seed", str(seed))
         progress.next(f"PPO, seed {seed}")
         policies["ppo"][str(seed)] = str(in_own_process(fit, "ppo.yaml", *data, *seeded, "--model.reward_model_path", str(reward_model)))
         progress.next(f"DPO, seed {seed}")
-        policies["dpo"][str(seed)] = str(in_own_process(fit, "dpo.yaml", *data, *seeded))
+        policies["dpo"][str(seed)] = str(in_own_process(fit, "dpo.yaml", "--model.model_name_or_path", base, "--data.dataset", dpo_rows, *seeded))
     progress.next(f"evaluation of base and {2 * len(opts.seeds)} policies")
     name = (lambda recipe, seed: f"{recipe}@{seed}") if len(opts.seeds) > 1 else (lambda recipe, seed: recipe)
     models = {"base": base} | {name(recipe, seed): path for recipe in ("dpo", "ppo") for seed, path in policies[recipe].items()}

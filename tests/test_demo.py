@@ -28,11 +28,15 @@ def test_seeds_train_policies_apart_and_reach_the_report_by_name(monkeypatch):
     fits, evaluations = [], []
     monkeypatch.setattr(demo, "fetch_smollm2", lambda model_dir: Path("/models/base"))
     monkeypatch.setattr(demo, "fit", lambda config, *flags: fits.append((config, flags)) or Path(f"/runs/{len(fits)}/hf"))
+    monkeypatch.setattr(demo, "self_play_rows", lambda base: f"{base}/self_play.jsonl")
     monkeypatch.setattr(demo.evaluate, "main", evaluations.append)
     demo.main(["--seeds", "1", "2"])
     assert [config for config, _ in fits] == ["reward.yaml", "reward.yaml", "ppo.yaml", "dpo.yaml", "ppo.yaml", "dpo.yaml"]
     for (_, flags), seed in zip(fits[2:], ["1", "1", "2", "2"]):  # the policies: each seed sets the training order and sampling
         assert " ".join(flags).count(f"--seed_everything {seed} --data.shuffle_seed {seed}") == 1
+    for config, flags in fits:  # DPO reads the rows whose rejected answers are base's own (written once), the others the shipped rows
+        rows = "/models/base/self_play.jsonl" if config == "dpo.yaml" else str(demo.SHIPPED_ROWS)
+        assert flags[flags.index("--data.dataset") + 1] == rows and flags.count("--data.dataset") == 1
     assert all("--seed_everything" not in flags for _, flags in fits[:2])  # the reward models are trained once
     (args,) = evaluations
     models = json.loads(args[args.index("--models") + 1])
@@ -44,6 +48,7 @@ def test_one_seed_names_the_policies_plainly_and_tuning_reads_the_held_out_split
     evaluations = []
     monkeypatch.setattr(demo, "fetch_smollm2", lambda model_dir: Path("/models/base"))
     monkeypatch.setattr(demo, "fit", lambda config, *flags: Path(f"/runs/{config}"))
+    monkeypatch.setattr(demo, "self_play_rows", lambda base: "/runs/self_play.jsonl")
     monkeypatch.setattr(demo.evaluate, "main", evaluations.append)
     demo.main(["--prompts", "tuning"])
     (args,) = evaluations
@@ -60,6 +65,17 @@ def test_demo_stages_write_no_checkpoints(tiny_model_dir, real_rows, tmp_path, m
     run = cli(["-c", str(demo.DEMO_CONFIGS / "reward.yaml"), *demo.NO_CHECKPOINTS, "--model.model_name_or_path", tiny_model_dir,
                "--data.dataset", str(real_rows)], run=False)  # fmt: skip
     assert run.trainer.checkpoint_callback.save_last is False and run.trainer.checkpoint_callback.save_top_k == 0
+
+
+def test_self_play_rows_are_written_for_the_dpo_stages_rows_into_a_new_run_folder(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo.self_play, "main", calls.append)
+    first, second = demo.self_play_rows("/models/base"), demo.self_play_rows("/models/base")
+    assert (first, second) == (str(Path("logs/self_play/version_0/rows.jsonl")), str(Path("logs/self_play/version_1/rows.jsonl")))
+    args = calls[0]
+    assert args[args.index("--model") + 1] == "/models/base" and args[args.index("--output") + 1] == first
+    assert args[args.index("--limit") + 1] == "360"  # dpo.yaml's --data.limit: the rows DPO splits and trains on
 
 
 def test_progress_scales_the_reference_times_by_this_machines_speed(monkeypatch, capsys):
