@@ -6,10 +6,10 @@
         --trl-ppo-python /work/trl112env/bin/python --out logs/equal_time
 
 A faster library sees more data in the same time: this is where that must show. One after the other, on one machine:
-1. lit_dpo: as `lit-rlhf demo` runs it, `lit-rlhf self-play-pairs` (base's greedy answers become the rejected ones),
-   then `lit-rlhf fit -c lit_rlhf/configs/demo/dpo.yaml` on those rows (no checkpoints). Its wall time T is both
-   processes', as a user sees them: start-up, loading, generating, tokenizing, training, the recipe's validation and
-   the export.
+1. lit_dpo: as `lit-rlhf demo` runs it: `lit-rlhf self-play-pairs` writes the rows (base's greedy answers become the
+   rejected ones), then `lit-rlhf fit -c lit_rlhf/configs/demo/dpo.yaml` trains on them (no checkpoints). The rows are
+   both libraries' input and on neither clock (run.json keeps their time). lit-rlhf's wall time T is the fit
+   process's, as a user sees it: start-up, loading, tokenizing, training, the recipe's validation and the export.
 2. trl_dpo: TRL's DPOTrainer on lit-rlhf's training rows (of the rows lit_dpo wrote, the same --data.* split, as chat
    messages) with the settings of lit-rlhf's run, read from its saved config.yaml: learning rate and warmup, weight
    decay, beta, rpo_alpha (TRL's "sft" loss term, the same per-token mean), batch size, gradient accumulation,
@@ -125,18 +125,17 @@ def lit_stage(algorithm: str, opts, folder: Path) -> dict:
     from lit_rlhf.demo import DEMO_CONFIGS, NO_CHECKPOINTS, SHIPPED_ROWS, self_play_args
 
     lit = shutil.which("lit-rlhf", path=sysconfig.get_path("scripts")) or fail(f"no `lit-rlhf` beside {sys.executable}: pip install -e .")
-    start, rows, peak = time.time(), str(SHIPPED_ROWS), 0.0
-    if algorithm == "dpo":  # the demo's DPO reads base's own answers as its rejected ones: written first, on lit-rlhf's clock
+    rows, pairs = str(SHIPPED_ROWS), {}
+    if algorithm == "dpo":  # the demo's DPO reads base's own answers as its rejected ones: both libraries' input, on no clock
         rows = str(folder / "self_play_rows.jsonl")
-        peak = timed([lit, "self-play-pairs", *self_play_args(opts.model, rows)], folder / "self_play.log", start)["peak_rss_gib"]
+        pairs = {"self_play": timed([lit, "self-play-pairs", *self_play_args(opts.model, rows)], folder / "self_play.log", time.time())}
     flags = ["--model.model_name_or_path", opts.model, "--data.dataset", rows, "--trainer.default_root_dir", str(folder), *NO_CHECKPOINTS]
     flags += ["--model.reward_model_path", opts.reward_model] if algorithm == "ppo" else []
-    run = timed([lit, "fit", "-c", str(DEMO_CONFIGS / f"{algorithm}.yaml"), *flags, *shlex.split(opts.fit_flags)], folder / "fit.log", start)
-    run["peak_rss_gib"] = max(run["peak_rss_gib"], peak)
+    run = timed([lit, "fit", "-c", str(DEMO_CONFIGS / f"{algorithm}.yaml"), *flags, *shlex.split(opts.fit_flags)], folder / "fit.log", time.time())
     (version,) = (folder / "logs" / algorithm).glob("version_*")
     steps = re.search(r"(\d+) optimizer steps", (version / "hf" / "README.md").read_text())
     config = yaml.safe_load((version / "config.yaml").read_text())
-    return run | {"model": str(version / "hf"), "steps": int(steps.group(1)), "config": config, "library": "lit-rlhf"}
+    return run | pairs | {"model": str(version / "hf"), "steps": int(steps.group(1)), "config": config, "library": "lit-rlhf"}
 
 
 def matchable(model: dict, required: dict, algorithm: str) -> None:
