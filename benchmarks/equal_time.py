@@ -15,7 +15,8 @@ A faster library sees more data in the same time: this is where that must show. 
    decay, beta, rpo_alpha (TRL's "sft" loss term, the same per-token mean), batch size, gradient accumulation,
    clipping, max length, precision, gradient checkpointing, seed. A callback stops it at the end of its first
    optimizer step that ends T seconds or more after its process started (model loading counts for both; its last step
-   may pass T, the table shows by how much); the rows cycle until then. The policy is saved with save_pretrained.
+   may pass T, the table shows by how much), or at lit-rlhf's step count under its decaying schedule (below); the rows
+   cycle until then. The policy is saved with save_pretrained.
 3. lit_ppo, trl_ppo: the same for PPO (configs/demo/ppo.yaml; --reward-model scores the rollouts and starts the value
    model in both) and TRL's PPOTrainer (trl.experimental.ppo) on lit-rlhf's training prompts (the same tokens): prompts
    per rollout, micro-batch, PPO epochs, response length, temperature, KL coefficient and estimator, missing-EOS
@@ -27,8 +28,9 @@ A faster library sees more data in the same time: this is where that must show. 
    rows per step: DPO pairs, PPO rollouts), peak RSS of the training process, win-rate against base, and lit-rlhf
    against TRL head to head by the judge (ties count half; 95 % bootstrap interval over the prompts).
 
-Not matched: TRL's learning rate stays at its peak after warmup (it cannot know when time is up), lit-rlhf's decays
-linearly to 0 over its planned steps; TRL's DPO does not cut prompts to --data.max_prompt_length (the report counts the
+The learning-rate schedule: where lit-rlhf's decays linearly to 0 at its last step (`--model.lr_scheduler linear`, the
+demo's), TRL's DPO decays over the same steps and stops at the last of them if time allows; TRL's PPO rate stays at its
+peak after warmup (it cannot know when time is up). Not matched: TRL's DPO does not cut prompts to --data.max_prompt_length (the report counts the
 rows lit-rlhf truncated) and keeps the template's newline after each answer's end-of-turn token; TRL's PPO loop clips no
 gradient and never turns on gradient checkpointing (turned on by hand, it would generate without a KV cache);
 lit-rlhf batches rows of similar length, samples with its own decode loop and validates at the end of its run.
@@ -145,9 +147,9 @@ def matchable(model: dict, required: dict, algorithm: str) -> None:
         fail(f"TRL's {algorithm} cannot match {', '.join(changed)}; this benchmark needs {required}")
 
 
-def trl_spec(algorithm: str, config: dict) -> dict:
-    """What TRL trains, on what and how, from lit-rlhf's run `config`: the models, the training rows of the same --data.*
-    split (DPO: chat messages; PPO: lit-rlhf's prompt tokens) and TRL's config arguments."""
+def trl_spec(algorithm: str, config: dict, steps: int) -> dict:
+    """What TRL trains, on what and how, from lit-rlhf's run `config` of `steps` optimizer steps: the models, the training
+    rows of the same --data.* split (DPO: chat messages; PPO: lit-rlhf's prompt tokens) and TRL's config arguments."""
     from lit_rlhf.data import PreferenceDataModule
     from lit_rlhf.precision import auto_precision
     from lit_rlhf.rows import load_rows
@@ -175,6 +177,8 @@ def trl_spec(algorithm: str, config: dict) -> dict:
                            "max_grad_norm": trainer["gradient_clip_val"] or 0.0, "beta": model["beta"], "max_length": data["max_length"],
                            "loss_type": ["sigmoid"] + ["sft"] * len(sft), "loss_weights": [1.0] + sft,
                            "gradient_checkpointing": model["gradient_checkpointing"], "max_steps": FOREVER}  # fmt: skip
+        if model["lr_scheduler"] == "linear":  # lit-rlhf's rate decays to 0 at its last step: TRL's too, over the same steps
+            spec["config"] |= {"lr_scheduler_type": "linear", "max_steps": steps}
         return spec
     matchable(model, {"advantage_estimator": "gae", "policy_loss": "ppo", "num_generations": 1, "num_minibatches": 1, "reward_funcs": None}, algorithm)
     micro, remainder = divmod(data["batch_size"], model["gradient_accumulation_steps"])
@@ -192,7 +196,7 @@ def trl_spec(algorithm: str, config: dict) -> dict:
 def trl_stage(algorithm: str, opts, folder: Path) -> dict:
     """TRL's run in a process of its own, given lit-rlhf's wall time from the moment it is started."""
     lit = finished(f"lit_{algorithm}", opts)
-    spec = trl_spec(algorithm, lit["config"])
+    spec = trl_spec(algorithm, lit["config"], lit["steps"])
     (folder / "spec.json").write_text(json.dumps(spec, indent=1))
     python, start = opts.trl_ppo_python if algorithm == "ppo" else sys.executable, time.time()
     run = timed([python, __file__, "_trl", algorithm, str(folder), str(start + lit["seconds"])], folder / "train.log", start)

@@ -47,14 +47,18 @@ def test_trl_dpo_trains_on_lit_rlhfs_training_rows_with_its_settings(tiny_model_
     from lit_rlhf.data import PreferenceDataModule
 
     model = {"model_name_or_path": tiny_model_dir, "learning_rate": 1e-5, "warmup_steps": 2, "weight_decay": 0.0, "loss_type": "sigmoid",
-             "lora_r": 0, "rpo_alpha": 0.5, "beta": 0.1, "gradient_checkpointing": True}  # fmt: skip
+             "lora_r": 0, "rpo_alpha": 0.5, "beta": 0.1, "gradient_checkpointing": True, "lr_scheduler": "linear"}  # fmt: skip
     data = {"dataset": str(real_rows), "mode": "pairs", "max_length": 256, "max_prompt_length": 64, "batch_size": 4, "limit": 40, "val_size": 10, "offset": 5}
     config = {"model": {"init_args": model}, "data": data, "trainer": {"precision": "32-true", "accumulate_grad_batches": 2, "gradient_clip_val": None},
               "seed_everything": 42}  # fmt: skip
-    spec = equal_time.trl_spec("dpo", config)
+    spec = equal_time.trl_spec("dpo", config, steps=12)
     dm = PreferenceDataModule(**data, tokenizer_name_or_path=tiny_model_dir)
     dm.setup("fit")
     assert [row["prompt"][-1]["content"] for row in spec["rows"]] == [row["prompt_text"] for row in dm.train_rows]
     assert len(spec["rows"]) == 30 and {row["prompt_text"] for row in dm.val_rows}.isdisjoint(row["prompt"][-1]["content"] for row in spec["rows"])
     assert spec["config"]["loss_type"] == ["sigmoid", "sft"] and spec["config"]["loss_weights"] == [1.0, 0.5]  # rpo_alpha: TRL's sft term
     assert spec["config"]["max_grad_norm"] == 0.0 and spec["config"]["bf16"] is False and spec["config"]["gradient_accumulation_steps"] == 2
+    # lit-rlhf's rate decays to 0 at its 12th step: TRL's decays over the same 12 steps and stops there
+    assert (spec["config"]["lr_scheduler_type"], spec["config"]["max_steps"]) == ("linear", 12)
+    constant = equal_time.trl_spec("dpo", config | {"model": {"init_args": model | {"lr_scheduler": "constant"}}}, steps=12)["config"]
+    assert (constant["lr_scheduler_type"], constant["max_steps"]) == ("constant_with_warmup", equal_time.FOREVER)  # trains until time is up
