@@ -28,9 +28,9 @@ FINAL_ROWS = ASSETS / "human_like_dpo_final.jsonl"  # the final table's prompts:
 NO_CHECKPOINTS = ("--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0")
 
 
-#: seconds each stage took in one demo seed on 2 cores with AVX512-BF16 (docs/speed.md): the time left is their sum
+#: seconds each stage took in one demo seed on 2 cores with AVX512-BF16 (docs/results.md): the time left is their sum
 #: over the stages to come, scaled by how much faster or slower this machine ran the stages so far
-STAGE_SECONDS = {"reward": 195, "self-play": 80, "ppo": 600, "dpo": 180, "evaluate base": 60, "evaluate policy": 110}
+STAGE_SECONDS = {"reward": 126, "self-play": 78, "ppo": 360, "dpo": 132, "evaluate base": 41, "evaluate policy": 70}
 
 
 class Progress:
