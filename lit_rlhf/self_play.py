@@ -35,9 +35,10 @@ def self_play_pairs(
 ) -> dict:  # fmt: skip
     """Write the first `limit` rows of `dataset` to `output`, each rejected answer replaced by the model's own.
 
-    Each row's `rejected` becomes `model`'s answer to its prompt (`rejected_source` "model"). An answer the model ends at once (empty) leaves
-    the row's own rejected answer (`rejected_source` "dataset"), counted in the summary: an empty completion is no
-    answer to learn away from. Returns the summary: rows, answers that ended with EOS, rows left as they were.
+    Each row's `rejected` becomes `model`'s answer to its prompt (`rejected_source` "model"). An answer the model ends
+    at once (empty) leaves the row's own rejected answer (`rejected_source` "dataset"), counted in the summary: an
+    empty completion is no answer to learn away from. Returns the summary: rows, answers that ended with EOS, rows left
+    as they were.
 
     Args:
         model: The model whose answers become the rejected ones (the policy DPO will start from).
@@ -70,7 +71,8 @@ def self_play_pairs(
         for row, answer in zip(rows, answers):
             mine = bool(answer["text"])
             kept += not mine
-            f.write(json.dumps(row | {"rejected": answer["text"] if mine else row["rejected"], "rejected_source": "model" if mine else "dataset"}) + "\n")
+            replaced = {"rejected": answer["text"], "rejected_source": "model"} if mine else {"rejected_source": "dataset"}
+            f.write(json.dumps(row | replaced) + "\n")
     return {"rows": len(rows), "ended": sum(a["eos"] for a in answers), "kept_dataset_rejected": kept, "output": str(output)}
 
 
