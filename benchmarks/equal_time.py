@@ -30,10 +30,11 @@ A faster library sees more data in the same time: this is where that must show. 
 
 The learning-rate schedule: where lit-rlhf's decays linearly to 0 at its last step (`--model.lr_scheduler linear`, the
 demo's), TRL's DPO decays over the same steps and stops at the last of them if time allows; TRL's PPO rate stays at its
-peak after warmup (it cannot know when time is up). Not matched: TRL's DPO does not cut prompts to --data.max_prompt_length (the report counts the
-rows lit-rlhf truncated) and keeps the template's newline after each answer's end-of-turn token; TRL's PPO loop clips no
-gradient and never turns on gradient checkpointing (turned on by hand, it would generate without a KV cache);
-lit-rlhf batches rows of similar length, samples with its own decode loop and validates at the end of its run.
+peak after warmup (it cannot know when time is up). Not matched: TRL's DPO does not cut prompts to
+--data.max_prompt_length (the report counts the rows lit-rlhf truncated) and keeps the template's newline after each
+answer's end-of-turn token; TRL's PPO loop clips no gradient and never turns on gradient checkpointing (turned on by
+hand, it would generate without a KV cache); lit-rlhf batches rows of similar length, samples with its own decode loop
+and validates at the end of its run.
 
 Each training stage writes OUT/<stage>/ and, last, its run.json: a stage with a run.json is skipped, so running the
 same command again resumes an interrupted benchmark. TRL's processes import nothing of lit-rlhf (lit_rlhf is imported

@@ -24,8 +24,9 @@ from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.generation import Engine
 from lit_rlhf.models import check_source, load_causal_lm, load_tokenizer
 from lit_rlhf.precision import generation_precision as default_generation_precision
-from lit_rlhf.rows import as_messages, load_rows
+from lit_rlhf.rows import load_rows
 from lit_rlhf.tasks import task_answers
+from lit_rlhf.tokenization import row_messages
 
 
 def self_play_pairs(
@@ -59,8 +60,7 @@ def self_play_pairs(
     check_source(model, "--model")
     loaded = load_rows(dataset)[:limit]
     for where, row in loaded:  # every row checked before any answer is generated, naming its file and row
-        for field, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
-            as_messages(row, field, where, role)
+        row_messages(row, where, ("chosen", "rejected"))
     rows = [row for _, row in loaded]
     precision = default_generation_precision(generation_precision)
     tokenizer, policy = load_tokenizer(model), load_causal_lm(model).eval().to(torch.bfloat16 if precision == "bf16" else torch.float32)
