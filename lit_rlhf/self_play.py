@@ -3,7 +3,7 @@
 Self-Play Fine-Tuning (Chen et al. 2024, "Self-Play Fine-Tuning Converts Weak Language Models to Strong Language
 Models") trains with DPO's loss on pairs whose chosen answer is a human one and whose rejected answer is the model's
 own answer to the same prompt. The policy then learns away from what it does now, towards the preferred answers: on
-this project's data, away from SmolLM2's greedy answers, which loop (72 %) and rarely end within 256 tokens (34 %),
+this project's data, away from SmolLM2's greedy answers, which mostly loop and run to the length limit,
 where a dataset's rejected answers (a formal assistant's, which end) teach neither (docs/results.md).
 
 The rows keep their order, their prompts and their chosen answers: `--data.limit` and `--data.val_size` split them
