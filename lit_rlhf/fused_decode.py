@@ -15,6 +15,7 @@ from torch import nn
 from transformers import Cache
 
 from lit_rlhf.models import unwrap
+from lit_rlhf.ops import grouped_query_attention
 
 PACKING_BATCH = 64  # the batch size oneDNN lays the packed weights out for; others work as well
 ONEDNN_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # else the step runs on `F.linear` (tests), and `fusable` is False
@@ -88,7 +89,7 @@ class FusedLlama:
             qk = qkv[:, : H + KV]
             qk = qk * cos + torch.cat([-qk[..., D // 2 :], qk[..., : D // 2]], -1) * sin  # rotary, queries and keys at once
             keys, values = layer.update(qk[:, H:, None], qkv[:, H + KV :, None])  # (b, KV, T, D) each
-            out = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=mask, enable_gqa=True)  # (b, H, 1, D)
+            out = grouped_query_attention(qk[:, :H, None], keys, values, mask)  # (b, H, 1, D)
             x = x + linear(out.view(b, H * D), weights["o"])
             gate, up = linear(self.rms_norm(x, weights["post_norm"]), weights["gate_up"]).chunk(2, -1)
             x = x + linear(F.silu(gate) * up, weights["down"])

@@ -33,7 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from lit_rlhf.data import collate_prompts
 from lit_rlhf.fused_decode import FusedLlama, fusable
 from lit_rlhf.models import merged_weights, unwrap
-from lit_rlhf.ops import position_ids, truncate_after_eos
+from lit_rlhf.ops import grouped_query_attention, position_ids, truncate_after_eos
 from lit_rlhf.vllm_engine import VLLMEngine
 
 Engine = Literal["auto", "hf", "vllm"]
@@ -44,12 +44,11 @@ GQA_SDPA = "lit_rlhf_gqa_sdpa"
 
 def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                        dropout: float = 0.0, scaling=None, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
-    """transformers' SDPA attention, but with the grouped key/value heads handed to SDPA as they are (`enable_gqa`):
+    """transformers' SDPA attention, but with the grouped key/value heads handed to SDPA as they are (`ops.grouped_query_attention`):
     query (B, H, q, D), key and value (B, KV, k, D) -> (B, q, H, D). transformers copies each layer's whole KV cache
     KV -> H heads before SDPA whenever there is a mask (`repeat_kv`); on a CPU that copy costs more than the attention."""
     is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-                                         is_causal=is_causal, enable_gqa=True)  # fmt: skip
+    out = grouped_query_attention(query, key, value, attention_mask, is_causal, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -21,6 +21,22 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask * positions).argmax(-1)
 
 
+def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                            is_causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """SDPA with grouped key/value heads, the KV cache never copied per query head: query (B, H, q, D), key and value
+    (B, KV, T, D), H a multiple of KV, query head h reading KV head h // (H / KV). -> (B, H, q, D)
+
+    A decoding step (q = 1, a mask shared by the heads) hands SDPA the H / KV query heads of each KV head as that
+    head's query positions: (B, KV, H / KV, D), each key and value read once for all of them. SDPA's own grouping
+    (`enable_gqa`), which the other cases take, ran 1.3x (Intel Xeon) to 5x (AMD EPYC) slower on single queries (docs/speed.md)."""
+    B, H, q, D = query.shape
+    KV = key.shape[1]
+    if q == 1 and H != KV and not is_causal and (attn_mask is None or attn_mask.shape[1] == 1):
+        out = F.scaled_dot_product_attention(query.reshape(B, KV, H // KV, D), key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+        return out.view(B, H, 1, D)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=True)
+
+
 def label_logps(
     hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, head: Optional[Callable] = None, chunk_tokens: int = 512
 ) -> torch.Tensor:

@@ -12,6 +12,7 @@ from lit_rlhf.ops import (
     IGNORE_INDEX,
     gae,
     group_minibatches,
+    grouped_query_attention,
     grpo_advantages,
     kl_estimate,
     label_logps,
@@ -263,6 +264,39 @@ def test_position_ids_start_at_the_first_real_token():
 def test_last_token_index_any_padding_side():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert last_token_index(mask).tolist() == [2, 4, 4]
+
+
+def attention_by_hand(query, key, value, allowed):
+    """softmax(q . k / sqrt(D)) @ v in fp64, query head h reading key/value head h // (H / KV), over the positions
+    `allowed` (B, q, T) bool. -> (B, H, q, D)"""
+    B, H, q, D = query.shape
+    group = H // key.shape[1]
+    out = torch.zeros(B, H, q, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(q):
+                scores = key[b, h // group].double() @ query[b, h, i].double() / math.sqrt(D)  # (T,)
+                weights = scores.masked_fill(~allowed[b, i], -math.inf).softmax(-1)
+                out[b, h, i] = weights @ value[b, h // group].double()
+    return out
+
+
+@pytest.mark.parametrize("q, padded", [(1, True), (1, False), (4, False)])
+def test_grouped_query_attention_by_hand(q, padded):
+    torch.manual_seed(0)
+    B, H, KV, T, D = 3, 6, 2, 7, 8  # 3 query heads per key/value head
+    query, key, value = torch.randn(B, H, q, D), torch.randn(B, KV, T, D), torch.randn(B, KV, T, D)
+    allowed = torch.ones(B, q, T, dtype=torch.bool)
+    if padded:  # a decoding step after left-padded prompts: each row's padding masked for every head
+        allowed[0, :, :3], allowed[2, :, :1] = False, False
+        out = grouped_query_attention(query, key, value, torch.zeros(B, 1, q, T).masked_fill(~allowed[:, None], -math.inf))
+    elif q > 1:  # a prefill: causal over the q positions
+        key, value, allowed = key[:, :, :q], value[:, :, :q], torch.ones(q, q, dtype=torch.bool).tril().expand(B, q, q)
+        out = grouped_query_attention(query, key, value, is_causal=True)
+    else:
+        out = grouped_query_attention(query, key, value)
+    assert out.shape == (B, H, q, D)
+    torch.testing.assert_close(out.double(), attention_by_hand(query, key, value, allowed), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
