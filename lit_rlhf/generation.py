@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from tqdm import tqdm
 from transformers import AttentionInterface, DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -287,15 +288,18 @@ def transformers_generate(model: nn.Module, prompts: dict[str, torch.Tensor], to
 
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False,
-                     temperature: float = 1.0, engine: Engine = "hf", min_new_tokens: int = 0, logprobs: bool = False) -> list[dict]:  # fmt: skip
+                     temperature: float = 1.0, engine: Engine = "hf", min_new_tokens: int = 0, logprobs: bool = False,
+                     progress: Optional[str] = None) -> list[dict]:  # fmt: skip
     """Greedy (or, with `sample`, sampled at `temperature` from the whole vocabulary) answers to tokenized prompts:
     per prompt, in their order, its `response` ids (cut after the first EOS), `text` and whether it ended with EOS
     (`eos`); with `logprobs`, each response token's log-prob under `model` at temperature 1 (`logprobs`, from the
     decoding itself: `generate`). The HF engine answers `batch_size` prompts at a time, prompts of similar lengths
-    together (less padding); vLLM takes them all and schedules them itself."""
+    together (less padding); vLLM takes them all and schedules them itself. `progress`: a bar of that title on stderr,
+    moved on as each batch is answered."""
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     size = len(order) if started_vllm(model, tokenizer, engine) is not None else batch_size
     answers: list[Optional[dict]] = [None] * len(prompt_ids)
+    bar = tqdm(total=len(order), desc=progress, unit="prompt", mininterval=0, disable=progress is None)
     for start in range(0, len(order), size):
         rows = order[start : start + size]
         batch = collate_prompts([{"prompt": prompt_ids[i]} for i in rows], tokenizer.pad_token_id)
@@ -306,4 +310,6 @@ def generate_answers(model: nn.Module, tokenizer, prompt_ids: list[list[int]], m
             answers[i] = {"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "eos": e}
             if logprobs:
                 answers[i]["logprobs"] = out[3][j][m.bool()].tolist()
+        bar.update(len(rows))
+    bar.close()
     return answers

@@ -65,7 +65,7 @@ def self_play_pairs(
     precision = default_generation_precision(generation_precision)
     tokenizer, policy = load_tokenizer(model), load_causal_lm(model).eval().to(torch.bfloat16 if precision == "bf16" else torch.float32)
     torch.manual_seed(seed)
-    answers = task_answers(policy, tokenizer, rows, max_new_tokens, batch_size, temperature > 0, temperature or 1.0, generation_engine)
+    answers = task_answers(policy, tokenizer, rows, max_new_tokens, batch_size, temperature > 0, temperature or 1.0, generation_engine, progress="answers")
     kept = 0
     with written_atomically(output) as partial, open(partial, "w") as f:
         for row, answer in zip(rows, answers):

@@ -23,6 +23,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 from jsonargparse import ArgumentParser
+from tqdm import tqdm
 
 from lit_rlhf.tokenization import render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
@@ -121,23 +122,24 @@ def prompt_messages(row: dict, n: int) -> list[dict]:
 
 @torch.no_grad()
 def task_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int, sample: bool = False, temperature: float = 1.0,
-                 engine: Engine = "hf", multi_turn: Optional[MultiTurn] = None) -> list[dict]:  # fmt: skip
+                 engine: Engine = "hf", multi_turn: Optional[MultiTurn] = None, progress: Optional[str] = None) -> list[dict]:  # fmt: skip
     """The model's answer to each row's `prompt`, greedy (or sampled at `temperature`), as `generate_answers` gives them;
-    with `multi_turn`, `conversation_answers`."""
+    with `multi_turn`, `conversation_answers`. `progress`: the title of a progress bar on stderr (None: no bar)."""
     prompts = [tokenize(tokenizer, render_prompt(tokenizer, prompt_messages(row, n))) for n, row in enumerate(rows, start=1)]
     if multi_turn is None:
-        return generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature, engine)
-    return conversation_answers(model, tokenizer, rows, prompts, multi_turn, max_new_tokens, batch_size, temperature if sample else 0.0)
+        return generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, sample, temperature, engine, progress=progress)
+    return conversation_answers(model, tokenizer, rows, prompts, multi_turn, max_new_tokens, batch_size, temperature if sample else 0.0, progress)
 
 
 def conversation_answers(model, tokenizer, rows: list[dict], prompts: list[list[int]], multi_turn: MultiTurn, max_new_tokens: int,
-                         batch_size: int, temperature: float) -> list[dict]:  # fmt: skip
+                         batch_size: int, temperature: float, progress: Optional[str] = None) -> list[dict]:  # fmt: skip
     """Each row's conversation with the environment or tools of `multi_turn`, from its tokenized prompt, by the multi-turn
     rollout engine (the `hf` loop; each policy turn at most `max_new_tokens`, greedy at `temperature` 0), `batch_size`
     rows at a time: as `generate_answers` gives answers (the whole conversation after the prompt), with `tool_calls` and
-    `environment_reward` (None: none)."""
+    `environment_reward` (None: none). `progress`: the title of a progress bar on stderr (None: no bar)."""
     decode = partial(tokenizer.decode, skip_special_tokens=True)
     engine, answers = MultiTurnRollout(SimpleNamespace(model=model, tokenizer=tokenizer, hparams=multi_turn, _trainer=None, decode=decode)), []
+    bar = tqdm(total=len(rows), desc=progress, unit="prompt", mininterval=0, disable=progress is None)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch = collate_prompts([{"prompt": ids} for ids in prompts[start : start + batch_size]], tokenizer.pad_token_id)
@@ -150,6 +152,8 @@ def conversation_answers(model, tokenizer, rows: list[dict], prompts: list[list[
             ids = ids[mask.bool()].tolist()
             answers.append({"response": ids, "text": decode(ids).strip(), "eos": eos, "tool_calls": calls,
                             "environment_reward": None if reward is None or math.isnan(reward) else reward})  # fmt: skip
+        bar.update(len(chunk))
+    bar.close()
     return answers
 
 
@@ -208,11 +212,12 @@ def task_accuracy(
     precision, report, first = default_generation_precision(generation_precision), {}, None
     for name, path in models.items():
         model = load_causal_lm(path).eval().to(torch.bfloat16 if precision == "bf16" else torch.float32)
-        greedy_answers = answers(model)
+        greedy_answers = answers(model, progress=f"{name}: greedy answers")
         greedy = passes(rows, greedy_answers, functions)  # (N,)
         first = greedy if first is None else first
         torch.manual_seed(seed)
-        sampled = torch.stack([passes(rows, answers(model, sample=True, temperature=temperature), functions) for _ in range(k)])  # (k, N)
+        sampled = torch.stack([passes(rows, answers(model, sample=True, temperature=temperature, progress=f"{name}: sample {i + 1} of {k}"), functions)
+                               for i in range(k)])  # (k, N)
         report[name] = {"greedy": bootstrap_ci(greedy, seed=seed), f"pass@{k}": sampled.max(0).values.mean().item(),
                         "sampled_pass_rate": sampled.mean().item(), "gain": bootstrap_ci(greedy - first, seed=seed),
                         "problems": len(rows), "greedy_passes": greedy.tolist(), "max_new_tokens": max_new_tokens, "temperature": temperature, "generation_precision": precision,

@@ -86,6 +86,15 @@ def test_greedy_answers_do_not_depend_on_the_batch(model, tokenizer):
         assert answer["eos"] or len(answer["response"]) == NEW_TOKENS
 
 
+def test_a_progress_bar_counts_the_prompts_answered_batch_by_batch(model, tokenizer, capsys):
+    prompts = prompt_ids(tokenizer)  # 7 prompts, 3 at a time
+    generate_answers(model, tokenizer, prompts, 2, batch_size=3, progress="answers")
+    bar = capsys.readouterr().err
+    assert [f"{n}/7" in bar for n in (3, 6, 7)] == [True] * 3 and bar.count("answers:") >= 3
+    generate_answers(model, tokenizer, prompts, 2, batch_size=3)
+    assert capsys.readouterr().err == ""  # no title, no bar
+
+
 def test_rows_that_stop_are_replaced_by_rows_from_the_end_and_the_cache_follows():
     going = torch.tensor([False, True, True, False, True, False, True])  # 4 go on: rows 0 and 3 stopped among the first 4
     assert kept_rows(going).tolist() == [4, 1, 2, 6]
