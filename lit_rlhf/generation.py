@@ -11,7 +11,7 @@
 - `vllm`: `vllm_engine.VLLMEngine`, started once per architecture and dtype (from the model's config,
   random weights) and given the model's current weights at every call.
 - `auto`: `hf` where it steps with `fused_decode` (a Llama-architecture model in bf16 on a CPU with bf16
-  units, where it measured as fast as vLLM: docs/speed.md), else vLLM when it is installed and starts, else `hf`.
+  units, where an evaluation took as long as with vLLM: docs/speed.md), else vLLM when it is installed and starts, else `hf`.
 
 What each part gave, measured: docs/speed.md, "Generation".
 """
@@ -218,7 +218,7 @@ def engine_key(model: nn.Module) -> tuple[str, torch.dtype]:
 
 def started_vllm(model: nn.Module, tokenizer, engine: Engine) -> Optional[VLLMEngine]:
     """The `VLLMEngine` for `model`'s architecture and dtype, or None (generate with HF) where `engine` is `hf`, or `auto`
-    and the HF loop steps with `fused_decode` (as fast here, and transformers' own logits), vLLM is not installed,
+    and the HF loop steps with `fused_decode` (an evaluation as fast as vLLM's, and transformers' own logits), vLLM is not installed,
     cannot serve this process (sharded weights, a multi-process run: vLLM starts a process group of its own) or does
     not start for this model (warned once). Started once per architecture and dtype, from the config alone (random
     weights, `load_format="dummy"`): push the model's weights before sampling."""
