@@ -1,4 +1,4 @@
-"""Shared tensor math: token log-probs, masks, masked statistics, advantages, schedules. Depends on torch only."""
+"""Shared tensor math: token log-probs, masks, grouped-query attention, masked statistics, advantages, schedules. Depends on torch only."""
 
 from functools import partial
 from typing import Callable, Optional
