@@ -4,7 +4,7 @@
 `generate_answers` (token-id prompts in, one dict per prompt out) take an engine:
 
 - `hf`: a decode loop of our own over the transformers model (`decode`) instead of `model.generate`:
-  one forward per new token on a preallocated KV cache, grouped KV heads handed to SDPA as they are,
+  one forward per new token on a preallocated KV cache, grouped KV heads never copied per query head,
   the LM head on the last position only, greedy or sampled from the whole vocabulary at a temperature,
   rows that reached EOS leaving the batch; in bf16 on a CPU with bf16 units each step after the prompt is
   `fused_decode.FusedLlama`'s (Llama-architecture models). Greedy answers are token-identical to `model.generate`'s.
@@ -45,7 +45,7 @@ GQA_SDPA = "lit_rlhf_gqa_sdpa"
 
 def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                        dropout: float = 0.0, scaling=None, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
-    """transformers' SDPA attention, but with the grouped key/value heads handed to SDPA as they are (`ops.grouped_query_attention`):
+    """transformers' SDPA attention, but with the grouped key/value heads never copied per query head (`ops.grouped_query_attention`):
     query (B, H, q, D), key and value (B, KV, k, D) -> (B, q, H, D). transformers copies each layer's whole KV cache
     KV -> H heads before SDPA whenever there is a mask (`repeat_kv`); on a CPU that copy costs more than the attention."""
     is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)

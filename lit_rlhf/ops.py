@@ -28,7 +28,7 @@ def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
     A decoding step (q = 1, a mask shared by the heads) hands SDPA the H / KV query heads of each KV head as that
     head's query positions: (B, KV, H / KV, D), each key and value read once for all of them. SDPA's own grouping
-    (`enable_gqa`), which the other cases take, ran 1.3x (Intel Xeon) to 5x (AMD EPYC) slower on single queries (docs/speed.md)."""
+    (`enable_gqa`), which the other cases take, ran several times slower on single queries (docs/speed.md)."""
     B, H, q, D = query.shape
     KV = key.shape[1]
     if q == 1 and H != KV and not is_causal and (attn_mask is None or attn_mask.shape[1] == 1):
