@@ -193,7 +193,8 @@ def evaluate(
             as "proxy reward" beside the judge's.
         data: The preference data (`--data.*`, as for training: the same flags give the same held-out split).
         judge_model: A reward model trained on rows the proxy never saw; reward and win-rates are read
-            from it. Default: the proxy itself (the report then says the judge is not independent).
+            from it. Default: the proxy itself (the report then says the judge is not independent; each answer
+            is scored once).
         checkpoints: Lightning checkpoints of one DPO or PPO run, as a glob (quote it), e.g.
             'logs/ppo/version_0/checkpoints/*.ckpt': each is evaluated like a model and drawn on the
             reward-vs-KL frontier.
@@ -259,11 +260,14 @@ def evaluate(
                 "generation_engine": generation_engine, "task_dataset": task_dataset, "task_reward_funcs": task_reward_funcs, "task_rows": task_rows}  # fmt: skip
     parts = Path(output_dir) / "parts"
     rm_settings = {k: settings[k] for k in ("data", "heldout_dataset", "reward_model", "judge_model", "num_rows", "score_batch_size")}
-    report = resumable(parts / "reward_models.json", rm_settings, lambda: {
-        "judge": {"path": settings["judge_model"], "independent": settings["judge_model"] != reward_model,
-                  **reward_model_accuracy(judge, held_out[:num_rows], tokenizer.pad_token_id, score_batch_size)},
-        "proxy": {"path": reward_model, **reward_model_accuracy(proxy, held_out[:num_rows], tokenizer.pad_token_id, score_batch_size)},
-    }, resume) | {"prompts": settings["prompts"], "models": {}}  # fmt: skip
+
+    def accuracies() -> dict:  # a judge that is the proxy is scored once
+        proxy_accuracy = reward_model_accuracy(proxy, held_out[:num_rows], tokenizer.pad_token_id, score_batch_size)
+        judge_accuracy = proxy_accuracy if judge is proxy else reward_model_accuracy(judge, held_out[:num_rows], tokenizer.pad_token_id, score_batch_size)
+        return {"judge": {"path": settings["judge_model"], "independent": judge is not proxy, **judge_accuracy},
+                "proxy": {"path": reward_model, **proxy_accuracy}}  # fmt: skip
+
+    report = resumable(parts / "reward_models.json", rm_settings, accuracies, resume) | {"prompts": settings["prompts"], "models": {}}
     if extra:  # the yardstick for the EOS share and length columns: the data's own preferred answers
         ends, lengths = preferred_answers(extra, tokenizer.eos_token_id, max_new_tokens)
         report["preferred"] = {"rows": len(extra), "eos_share": bootstrap_ci(ends, seed=seed), "length": bootstrap_ci(lengths, seed=seed)}
@@ -382,7 +386,7 @@ def evaluate_model(bench: Bench, model, base: Optional[dict]) -> dict:
     kl = sampled_kl(bench, model)  # (N, 2): k1, k3
     result = {
         "judge_reward": ci(judge_scores),
-        "proxy_reward": ci(bench.scored(sequence_scores, bench.proxy, answered)),
+        "proxy_reward": ci(judge_scores if bench.proxy is bench.judge else bench.scored(sequence_scores, bench.proxy, answered)),
         "win_rate": ci(win),
         "lc_win_rate": length_controlled_win_rate(win, (lengths - torch.as_tensor(base["lengths"])).double()),
         "sampled_kl": ci(kl[:, 0]),

@@ -239,3 +239,23 @@ def test_answer_table_by_hand():
                         "kto@1": run((0.3, 0.2, 0.4), 0.7, 0.4), "kto@2": run((0.35, 0.25, 0.45), 0.7, 0.4)}}  # fmt: skip
     mixed["seeds"] = across_seeds(mixed)
     assert [line.split(" | ")[1] for line in answer_table(mixed, "base")[2:]] == ["no clear difference", "worse"]
+
+
+def test_a_judge_that_is_the_proxy_scores_each_answer_once(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
+    from lit_rlhf import evaluate
+
+    final = tmp_path / "final.jsonl"
+    final.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Yes, sure.", "rejected": "No."}) + "\n" for i in range(3)))
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text(json.dumps({"instruction": "Name a fish.", "response": "Tope."}) + "\n")
+    scored = []
+    score = evaluate.sequence_scores
+    monkeypatch.setattr(evaluate, "sequence_scores", lambda model, batch: scored.append(len(batch["input_ids"])) or score(model, batch))
+    report = main([
+        "--models", json.dumps({"base": tiny_model_dir}), "--reward_model", tiny_reward_dir, "--data.dataset", str(real_rows),
+        "--heldout_dataset", str(final), "--prompts", "[]", "--unseen_dataset", str(unseen), "--output_dir", str(tmp_path / "eval"),
+        "--max_new_tokens", "4", "--data.max_length", "64", "--data.max_prompt_length", "32",
+    ])  # fmt: skip
+    assert sum(scored) == 3 * 2 + 3  # the 3 pairs' chosen and rejected answers, then base's 3 answers: each once
+    assert report["judge"] == {**report["proxy"], "independent": False}
+    assert report["models"]["base"]["judge_reward"] == report["models"]["base"]["proxy_reward"]
