@@ -21,7 +21,8 @@ import yaml
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.demo import DEMO_CONFIGS, SHIPPED_ROWS
 from lit_rlhf.evaluate import over_batches
-from lit_rlhf.forward import generate_answers, sequence_scores
+from lit_rlhf.forward import sequence_scores
+from lit_rlhf.generation import generate_answers
 from lit_rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer
 from lit_rlhf.smollm2 import DEFAULT_DIR
 

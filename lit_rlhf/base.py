@@ -283,9 +283,9 @@ class AlignmentModule(L.LightningModule):
         stop = next((cb.requested for cb in self.trainer.callbacks if isinstance(cb, StopCheckpoint) and cb.requested), None)
         with signals_deferred() as received:
             if self.trainer.is_global_zero:
-                for partial in path.parent.glob(f".{path.name}.*.partial"):  # left by an export that was killed
-                    rank_zero_info(f"removing {partial}, left by an export that was killed")
-                    shutil.rmtree(partial, ignore_errors=True)
+                for leftover in path.parent.glob(f".{path.name}.*.partial"):  # left by an export that was killed
+                    rank_zero_info(f"removing {leftover}, left by an export that was killed")
+                    shutil.rmtree(leftover, ignore_errors=True)
                 export_pretrained(model, self.tokenizer, path, readme=self.model_card(path))
                 rank_zero_info(f"exported {self.algorithm} model: {path}")
         signum = stop or next(iter(received), None)

@@ -12,7 +12,6 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel
 
-from lit_rlhf.generation import generate_answers  # noqa: F401 (the callers' import path)
 from lit_rlhf.models import unwrap
 from lit_rlhf.ops import label_logps, label_logps_and_entropies, last_token_index, position_ids
 

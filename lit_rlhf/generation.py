@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from typing import Iterator, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
@@ -299,17 +298,23 @@ def generate_answers(model: nn.Module, tokenizer, prompt_ids: list[list[int]], m
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     size = len(order) if started_vllm(model, tokenizer, engine) is not None else batch_size
     answers: list[Optional[dict]] = [None] * len(prompt_ids)
-    bar = tqdm(total=len(order), desc=progress, unit="prompt", mininterval=0, disable=progress is None)
-    for start in range(0, len(order), size):
+    for start, batch in prompt_batches([prompt_ids[i] for i in order], size, tokenizer.pad_token_id, unwrap(model).device, progress):
         rows = order[start : start + size]
-        batch = collate_prompts([{"prompt": prompt_ids[i]} for i in rows], tokenizer.pad_token_id)
-        batch = {k: batch[k].to(unwrap(model).device) for k in ("input_ids", "attention_mask")}
         out = generate(model, batch, tokenizer, max_new_tokens, temperature if sample else 0.0, min_new_tokens, engine, logprobs=logprobs)
         for j, (i, r, m, e) in enumerate(zip(rows, out[0], out[1], out[2].tolist())):
             ids = r[m.bool()].tolist()
             answers[i] = {"response": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "eos": e}
             if logprobs:
                 answers[i]["logprobs"] = out[3][j][m.bool()].tolist()
-        bar.update(len(rows))
-    bar.close()
     return answers
+
+
+def prompt_batches(prompt_ids: list[list[int]], size: int, pad_id: int, device: torch.device, progress: Optional[str] = None):
+    """Tokenized prompts `size` at a time, in their order, as (index of the batch's first prompt, left-padded
+    `input_ids` and `attention_mask` (b, L) on `device`). `progress`: a bar of that title on stderr, moved on by a
+    batch's prompts once the batch is done with (the next one asked for)."""
+    with tqdm(total=len(prompt_ids), desc=progress, unit="prompt", mininterval=0, disable=progress is None) as bar:
+        for start in range(0, len(prompt_ids), size):
+            batch = collate_prompts([{"prompt": ids} for ids in prompt_ids[start : start + size]], pad_id)
+            yield start, {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
+            bar.update(len(batch["input_ids"]))

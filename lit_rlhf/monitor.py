@@ -12,7 +12,7 @@ import torch
 
 from lit_rlhf.data import ENCODED_FIELDS
 from lit_rlhf.errors import UserError, check_ranges
-from lit_rlhf.forward import generate_answers
+from lit_rlhf.generation import generate_answers
 from lit_rlhf.metrics import has_loop
 from lit_rlhf.models import unwrap
 from lit_rlhf.tasks import judges, passes
@@ -20,7 +20,7 @@ from lit_rlhf.tasks import judges, passes
 
 def degeneration_stats(answers: list[dict]) -> dict[str, torch.Tensor]:
     """Share of answers that end with EOS, share that loop (`metrics.has_loop`), mean length in tokens,
-    from `forward.generate_answers`' answers."""
+    from `generation.generate_answers`' answers."""
     return {
         "eos_share": torch.tensor([float(a["eos"]) for a in answers]).mean(),
         "loop_share": torch.tensor([float(has_loop(a["text"])) for a in answers]).mean(),

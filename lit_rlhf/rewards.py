@@ -44,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lit_rlhf.errors import UserError, check_ranges
 from lit_rlhf.ops import flat_groups
 from lit_rlhf.plugins import resolve
-from lit_rlhf.reward_functions import REWARD_FUNCTIONS, serve
+from lit_rlhf.reward_functions import REWARD_FUNCTIONS
 
 #: seconds between two checks of a running call's worker (alive, resident memory)
 POLL_SECONDS = 0.2

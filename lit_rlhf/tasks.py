@@ -23,13 +23,11 @@ from typing import Callable, Literal, Optional
 
 import torch
 from jsonargparse import ArgumentParser
-from tqdm import tqdm
 
 from lit_rlhf.tokenization import render_prompt, tokenize
 from lit_rlhf.errors import UserError, check_ranges
-from lit_rlhf.generation import Engine, generate_answers
+from lit_rlhf.generation import Engine, generate_answers, prompt_batches
 from lit_rlhf.metrics import bootstrap_ci, interval_text
-from lit_rlhf.data import collate_prompts
 from lit_rlhf.environments import MultiTurn
 from lit_rlhf.models import check_source, load_causal_lm, load_tokenizer, unwrap
 from lit_rlhf.plugins import resolve
@@ -139,11 +137,8 @@ def conversation_answers(model, tokenizer, rows: list[dict], prompts: list[list[
     `environment_reward` (None: none). `progress`: the title of a progress bar on stderr (None: no bar)."""
     decode = partial(tokenizer.decode, skip_special_tokens=True)
     engine, answers = MultiTurnRollout(SimpleNamespace(model=model, tokenizer=tokenizer, hparams=multi_turn, _trainer=None, decode=decode)), []
-    bar = tqdm(total=len(rows), desc=progress, unit="prompt", mininterval=0, disable=progress is None)
-    for start in range(0, len(rows), batch_size):
+    for start, batch in prompt_batches(prompts, batch_size, tokenizer.pad_token_id, unwrap(model).device, progress):
         chunk = rows[start : start + batch_size]
-        batch = collate_prompts([{"prompt": ids} for ids in prompts[start : start + batch_size]], tokenizer.pad_token_id)
-        batch = {key: batch[key].to(unwrap(model).device) for key in ("input_ids", "attention_mask")}
         batch |= {"prompt_text": [prompt_messages(row, start + n)[-1]["content"] for n, row in enumerate(chunk, start=1)],
                   "columns": {key: [row.get(key) for row in chunk] for key in rows[0] if key != "prompt"}}  # fmt: skip
         samples = engine.sample(batch, 1, max_new_tokens, temperature)
@@ -152,8 +147,6 @@ def conversation_answers(model, tokenizer, rows: list[dict], prompts: list[list[
             ids = ids[mask.bool()].tolist()
             answers.append({"response": ids, "text": decode(ids).strip(), "eos": eos, "tool_calls": calls,
                             "environment_reward": None if reward is None or math.isnan(reward) else reward})  # fmt: skip
-        bar.update(len(chunk))
-    bar.close()
     return answers
 
 

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from torch import nn
 
 from lit_rlhf.errors import UserError
 from lit_rlhf.ops import truncate_after_eos
