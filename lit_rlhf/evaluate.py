@@ -262,8 +262,9 @@ def evaluate(
     rm_settings = {k: settings[k] for k in ("data", "heldout_dataset", "reward_model", "judge_model", "num_rows", "score_batch_size")}
 
     def accuracies() -> dict:  # a judge that is the proxy is scored once
-        proxy_accuracy = reward_model_accuracy(proxy, held_out[:num_rows], tokenizer.pad_token_id, score_batch_size)
-        judge_accuracy = proxy_accuracy if judge is proxy else reward_model_accuracy(judge, held_out[:num_rows], tokenizer.pad_token_id, score_batch_size)
+        accuracy = partial(reward_model_accuracy, rows=held_out[:num_rows], pad_id=tokenizer.pad_token_id, batch_size=score_batch_size)
+        proxy_accuracy = accuracy(proxy)
+        judge_accuracy = proxy_accuracy if judge is proxy else accuracy(judge)
         return {"judge": {"path": settings["judge_model"], "independent": judge is not proxy, **judge_accuracy},
                 "proxy": {"path": reward_model, **proxy_accuracy}}  # fmt: skip
 

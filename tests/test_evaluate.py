@@ -163,18 +163,24 @@ def test_report_of_a_model_against_itself(tiny_model_dir, tiny_reward_dir, real_
     assert list(out.glob("events.out.tfevents.*"))
 
 
-def test_the_prompts_come_from_the_heldout_dataset_when_given(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path):
-    rows = [{"prompt": f"Final question {i}?", "chosen": "Yes, sure.", "rejected": "No."} for i in range(3)]
-    final = tmp_path / "final.jsonl"
-    final.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    unseen = tmp_path / "unseen.jsonl"
+def heldout_and_unseen(tmp_path, prompts: list[str]):
+    """final.jsonl, a preference row for each of `prompts` (chosen "Yes, sure.", rejected "No."), and unseen.jsonl, one
+    instruction row, in `tmp_path`. -> (final, unseen) paths"""
+    final, unseen = tmp_path / "final.jsonl", tmp_path / "unseen.jsonl"
+    final.write_text("".join(json.dumps({"prompt": p, "chosen": "Yes, sure.", "rejected": "No."}) + "\n" for p in prompts))
     unseen.write_text(json.dumps({"instruction": "Name a fish.", "response": "Tope."}) + "\n")
+    return final, unseen
+
+
+def test_the_prompts_come_from_the_heldout_dataset_when_given(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path):
+    prompts = [f"Final question {i}?" for i in range(3)]
+    final, unseen = heldout_and_unseen(tmp_path, prompts)
     report = main([
         "--models", json.dumps({"base": tiny_model_dir}), "--reward_model", tiny_reward_dir, "--data.dataset", str(real_rows),
         "--heldout_dataset", str(final), "--prompts", "[]", "--unseen_dataset", str(unseen), "--output_dir", str(tmp_path / "eval"),
         "--num_generation_prompts", "8", "--max_new_tokens", "4", "--data.max_length", "64", "--data.max_prompt_length", "32",
     ])  # fmt: skip
-    assert report["prompts"] == [r["prompt"] for r in rows]  # only its rows, none from --data.dataset
+    assert report["prompts"] == prompts  # only its rows, none from --data.dataset
     assert report["judge"]["rows"] == 3 and len(report["models"]["base"]["generations"]) == 3
     assert f"`{final}`;" in (tmp_path / "eval" / "report.md").read_text()
 
@@ -182,10 +188,7 @@ def test_the_prompts_come_from_the_heldout_dataset_when_given(tiny_model_dir, ti
 def test_a_stopped_evaluation_resumes_from_the_model_it_was_on(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
     from lit_rlhf import evaluate
 
-    final = tmp_path / "final.jsonl"
-    final.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Yes, sure.", "rejected": "No."}) + "\n" for i in range(4)))
-    unseen = tmp_path / "unseen.jsonl"
-    unseen.write_text(json.dumps({"instruction": "Name a fish.", "response": "Tope."}) + "\n")
+    final, unseen = heldout_and_unseen(tmp_path, [f"Question {i}?" for i in range(4)])
     out = tmp_path / "eval"
     args = ["--models", json.dumps({"base": tiny_model_dir, "same": tiny_model_dir}), "--reward_model", tiny_reward_dir,
             "--data.dataset", str(real_rows), "--heldout_dataset", str(final), "--prompts", "[]", "--unseen_dataset", str(unseen),
@@ -244,10 +247,7 @@ def test_answer_table_by_hand():
 def test_a_judge_that_is_the_proxy_scores_each_answer_once(tiny_model_dir, tiny_reward_dir, real_rows, tmp_path, monkeypatch):
     from lit_rlhf import evaluate
 
-    final = tmp_path / "final.jsonl"
-    final.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Yes, sure.", "rejected": "No."}) + "\n" for i in range(3)))
-    unseen = tmp_path / "unseen.jsonl"
-    unseen.write_text(json.dumps({"instruction": "Name a fish.", "response": "Tope."}) + "\n")
+    final, unseen = heldout_and_unseen(tmp_path, [f"Question {i}?" for i in range(3)])
     scored = []
     score = evaluate.sequence_scores
     monkeypatch.setattr(evaluate, "sequence_scores", lambda model, batch: scored.append(len(batch["input_ids"])) or score(model, batch))
